@@ -1,0 +1,145 @@
+"""Evaluate a checkpoint of run_exp.py on the test set (or on saved examples, --test_path) and
+optionally save its L-inf PGD adversarial examples.
+
+Writes into dirname(model_path)/<bonus_dir>/:
+  test_results_<save_name>.pkl  {acc_clean, acc_dirty, predictions_clean, predictions_dirty,
+                                 components_clean, components_dirty}  (components: {'f', 'df'})
+  adv_examples_<save_name>.pkl  {images: (N, C, H, W) in [0, 1], labels: (N,)}  (--save_examples)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from data import DATASETS, load_dataset, padded_batches
+from dynamics import Dynamics
+from evaluation import TEST_BATCH, attack_settings, make_attack_fn, make_components_fn
+from models import MODELS, get_model, init_model
+from utils import (
+    UserError,
+    finite_float,
+    load_checkpoint,
+    load_pickle,
+    positive_int,
+    run_main,
+    save_pickle,
+)
+
+SHORT_N_TEST = 1000
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--save_name", default="default")
+    p.add_argument("--linear", action="store_true", help="evaluate the linearized model")
+    p.add_argument("--centering", action="store_true", help="drop f(x; theta_t)")
+    p.add_argument("--test_path", default="", help="adv_examples pickle to evaluate on")
+    p.add_argument("--bonus_dir", default="bonus_dir")
+    p.add_argument("--no_adv", action="store_true", help="clean evaluation only")
+    p.add_argument("--save_examples", action="store_true")
+    p.add_argument("--short", action="store_true", help=f"first {SHORT_N_TEST} test images")
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--model", default="resnet18", choices=MODELS)
+    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
+    # added
+    p.add_argument("--data_root", default="./data")
+    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
+    return p.parse_args(argv)
+
+
+def load_examples(path: str, image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Images (NHWC) and labels of an adv_examples pickle, checked against the dataset."""
+    examples = load_pickle(path, "--test_path file")
+    if not isinstance(examples, dict) or not {"images", "labels"} <= set(examples):
+        raise UserError(f"{path} is not an adv_examples pickle (expected keys images, labels)")
+    images = np.asarray(examples["images"], np.float32)
+    labels = np.asarray(examples["labels"]).astype(np.int32)
+    h, w, c = image_shape
+    if images.ndim != 4 or images.shape[1:] != (c, h, w):
+        raise UserError(
+            f"{path}: images have shape {images.shape}, expected (N, {c}, {h}, {w}) for the dataset"
+        )
+    if labels.shape != (len(images),):
+        raise UserError(f"{path}: {labels.shape} labels for {len(images)} images")
+    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
+        raise UserError(f"{path}: image values must lie in [0, 1]")
+    return images.transpose(0, 2, 3, 1), labels
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_root)
+    model = get_model(args.model, ds.n_classes)
+    params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
+    like = {"params": params, "lin_params": params, "net_state": net_state}
+    ckpt = load_checkpoint(args.model_path, like=like)
+    theta_t, w, net_state = ckpt["params"], ckpt["lin_params"], ckpt["net_state"]
+
+    if args.test_path:
+        x, y = load_examples(args.test_path, ds.image_shape)
+    else:
+        x, y = ds.x_test, ds.y_test
+    n_test = args.n_test or (SHORT_N_TEST if args.short else None)
+    x, y = x[:n_test], y[:n_test]
+    if np.any((y < 0) | (y >= ds.n_classes)):
+        raise UserError(f"labels must lie in 0..{ds.n_classes - 1} for {args.dataset}")
+
+    dynamics = Dynamics(linear=args.linear, centering=args.centering)
+    components_fn = make_components_fn(model, dynamics)
+    attack_fn = make_attack_fn(model, dynamics, **attack_settings(args.eps / 255.0)["linf"])
+    key = jax.random.PRNGKey(args.random_seed)
+
+    outputs = {"clean": [], "dirty": []}
+    adv_images = []
+    bar = tqdm(
+        padded_batches(x, y, TEST_BATCH),
+        total=-(-len(x) // TEST_BATCH),
+        desc="evaluate",
+        disable=None,
+    )
+    for i, (xb, yb, n_real) in enumerate(bar):
+        inputs = {"clean": xb}
+        if not args.no_adv:
+            inputs["dirty"] = attack_fn(w, theta_t, net_state, xb, yb, jax.random.fold_in(key, i))
+            adv_images.append(np.asarray(inputs["dirty"])[:n_real])
+        for name, x_in in inputs.items():
+            f, df = jax.device_get(components_fn(w, theta_t, net_state, x_in))
+            outputs[name].append((f[:n_real], df[:n_real]))
+
+    results = {}
+    for name in ("clean", "dirty"):
+        if not outputs[name]:
+            results.update({f"acc_{name}": None, f"predictions_{name}": None})
+            results[f"components_{name}"] = None
+            continue
+        f = np.concatenate([o[0] for o in outputs[name]])
+        df = np.concatenate([o[1] for o in outputs[name]])
+        logits = df if args.centering else f + df
+        results[f"acc_{name}"] = float(np.mean(np.argmax(logits, -1) == y))
+        results[f"predictions_{name}"] = logits
+        results[f"components_{name}"] = {"f": f, "df": df}
+
+    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
+    results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
+    save_pickle(results, results_path)
+    print(f"clean accuracy {results['acc_clean']:.4f}", end="")
+    if results["acc_dirty"] is not None:
+        print(f", PGD-Linf (eps {args.eps:g}/255) accuracy {results['acc_dirty']:.4f}", end="")
+    print(f" on {len(x)} images\nwrote {results_path}")
+    if args.save_examples and adv_images:
+        examples_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
+        images = np.concatenate(adv_images).transpose(0, 3, 1, 2)
+        save_pickle({"images": images, "labels": y}, examples_path)
+        print(f"wrote {examples_path}")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

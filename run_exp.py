@@ -1,0 +1,252 @@
+"""Train a network in two phases and evaluate it after each (Loo et al., NeurIPS 2022).
+
+Phase 1: standard dynamics, SGD (lr 0.1 -> 0.01 after epoch 100 -> 0.001 after epoch 150).
+Phase 2: from theta_t (end of phase 1, or --base_model_path), train w under linearized
+dynamics (--centering: centered) or standard dynamics (--do_standard_second), lr --second_lr,
+BatchNorm frozen unless --loose_bn_second. --loaders XY picks clean (C), adversarial (A) or
+clean-then-adversarial (F) data for phase 1 (X) and phase 2 (Y).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import time
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+from data import DATASETS, load_dataset, num_batches
+from dynamics import PHASE1, Dynamics
+from evaluation import evaluate
+from models import MODELS, get_model, init_model
+from training import (
+    init_train_state,
+    is_adversarial_epoch,
+    make_optimizer,
+    make_train_step,
+    phase1_learning_rate,
+    run_epoch,
+    set_learning_rate,
+)
+from utils import (
+    UserError,
+    checkpoint_name,
+    finite_float,
+    load_checkpoint,
+    non_negative_int,
+    positive_int,
+    run_main,
+    save_checkpoint,
+    save_pickle,
+)
+
+FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
+PHASE1_LR = 0.1
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data_path", default="./X_nothing", help="accepted for compatibility; unused")
+    p.add_argument("--standard_epochs", type=non_negative_int, default=100)
+    p.add_argument("--linear_epochs", type=non_negative_int, default=100)
+    p.add_argument("--centering", action="store_true", help="drop f(x; theta_t) in phase 2")
+    p.add_argument("--save_models", action="store_true", help="write parameters_final.pkl")
+    p.add_argument(
+        "--constant_save", action="store_true", help="checkpoint at the start of each phase-1 epoch"
+    )
+    p.add_argument(
+        "--constant_save_linear",
+        action="store_true",
+        help="checkpoint at the start of each phase-2 epoch",
+    )
+    p.add_argument("--loose_bn_second", action="store_true", help="BatchNorm trains in phase 2")
+    p.add_argument(
+        "--do_standard_second", action="store_true", help="phase 2 with standard dynamics"
+    )
+    p.add_argument("--skip_first_test", action="store_true")
+    p.add_argument("--skip_second_test", action="store_true")
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--base_model_path", default="", help="phase-1 checkpoint: go to phase 2")
+    p.add_argument("--model", default="resnet18", choices=MODELS)
+    p.add_argument("--loaders", default="CC", help="two letters of C/A/F: phase 1, phase 2")
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--second_lr", type=finite_float(0.0, inclusive=False), default=0.01)
+    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
+    p.add_argument("--save_path", default="./saved_models/")
+    # added
+    p.add_argument("--data_root", default="./data", help="where CIFAR lives or is downloaded")
+    p.add_argument("--n_test", type=positive_int, default=None, help="evaluate on N test images")
+    p.add_argument("--batch_size", type=positive_int, default=128)
+    p.add_argument(
+        "--pure_pgd",
+        action="store_true",
+        help="adversarial step = one update on PGD examples (default: clean step, then PGD step)",
+    )
+    args = p.parse_args(argv)
+    if not re.fullmatch(r"[CAF]{2}", args.loaders):
+        p.error(f"--loaders {args.loaders!r} must be two letters of C, A, F (e.g. CC, AC, CA)")
+    return args
+
+
+def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
+    """{(epoch counted from 1, step index): [fractional epochs to save before that step]}."""
+    saves: dict[tuple[int, int], list[float]] = {}
+    for fraction in FRACTIONAL_EPOCHS:
+        whole = math.floor(fraction)
+        step = round((fraction - whole) * n_steps)
+        if 0 < step < n_steps:
+            saves.setdefault((whole + 1, step), []).append(fraction)
+    return saves
+
+
+def train_phase(
+    args, model, ds, dynamics, state, *, phase, epochs, loader, lr_for_epoch, key, save_hook
+):
+    """Train for `epochs` epochs with loader letter `loader`; returns the final TrainState."""
+    optimizer = make_optimizer(lr_for_epoch(1))
+    state = init_train_state(optimizer, *state)
+    eps = args.eps / 255.0
+    steps = {}
+    for epoch in range(1, epochs + 1):
+        adversarial = is_adversarial_epoch(loader, epoch)
+        if adversarial not in steps:
+            steps[adversarial] = make_train_step(
+                model, optimizer, dynamics, adversarial=adversarial, eps=eps, pure_pgd=args.pure_pgd
+            )
+        set_learning_rate(state, lr_for_epoch(epoch))
+        save_hook(epoch, None, state)
+        start = time.time()
+        state, metrics = run_epoch(
+            steps[adversarial],
+            state,
+            ds.x_train,
+            ds.y_train,
+            batch_size=args.batch_size,
+            seed=(args.random_seed, phase, epoch),
+            key=jax.random.fold_in(key, epoch),
+            description=f"phase {phase} epoch {epoch}/{epochs}",
+            on_step=lambda i, s, epoch=epoch: save_hook(epoch, i, s),
+        )
+        tqdm.write(
+            f"phase {phase} epoch {epoch}/{epochs} {'adv' if adversarial else 'clean'} "
+            f"lr {lr_for_epoch(epoch):g} loss {metrics['loss']:.4f} "
+            f"train acc {metrics['accuracy']:.4f} ({time.time() - start:.1f}s)"
+        )
+    return state
+
+
+def format_results(name: str, results: dict | None) -> str:
+    if results is None:
+        return f"{name}: not evaluated"
+    return f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items())
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_root)
+    if len(ds.x_train) < args.batch_size:
+        raise UserError(f"--batch_size {args.batch_size} exceeds the {len(ds.x_train)} images")
+    x_test, y_test = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
+    model = get_model(args.model, ds.n_classes)
+    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
+    params, net_state = init_model(model, init_key, ds.image_shape)
+    save_path = args.save_path
+    os.makedirs(save_path, exist_ok=True)
+    eps = args.eps / 255.0
+    steps_per_epoch = num_batches(len(ds.x_train), args.batch_size)
+
+    if args.base_model_path:
+        like = {"params": params, "lin_params": params, "net_state": net_state}
+        ckpt = load_checkpoint(args.base_model_path, like=like)
+        params, net_state = ckpt["params"], ckpt["net_state"]
+        print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
+    else:
+        fractions = fractional_saves(steps_per_epoch)
+
+        def save_phase1(epoch, step, state):
+            if not args.constant_save:
+                return
+            if step is None:
+                names = [checkpoint_name(epoch - 1)]
+            else:
+                names = [checkpoint_name(f) for f in fractions.get((epoch, step), [])]
+            for name in names:
+                save_checkpoint(os.path.join(save_path, name), state.w, state.w, state.net_state)
+
+        state = train_phase(
+            args,
+            model,
+            ds,
+            PHASE1,
+            (params, None, net_state),
+            phase=1,
+            epochs=args.standard_epochs,
+            loader=args.loaders[0],
+            lr_for_epoch=lambda e: phase1_learning_rate(e, PHASE1_LR),
+            key=jax.random.fold_in(train_key, 1),
+            save_hook=save_phase1,
+        )
+        params, net_state = state.w, state.net_state
+
+    results = {"standard": None, "linear": None, "standard_second": args.do_standard_second}
+    if not args.skip_first_test:
+        results["standard"] = evaluate(
+            model, PHASE1, params, None, net_state, x_test, y_test, eval_key,
+            eps_linf=eps, description="evaluate phase 1",
+        )  # fmt: skip
+        print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
+
+    theta_t = jax.tree.map(jnp.asarray, params)
+    dynamics2 = Dynamics(
+        linear=not args.do_standard_second,
+        centering=args.centering,
+        bn_train=args.loose_bn_second,
+    )
+
+    def save_phase2(epoch, step, state):
+        if args.constant_save_linear and step is None:
+            path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
+            save_checkpoint(path, state.theta_t, state.w, state.net_state)
+
+    w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
+    if args.linear_epochs > 0:
+        state = train_phase(
+            args,
+            model,
+            ds,
+            dynamics2,
+            (w, theta_t, net_state),
+            phase=2,
+            epochs=args.linear_epochs,
+            loader=args.loaders[1],
+            lr_for_epoch=lambda e: args.second_lr,
+            key=jax.random.fold_in(train_key, 2),
+            save_hook=save_phase2,
+        )
+        w, theta_t, net_state = state.w, state.theta_t, state.net_state
+
+    if not args.skip_second_test:
+        if args.linear_epochs == 0 and not args.centering and results["standard"] is not None:
+            # w = theta_t: the phase-2 model is exactly the phase-1 model.
+            print("phase 2 ran 0 epochs: its model equals the phase-1 model; results copied")
+            results["linear"] = dict(results["standard"])
+        else:
+            results["linear"] = evaluate(
+                model, dynamics2, w, theta_t, net_state, x_test, y_test, eval_key,
+                eps_linf=eps, description="evaluate phase 2",
+            )  # fmt: skip
+        print(format_results("phase 2 test accuracy", results["linear"]))
+
+    if args.save_models:
+        save_checkpoint(os.path.join(save_path, "parameters_final.pkl"), theta_t, w, net_state)
+    save_pickle(results, os.path.join(save_path, "results.pkl"))
+    print(f"wrote {os.path.join(save_path, 'results.pkl')}")
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

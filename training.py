@@ -1,0 +1,134 @@
+"""Training: one jitted step per step kind, and the epoch loop shared by both phases.
+
+An adversarial step is, by default, the original's two updates per batch: an SGD step on the
+clean batch, then an SGD step on L-inf PGD examples made against the updated model. With
+`pure_pgd` it is a single update on PGD examples (Madry et al.).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from attacks import pgd_linf_train
+from data import iterate_batches, num_batches
+from dynamics import Dynamics, forward, loss_fn
+
+MOMENTUM = 0.9
+F_LOADER_CLEAN_EPOCHS = 50  # loader 'F': clean for the first 50 epochs of its phase
+
+
+class TrainState(NamedTuple):
+    """What a step updates: trained params w, the fixed theta_t (None in phase 1), BatchNorm
+    state and the SGD-momentum state."""
+
+    w: hk.Params
+    theta_t: hk.Params | None
+    net_state: hk.State
+    opt_state: Any
+
+
+def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
+    """SGD with momentum 0.9, no weight decay; the rate can be changed between epochs."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=MOMENTUM)
+
+
+def set_learning_rate(state: TrainState, learning_rate: float) -> None:
+    state.opt_state.hyperparams["learning_rate"] = jnp.asarray(learning_rate, jnp.float32)
+
+
+def phase1_learning_rate(epoch: int, base: float = 0.1) -> float:
+    """0.1 for epochs 1..100, 0.01 for 101..150, 0.001 after (epochs counted from 1)."""
+    if epoch <= 100:
+        return base
+    return base * (0.1 if epoch <= 150 else 0.01)
+
+
+def init_train_state(
+    optimizer: optax.GradientTransformation, w: hk.Params, theta_t: Any, net_state: hk.State
+) -> TrainState:
+    return TrainState(w, theta_t, net_state, optimizer.init(w))
+
+
+def make_train_step(
+    model: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    dynamics: Dynamics,
+    *,
+    adversarial: bool,
+    eps: float,
+    pure_pgd: bool = False,
+) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
+    """Jitted step(state, x, y, key) -> (state, {'loss', 'accuracy'}) of the last update."""
+
+    def update(state: TrainState, x, y):
+        (loss, (net_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.w, model, dynamics, state.theta_t, state.net_state, x, y
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.w)
+        w = optax.apply_updates(state.w, updates)
+        metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+        return TrainState(w, state.theta_t, net_state, opt_state), metrics
+
+    def step(state: TrainState, x, y, key):
+        if not adversarial:
+            return update(state, x, y)
+        if not pure_pgd:
+            state, _ = update(state, x, y)
+
+        def logits_fn(x_in):
+            return forward(model, dynamics, state.w, state.theta_t, state.net_state, x_in)[0]
+
+        x_adv = pgd_linf_train(logits_fn, x, y, key, eps)
+        return update(state, x_adv, y)
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def is_adversarial_epoch(loader: str, epoch: int) -> bool:
+    """Loader letter C (clean), A (adversarial) or F (clean for 50 epochs, then adversarial);
+    epochs counted from 1 within the phase."""
+    return loader == "A" or (loader == "F" and epoch > F_LOADER_CLEAN_EPOCHS)
+
+
+def run_epoch(
+    step_fn: Callable,
+    state: TrainState,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    seed: Any,
+    key: jax.Array,
+    description: str,
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> tuple[TrainState, dict]:
+    """One pass over (x, y) in an order drawn from `seed`; `on_step(i, state)` is called before
+    step i (for fractional-epoch checkpoints). Returns the state and mean loss/accuracy."""
+    rng = np.random.default_rng(seed)
+    totals = {"loss": 0.0, "accuracy": 0.0}
+    n_steps = num_batches(len(x), batch_size)
+    bar = tqdm(
+        iterate_batches(x, y, batch_size, rng),
+        total=n_steps,
+        desc=description,
+        leave=False,
+        disable=None,
+    )
+    for i, (xb, yb) in enumerate(bar):
+        if on_step is not None:
+            on_step(i, state)
+        state, metrics = step_fn(state, xb, yb, jax.random.fold_in(key, i))
+        metrics = jax.device_get(metrics)
+        for name in totals:
+            totals[name] += float(metrics[name])
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+    bar.close()
+    return state, {name: total / max(n_steps, 1) for name, total in totals.items()}

@@ -1,0 +1,172 @@
+"""Shared helpers: user-facing errors, pickle I/O, checkpoints, flag types."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+
+class UserError(Exception):
+    """An error the user caused and can fix (bad path, bad flag, wrong checkpoint)."""
+
+
+def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
+    """Run an entry script's main(); a UserError ends in one line on stderr and exit code 2."""
+    try:
+        return main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+# ----------------------------------------------------------------------------- pickles
+
+
+def to_numpy(tree: Any) -> Any:
+    """Every JAX array in `tree` as a NumPy array (pickles must not need JAX to load)."""
+    return jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+
+
+def save_pickle(obj: Any, path: str) -> None:
+    """Write `obj` to `path` atomically: a temporary file in the same folder, synced, renamed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".pkl")
+    except OSError as err:
+        raise UserError(f"cannot write to folder {folder}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pickle.dump(to_numpy(obj), f, protocol=pickle.HIGHEST_PROTOCOL)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException as err:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        if isinstance(err, OSError):
+            raise UserError(f"could not save {path}: {err.strerror}") from None
+        raise
+
+
+def load_pickle(path: str, what: str = "file") -> Any:
+    """Load a pickle written by this project (or the original code), with clear errors."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, "rb") as f:
+            return pickle.load(f)
+    except PermissionError:
+        raise UserError(f"{what} is not readable: {path}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise UserError(f"{what} {path} is not a valid pickle ({err})") from None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def format_epoch(epoch: float) -> str:
+    """Epoch as the original wrote it in file names: 20 -> '20', 0.125 -> '0.125'."""
+    return str(int(epoch)) if float(epoch).is_integer() else str(epoch)
+
+
+def checkpoint_name(epoch: float, linear: bool = False) -> str:
+    """`parameters_checkpoint_{epoch}.pkl` or `parameters_checkpoint_linear_{epoch}.pkl`."""
+    middle = "linear_" if linear else ""
+    return f"parameters_checkpoint_{middle}{format_epoch(epoch)}.pkl"
+
+
+def save_checkpoint(path: str, params: Any, lin_params: Any, net_state: Any) -> None:
+    """Checkpoint pickle: {'params': theta (theta_t in phase 2), 'lin_params': w, 'net_state'}."""
+    save_pickle({"params": params, "lin_params": lin_params, "net_state": net_state}, path)
+
+
+def load_checkpoint(path: str, like: dict | None = None) -> dict:
+    """Load a checkpoint dict; with `like` (params and net_state of the model the user asked
+    for), check that every parameter has the expected name and shape."""
+    ckpt = load_pickle(path, "checkpoint")
+    if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
+    ckpt.setdefault("lin_params", ckpt["params"])
+    if like is not None:
+        for key in ("params", "lin_params", "net_state"):
+            check_tree_matches(ckpt[key], like[key], f"{path} [{key}]")
+    return ckpt
+
+
+def check_tree_matches(tree: Any, reference: Any, where: str) -> None:
+    """Raise a UserError naming the first leaf whose path or shape differs from `reference`."""
+    got = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    want = {
+        jax.tree_util.keystr(k): np.shape(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(reference)
+    }
+    if got.keys() != want.keys():
+        missing = sorted(want.keys() - got.keys())
+        extra = sorted(got.keys() - want.keys())
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise UserError(
+            f"{where} does not fit the chosen --model/--dataset ({detail}); "
+            "pass the --model and --dataset it was trained with"
+        )
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise UserError(
+                f"{where} does not fit the chosen --model/--dataset: {name} has shape "
+                f"{got[name]}, expected {shape}; pass the --model and --dataset it was trained with"
+            )
+
+
+# ----------------------------------------------------------------------------- flag types
+
+
+def finite_float(min_value: float = -math.inf, inclusive: bool = True) -> Callable[[str], float]:
+    """argparse type: a finite float >= min_value (or > when not inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = value >= min_value if inclusive else value > min_value
+        if not math.isfinite(value) or not ok:
+            sign = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {sign} {min_value}")
+        return value
+
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+def tree_size(tree: Any) -> int:
+    """Number of scalars in a pytree."""
+    return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(tree))

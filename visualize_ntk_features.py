@@ -1,0 +1,142 @@
+"""Visualise NTK eigen-features of a class kernel as images.
+
+For the top --n_images eigenvectors u of the class-c kernel, and for the kernel-regression
+weights K^-1 y_c, form v = sum_j a_j grad_theta f_c(x_j) over the kernel's own images and
+optimise a grey image towards (pos) and away from (neg) v by cosine; see ntk_features.py.
+
+The kernel comes from --kernel_path (a calculate_kernel.py pickle: its stored training-set
+indices give the very images it was computed on) or, without it, is computed here on the
+class-balanced subset of --dataset_size images. Writes beside the model:
+<save_name>_class_<c>_<dataset_size>.pkl {'pos_images', 'neg_images' (n, H, W, C),
+'w_image' (H, W, C), plus 'eigenvalues', 'cosines'} and a PNG grid of the images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import numpy as np
+
+from data import DATASETS, class_balanced_subset, load_dataset
+from models import MODELS, get_model, init_model
+from ntk import DEFAULT_MAX_MEMORY_GB, empirical_ntk
+from ntk_features import (
+    optimise_feature_images,
+    parameter_features,
+    regression_weights,
+    top_eigenvectors,
+)
+from plots import plot_image_grid
+from utils import UserError, load_checkpoint, load_pickle, positive_int, run_main, save_pickle
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model_path", required=True)
+    p.add_argument("--dataset_size", type=int, default=500)
+    p.add_argument("--save_name", default="ntk_eig_images")
+    p.add_argument("--class_index", type=int, default=-1, help="-1: the kernel pickle's class")
+    p.add_argument("--kernel_path", default="", help="class kernel from calculate_kernel.py")
+    p.add_argument("--n_images", type=positive_int, default=3)
+    # added
+    p.add_argument("--model", default="resnet18", choices=MODELS)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--data_root", default="./data")
+    p.add_argument("--random_seed", type=int, default=0, help="subset seed without --kernel_path")
+    p.add_argument("--use_linear_params", action="store_true")
+    return p.parse_args(argv)
+
+
+def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
+    """(kernel, training-set indices, class) from --kernel_path, checked against the flags."""
+    record = load_pickle(args.kernel_path, "kernel pickle")
+    if not isinstance(record, dict) or "kernel" not in record:
+        raise UserError(f"{args.kernel_path} is not a kernel pickle (no 'kernel' key)")
+    if "indices" not in record:
+        raise UserError(
+            f"{args.kernel_path} does not record which images it was computed on (no "
+            "'indices'); recompute it with this project's calculate_kernel.py"
+        )
+    kernel, indices = np.asarray(record["kernel"]), np.asarray(record["indices"])
+    for key in ("dataset", "model"):
+        if record.get(key, getattr(args, key)) != getattr(args, key):
+            raise UserError(
+                f"{args.kernel_path} was computed for --{key} {record[key]}, "
+                f"not {getattr(args, key)}"
+            )
+    kernel_class = int(record.get("class_index", -1))
+    class_index = kernel_class if args.class_index == -1 else args.class_index
+    if kernel_class != class_index or class_index < 0:
+        raise UserError(
+            f"{args.kernel_path} is the kernel of class {kernel_class}; a class kernel is needed "
+            f"(calculate_kernel.py --class_index c) and --class_index must be -1 or match it"
+        )
+    if kernel.shape != (len(indices), len(indices)) or indices.max() >= len(ds.x_train):
+        raise UserError(f"{args.kernel_path} does not match the {args.dataset} training set")
+    if len(indices) != args.dataset_size:
+        print(f"note: the kernel has {len(indices)} images; using that as --dataset_size")
+        args.dataset_size = len(indices)
+    return kernel, indices, class_index
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_root)
+    model = get_model(args.model, ds.n_classes)
+    params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
+    ckpt = load_checkpoint(
+        args.model_path, like={"params": params, "lin_params": params, "net_state": net_state}
+    )
+    params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
+    net_state = ckpt["net_state"]
+
+    if args.kernel_path:
+        kernel, indices, class_index = load_class_kernel(args, ds)
+    else:
+        class_index = args.class_index
+        if not 0 <= class_index < ds.n_classes:
+            raise UserError(f"without --kernel_path, --class_index must be 0..{ds.n_classes - 1}")
+        indices = class_balanced_subset(
+            ds.y_train, args.dataset_size, ds.n_classes, args.random_seed
+        )
+        kernel = empirical_ntk(
+            model, params, net_state, ds.x_train[indices], class_index=class_index,
+            max_memory_gb=DEFAULT_MAX_MEMORY_GB,
+        )  # fmt: skip
+    if args.n_images > len(kernel):
+        raise UserError(f"--n_images {args.n_images} exceeds the kernel's {len(kernel)} images")
+    images, labels = ds.x_train[indices], ds.y_train[indices]
+
+    eigenvalues, eigenvectors = top_eigenvectors(kernel, args.n_images)
+    weights = regression_weights(kernel, labels, class_index)
+    coefficients = np.concatenate([eigenvectors, eigenvectors, weights[:, None]], axis=1)
+    signs = np.array([1.0] * args.n_images + [-1.0] * args.n_images + [1.0])
+    features = parameter_features(model, params, net_state, images, class_index, coefficients)
+    optimised, cosines = optimise_feature_images(
+        model, params, net_state, ds.image_shape, class_index, features, signs
+    )
+    n = args.n_images
+    result = {
+        "pos_images": optimised[:n],
+        "neg_images": optimised[n : 2 * n],
+        "w_image": optimised[2 * n],
+        "eigenvalues": eigenvalues,
+        "cosines": cosines,
+    }
+    out_dir = os.path.dirname(os.path.abspath(args.model_path))
+    path = os.path.join(out_dir, f"{args.save_name}_class_{class_index}_{args.dataset_size}.pkl")
+    save_pickle(result, path)
+    plot_image_grid(
+        {"pos": result["pos_images"], "neg": result["neg_images"], "w": optimised[2 * n :]},
+        f"NTK eigen-features, class {class_index}, {args.dataset} "
+        f"(cosines pos {np.round(cosines[:n], 2).tolist()}, w {cosines[-1]:.2f})",
+        path[:-4] + ".png",
+    )
+    print(f"wrote {path} and {path[:-4]}.png")
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
