@@ -131,7 +131,7 @@ def main(argv=None) -> dict:
     plot_image_grid(
         {"pos": result["pos_images"], "neg": result["neg_images"], "w": optimised[2 * n :]},
         f"NTK eigen-features, class {class_index}, {args.dataset} "
-        f"(cosines pos {np.round(cosines[:n], 2).tolist()}, w {cosines[-1]:.2f})",
+        f"(cosine pos {', '.join(f'{c:.2f}' for c in cosines[:n])}; w {cosines[-1]:.2f})",
         path[:-4] + ".png",
     )
     print(f"wrote {path} and {path[:-4]}.png")
