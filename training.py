@@ -66,7 +66,8 @@ def make_train_step(
     eps: float,
     pure_pgd: bool = False,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
-    """Jitted step(state, x, y, key) -> (state, {'loss', 'accuracy'}) of the last update."""
+    """Jitted step(state, x, y, key) -> (state, {'loss', 'accuracy'}) of the last update.
+    The input state's buffers are donated: use only the returned state afterwards."""
 
     def update(state: TrainState, x, y):
         (loss, (net_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

@@ -1,0 +1,93 @@
+"""Datasets (digits, CIFAR through torchvision's parser on a fixture) and model shapes."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import write_cifar10_fixture
+
+from data import class_balanced_subset, iterate_batches, load_dataset, padded_batches
+from models import MODELS, get_model, init_model
+from utils import UserError
+
+
+def test_digits_native_size_fixed_stratified_split():
+    ds = load_dataset("digits")
+    assert ds.x_train.shape == (1437, 8, 8, 1) and ds.x_test.shape == (360, 8, 8, 1)
+    assert ds.x_train.dtype == np.float32 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+    train_share = np.bincount(ds.y_train) / len(ds.y_train)
+    test_share = np.bincount(ds.y_test) / len(ds.y_test)
+    assert np.abs(train_share - test_share).max() < 0.01
+    np.testing.assert_array_equal(load_dataset("digits").y_test, ds.y_test)
+
+
+def test_cifar10_fixture_goes_through_torchvision_parser(tmp_path, skip_cifar_md5):
+    write_cifar10_fixture(str(tmp_path), n_train=100, n_test=40)
+    ds = load_dataset("cifar10", str(tmp_path))
+    assert ds.x_train.shape == (100, 32, 32, 3) and ds.x_test.shape == (40, 32, 32, 3)
+    assert ds.n_classes == 10 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+    # channel-major rows became NHWC: row 0's first value is the red channel of pixel (0, 0)
+    import pickle
+
+    with open(os.path.join(tmp_path, "cifar-10-batches-py", "data_batch_1"), "rb") as f:
+        raw = pickle.load(f)["data"][0]
+    assert ds.x_train[0, 0, 0, 0] == pytest.approx(raw[0] / 255)
+    assert ds.x_train[0, 0, 0, 1] == pytest.approx(raw[1024] / 255)
+
+
+def test_cifar_missing_offline_is_one_clear_error(tmp_path, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(cifar, "download_and_extract_archive", offline)
+    with pytest.raises(UserError, match="cifar-10-batches-py.*data_batch_1"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_class_balanced_subset_is_balanced_seeded_and_checked():
+    labels = np.repeat(np.arange(10), 30)
+    idx = class_balanced_subset(labels, 100, 10, seed=0)
+    assert len(set(idx)) == 100
+    np.testing.assert_array_equal(np.bincount(labels[idx]), 10)
+    assert np.all(np.diff(labels[idx]) >= 0)  # ordered by class
+    np.testing.assert_array_equal(idx, class_balanced_subset(labels, 100, 10, seed=0))
+    assert not np.array_equal(idx, class_balanced_subset(labels, 100, 10, seed=1))
+    with pytest.raises(UserError, match="multiple"):
+        class_balanced_subset(labels, 105, 10, seed=0)
+    with pytest.raises(UserError, match="only 30"):
+        class_balanced_subset(labels, 400, 10, seed=0)
+
+
+def test_batches_are_a_seeded_permutation():
+    x = np.arange(10)[:, None]
+    y = np.arange(10)
+    first = [b[1] for b in iterate_batches(x, y, 4, np.random.default_rng(0))]
+    again = [b[1] for b in iterate_batches(x, y, 4, np.random.default_rng(0))]
+    assert len(first) == 2 and all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert len(set(np.concatenate(first))) == 8
+    padded = list(padded_batches(x, y, 4))
+    assert [n for _, _, n in padded] == [4, 4, 2] and padded[-1][0].shape == (4, 1)
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("shape,n_classes", [((8, 8, 1), 10), ((32, 32, 3), 100)])
+def test_models_take_both_image_sizes(name, shape, n_classes):
+    model = get_model(name, n_classes)
+    params, state = init_model(model, jax.random.PRNGKey(0), shape)
+    logits, _ = model.apply(params, state, jnp.zeros((2, *shape)), False)
+    assert logits.shape == (2, n_classes)
+    assert np.all(np.isfinite(np.asarray(logits)))
+
+
+def test_resnet18_is_the_cifar_variant():
+    model = get_model("resnet18", 10)
+    params, _ = init_model(model, jax.random.PRNGKey(0), (32, 32, 3))
+    assert params["stem_conv"]["w"].shape == (3, 3, 3, 64)  # 3x3 stem
+    n = sum(p.size for p in jax.tree.leaves(params))
+    assert 11_100_000 < n < 11_200_000  # torchvision-style CIFAR ResNet-18: 11.17M
