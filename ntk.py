@@ -133,7 +133,7 @@ def empirical_ntk(
 
     pairs = [(i, j) for i in starts1 for j in starts2 if not square or j >= i]
     kernel = np.zeros((len(x1), len(x2)), np.float64)
-    bar = tqdm(pairs, desc="kernel blocks", disable=not progress, leave=False)
+    bar = tqdm(pairs, desc="kernel blocks", disable=None if progress else True, leave=False)
     for i, j in bar:
         row = jacobian(1, i)
         block = np.asarray(contract(row, jacobian(2, j)), np.float64)

@@ -100,7 +100,7 @@ def optimise_feature_images(
     signs: np.ndarray,
     n_steps: int = FEATURE_STEPS,
     step_size: float = FEATURE_STEP_SIZE,
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each feature k (leading axis of `features`), an image that maximises (sign +1) or
     minimises (sign -1) the cosine, by `n_steps` signed-gradient steps from 0.5 grey; all
     images in one jitted loop. Returns the images (K, H, W, C) and their final cosines (K,)."""
@@ -116,12 +116,12 @@ def optimise_feature_images(
             moved = images + step_size * signs[:, None, None, None] * jnp.sign(grads)
             return jnp.clip(moved, 0.0, 1.0)
 
-        images = jnp.full((n, *image_shape), 0.5, jnp.float32)
-        images = jax.lax.fori_loop(0, n_steps, step, images)
-        return images, jax.vmap(cosine)(images, features)
+        grey = jnp.full((n, *image_shape), 0.5, jnp.float32)
+        images = jax.lax.fori_loop(0, n_steps, step, grey)
+        return images, jax.vmap(cosine)(grey, features), jax.vmap(cosine)(images, features)
 
-    images, cosines = run(features, jnp.asarray(signs, jnp.float32))
-    return np.asarray(images), np.asarray(cosines)
+    images, start, end = run(features, jnp.asarray(signs, jnp.float32))
+    return np.asarray(images), np.asarray(start), np.asarray(end)
 
 
 def n_parameters(params: hk.Params) -> int:

@@ -93,13 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
-    """{(epoch counted from 1, step index): [fractional epochs to save before that step]}."""
+    """{(epoch counted from 1, step index): [fractional epochs to save before that step]}: the
+    nearest step, kept inside the epoch (with few steps per epoch several names share a step)."""
     saves: dict[tuple[int, int], list[float]] = {}
     for fraction in FRACTIONAL_EPOCHS:
         whole = math.floor(fraction)
-        step = round((fraction - whole) * n_steps)
-        if 0 < step < n_steps:
-            saves.setdefault((whole + 1, step), []).append(fraction)
+        step = min(max(round((fraction - whole) * n_steps), 1), n_steps - 1)
+        saves.setdefault((whole + 1, max(step, 0)), []).append(fraction)
     return saves
 
 

@@ -8,7 +8,8 @@ The kernel comes from --kernel_path (a calculate_kernel.py pickle: its stored tr
 indices give the very images it was computed on) or, without it, is computed here on the
 class-balanced subset of --dataset_size images. Writes beside the model:
 <save_name>_class_<c>_<dataset_size>.pkl {'pos_images', 'neg_images' (n, H, W, C),
-'w_image' (H, W, C), plus 'eigenvalues', 'cosines'} and a PNG grid of the images.
+'w_image' (H, W, C), plus 'eigenvalues', 'cosines' and 'cosines_start'
+(pos..., neg..., w)} and a PNG grid of the images.
 """
 
 from __future__ import annotations
@@ -114,7 +115,7 @@ def main(argv=None) -> dict:
     coefficients = np.concatenate([eigenvectors, eigenvectors, weights[:, None]], axis=1)
     signs = np.array([1.0] * args.n_images + [-1.0] * args.n_images + [1.0])
     features = parameter_features(model, params, net_state, images, class_index, coefficients)
-    optimised, cosines = optimise_feature_images(
+    optimised, cosines_start, cosines = optimise_feature_images(
         model, params, net_state, ds.image_shape, class_index, features, signs
     )
     n = args.n_images
@@ -124,6 +125,7 @@ def main(argv=None) -> dict:
         "w_image": optimised[2 * n],
         "eigenvalues": eigenvalues,
         "cosines": cosines,
+        "cosines_start": cosines_start,
     }
     out_dir = os.path.dirname(os.path.abspath(args.model_path))
     path = os.path.join(out_dir, f"{args.save_name}_class_{class_index}_{args.dataset_size}.pkl")

@@ -1,0 +1,150 @@
+"""The six example commands of the README, run verbatim (plus scale-down flags appended) and
+chained exactly as the README chains them: on digits, and on a CIFAR-10 fixture in
+torchvision's on-disk layout."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import shlex
+
+import numpy as np
+import pytest
+from conftest import ROOT, write_cifar10_fixture
+
+import calculate_kernel
+import eval_and_make_adv
+import run_exp
+import visualize_ntk_features
+
+SCRIPTS = {
+    "run_exp.py": run_exp.main,
+    "eval_and_make_adv.py": eval_and_make_adv.main,
+    "calculate_kernel.py": calculate_kernel.main,
+    "visualize_ntk_features.py": visualize_ntk_features.main,
+}
+
+
+def readme_examples() -> list[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = re.search(r"<!-- examples.*?```\n(.*?)```", text, re.S).group(1)
+    return [line for line in block.splitlines() if line.startswith("python3 ")]
+
+
+def run_command(command: str, extra: str):
+    argv = shlex.split(command) + shlex.split(extra)
+    assert argv[0] == "python3"
+    return SCRIPTS[argv[1]](argv[2:])
+
+
+def load(path):
+    with open(path, "rb") as f:
+        return pickle.load(f)
+
+
+def test_readme_has_the_six_original_examples():
+    examples = readme_examples()
+    assert len(examples) == 6
+    with open(
+        os.path.join(os.path.dirname(ROOT), "shared", "seeds", "ntk_evolution_readme.md")
+    ) as f:
+        original = f.read()
+    for command in examples:
+        assert f"`{command}`" in original
+
+
+def check_outputs(data, n_test):
+    phase1 = "saved_model_path_phase_1"
+    phase2 = "saved_model_loaded_centering_phase_2"
+    names = set(os.listdir(phase1))
+    for epoch in [*range(21), 0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5]:
+        assert f"parameters_checkpoint_{epoch}.pkl" in names
+    ckpt = load(f"{phase1}/parameters_checkpoint_20.pkl")
+    assert set(ckpt) == {"params", "lin_params", "net_state"}
+    assert all(isinstance(v, np.ndarray) for v in _leaves(ckpt))
+    results = load(f"{phase2}/results.pkl")
+    assert set(results) == {"standard", "linear", "standard_second"}
+    assert set(results["linear"]) == {"clean", "linf", "l2"}
+    assert 0 <= results["linear"]["clean"] <= 1 and results["standard_second"] is False
+    final = load(f"{phase2}/parameters_final.pkl")
+    moved = [
+        not np.array_equal(a, b)
+        for a, b in zip(_leaves(final["params"]), _leaves(final["lin_params"]), strict=True)
+    ]
+    assert any(moved)  # phase 2 trained w away from theta_t
+    test_results = load(f"{phase2}/test_results/test_results_default.pkl")
+    for key in ("acc_clean", "acc_dirty", "predictions_clean", "predictions_dirty"):
+        assert key in test_results
+    assert test_results["predictions_dirty"].shape == (n_test, 10)
+    assert set(test_results["components_clean"]) == {"f", "df"}
+    examples = load(f"{phase2}/test_results/adv_examples_default.pkl")
+    h, w, c = data.image_shape
+    assert examples["images"].shape == (n_test, c, h, w)
+    clean = data.x_test[:n_test].transpose(0, 3, 1, 2)
+    assert np.abs(examples["images"] - clean).max() <= 4 / 255 + 1e-6
+    np.testing.assert_array_equal(examples["labels"], data.y_test[:n_test])
+    kernel = load(f"{phase1}/bonus_dir/kernel_class_0_500.pkl")
+    assert kernel["kernel"].shape == (500, 500) and kernel["kernel"].dtype == np.float64
+    np.testing.assert_array_equal(kernel["labels"], data.y_train[kernel["indices"]])
+    assert os.path.isfile(f"{phase1}/bonus_dir/kernel_class_0_500.png")
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _leaves(v)
+    else:
+        yield tree
+
+
+@pytest.mark.slow
+def test_readme_examples_on_digits(tmp_path, monkeypatch):
+    from data import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    small = "--dataset digits --model cnn_small --n_test 100"
+    extras = [
+        f"{small} --standard_epochs 21",
+        f"{small} --standard_epochs 2",
+        f"{small} --linear_epochs 2",
+        f"{small} --linear_epochs 2",
+        small,
+        "--dataset digits --model cnn_small",
+    ]
+    for command, extra in zip(readme_examples(), extras, strict=True):
+        run_command(command, extra)
+    check_outputs(load_dataset("digits"), 100)
+    record = visualize_ntk_features.main(
+        shlex.split(
+            "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl "
+            "--kernel_path saved_model_path_phase_1/bonus_dir/kernel_class_0_500.pkl "
+            "--dataset digits --model cnn_small --n_images 2"
+        )
+    )
+    assert record["pos_images"].shape == (2, 8, 8, 1) and record["w_image"].shape == (8, 8, 1)
+    start, end = record["cosines_start"], record["cosines"]
+    assert np.all(end[:2] > start[:2]) and np.all(end[2:4] < start[2:4])  # pos up, neg down
+    assert end[4] > start[4]  # w image: pos
+    assert os.path.isfile("saved_model_path_phase_1/ntk_eig_images_class_0_500.png")
+
+
+@pytest.mark.slow
+def test_readme_examples_on_cifar10_fixture(tmp_path, monkeypatch, skip_cifar_md5):
+    from data import load_dataset
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar10_fixture("data", n_train=600, n_test=100)
+    small = "--model mlp_skinny --n_test 50"
+    extras = [
+        f"{small} --standard_epochs 21",
+        f"{small} --standard_epochs 1",
+        f"{small} --linear_epochs 1",
+        f"{small} --linear_epochs 1",
+        small,
+        "--model mlp_skinny",
+    ]
+    for command, extra in zip(readme_examples(), extras, strict=True):
+        run_command(command, extra)
+    check_outputs(load_dataset("cifar10", "data"), 50)
