@@ -116,6 +116,17 @@ def test_readme_examples_on_digits(tmp_path, monkeypatch):
     for command, extra in zip(readme_examples(), extras, strict=True):
         run_command(command, extra)
     check_outputs(load_dataset("digits"), 100)
+    # transfer: the phase-2 model's adversarial examples, evaluated on the phase-1 model
+    transfer = eval_and_make_adv.main(
+        shlex.split(
+            "--model_path saved_model_path_phase_1/parameters_final.pkl --no_adv "
+            "--test_path "
+            "saved_model_loaded_centering_phase_2/test_results/adv_examples_default.pkl "
+            "--save_name transfer --dataset digits --model cnn_small"
+        )
+    )
+    assert transfer["predictions_clean"].shape == (100, 10) and transfer["acc_dirty"] is None
+    assert os.path.isfile("saved_model_path_phase_1/bonus_dir/test_results_transfer.pkl")
     record = visualize_ntk_features.main(
         shlex.split(
             "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl "
