@@ -19,11 +19,19 @@ from data import DATASETS, class_balanced_subset, load_dataset
 from models import MODELS, get_model, init_model
 from ntk import DEFAULT_MAX_MEMORY_GB, empirical_ntk
 from plots import plot_kernel
-from utils import UserError, finite_float, load_checkpoint, run_main, save_pickle
+from utils import (
+    Parser,
+    UserError,
+    add_shared_flags,
+    finite_float,
+    load_checkpoint,
+    run_main,
+    save_pickle,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--dataset_size", type=int, default=500)
     p.add_argument("--save_name", default="kernel")
@@ -35,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--use_linear_params", action="store_true", help="kernel at lin_params (w)")
     p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     # added
-    p.add_argument("--data_root", default="./data")
+    add_shared_flags(p)
     p.add_argument(
         "--max_memory_gb",
         type=finite_float(0.0, inclusive=False),
@@ -61,9 +69,8 @@ def main(argv=None) -> dict:
         )
     model = get_model(args.model, ds.n_classes)
     params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(
-        args.model_path, like={"params": params, "lin_params": params, "net_state": net_state}
-    )
+    like = {"params": params, "lin_params": params, "net_state": net_state}
+    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
     params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     images, labels = ds.x_train[indices], ds.y_train[indices]

@@ -21,7 +21,9 @@ from dynamics import Dynamics
 from evaluation import TEST_BATCH, attack_settings, make_attack_fn, make_components_fn
 from models import MODELS, get_model, init_model
 from utils import (
+    Parser,
     UserError,
+    add_shared_flags,
     finite_float,
     load_checkpoint,
     load_pickle,
@@ -34,7 +36,7 @@ SHORT_N_TEST = 1000
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--save_name", default="default")
     p.add_argument("--linear", action="store_true", help="evaluate the linearized model")
@@ -49,14 +51,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="resnet18", choices=MODELS)
     p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
     # added
-    p.add_argument("--data_root", default="./data")
+    add_shared_flags(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
     return p.parse_args(argv)
 
 
-def load_examples(path: str, image_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+def load_examples(
+    path: str, image_shape: tuple[int, ...], trust: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Images (NHWC) and labels of an adv_examples pickle, checked against the dataset."""
-    examples = load_pickle(path, "--test_path file")
+    examples = load_pickle(path, "--test_path file", trust=trust)
     if not isinstance(examples, dict) or not {"images", "labels"} <= set(examples):
         raise UserError(f"{path} is not an adv_examples pickle (expected keys images, labels)")
     images = np.asarray(examples["images"], np.float32)
@@ -79,11 +83,11 @@ def main(argv=None) -> dict:
     model = get_model(args.model, ds.n_classes)
     params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
     like = {"params": params, "lin_params": params, "net_state": net_state}
-    ckpt = load_checkpoint(args.model_path, like=like)
+    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
     theta_t, w, net_state = ckpt["params"], ckpt["lin_params"], ckpt["net_state"]
 
     if args.test_path:
-        x, y = load_examples(args.test_path, ds.image_shape)
+        x, y = load_examples(args.test_path, ds.image_shape, args.trust_pickle)
     else:
         x, y = ds.x_test, ds.y_test
     n_test = args.n_test or (SHORT_N_TEST if args.short else None)

@@ -24,6 +24,7 @@ from dynamics import PHASE1, Dynamics
 from evaluation import evaluate
 from models import MODELS, get_model, init_model
 from training import (
+    TrainState,
     init_train_state,
     is_adversarial_epoch,
     make_optimizer,
@@ -33,10 +34,13 @@ from training import (
     set_learning_rate,
 )
 from utils import (
+    Parser,
     UserError,
+    add_shared_flags,
     checkpoint_name,
     finite_float,
     load_checkpoint,
+    load_pickle,
     non_negative_int,
     positive_int,
     run_main,
@@ -49,7 +53,7 @@ PHASE1_LR = 0.1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--data_path", default="./X_nothing", help="accepted for compatibility; unused")
     p.add_argument("--standard_epochs", type=non_negative_int, default=100)
     p.add_argument("--linear_epochs", type=non_negative_int, default=100)
@@ -78,9 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
     p.add_argument("--save_path", default="./saved_models/")
     # added
-    p.add_argument("--data_root", default="./data", help="where CIFAR lives or is downloaded")
+    add_shared_flags(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="evaluate on N test images")
     p.add_argument("--batch_size", type=positive_int, default=128)
+    p.add_argument(
+        "--resume", action="store_true", help=f"continue from --save_path/{'resume_state.pkl'}"
+    )
     p.add_argument(
         "--pure_pgd",
         action="store_true",
@@ -103,15 +110,76 @@ def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
     return saves
 
 
+RESUME_FILE = "resume_state.pkl"
+# flags that must agree between an interrupted run and its --resume
+RESUME_CONFIG = (
+    "centering", "loose_bn_second", "do_standard_second",
+    "random_seed", "base_model_path", "model", "loaders", "dataset", "second_lr", "eps",
+    "batch_size", "pure_pgd",
+)  # fmt: skip
+
+
+def save_resume_state(args, phase: int, epoch: int, state: TrainState, results: dict) -> None:
+    """Everything needed to continue after `epoch` epochs of `phase`: parameters, BatchNorm and
+    optimizer state, results so far. Data order and PRNG keys derive from (seed, phase, epoch)."""
+    record = {
+        "config": {name: getattr(args, name) for name in RESUME_CONFIG},
+        "phase": phase,
+        "epoch": epoch,
+        "w": state.w,
+        "theta_t": state.theta_t,
+        "net_state": state.net_state,
+        "opt_state_leaves": jax.tree.leaves(state.opt_state),
+        "results": results,
+    }
+    save_pickle(record, os.path.join(args.save_path, RESUME_FILE))
+
+
+def load_resume_state(args) -> dict | None:
+    path = os.path.join(args.save_path, RESUME_FILE)
+    if not os.path.exists(path):
+        print(f"--resume: no {RESUME_FILE} in {args.save_path}; starting from the beginning")
+        return None
+    record = load_pickle(path, "resume state")
+    for name in RESUME_CONFIG:
+        value = record["config"].get(name)
+        if getattr(args, name) != value:
+            raise UserError(
+                f"--resume: {path} was written with --{name} {value!r}, not "
+                f"{getattr(args, name)!r}; use the interrupted run's flags"
+            )
+    epochs = args.standard_epochs if record["phase"] == 1 else args.linear_epochs
+    if record["epoch"] > epochs:
+        raise UserError(
+            f"--resume: {path} is past phase {record['phase']} epoch {record['epoch']}, more "
+            f"than the {epochs} epochs asked for"
+        )
+    print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
+    return record
+
+
+def restore_train_state(optimizer, record: dict) -> TrainState:
+    w = jax.tree.map(jnp.asarray, record["w"])
+    opt_state = optimizer.init(w)
+    if record["opt_state_leaves"] is not None:
+        leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+    theta_t = None if record["theta_t"] is None else jax.tree.map(jnp.asarray, record["theta_t"])
+    return TrainState(w, theta_t, jax.tree.map(jnp.asarray, record["net_state"]), opt_state)
+
+
 def train_phase(
-    args, model, ds, dynamics, state, *, phase, epochs, loader, lr_for_epoch, key, save_hook
-):
-    """Train for `epochs` epochs with loader letter `loader`; returns the final TrainState."""
+    args, model, ds, dynamics, state, *, phase, start_epoch, epochs, loader, lr_for_epoch, key,
+    save_hook, results,
+):  # fmt: skip
+    """Train epochs start_epoch + 1 .. epochs of `phase` with loader letter `loader`, saving the
+    resume state after each; `state` is a TrainState or (w, theta_t, net_state) to start."""
     optimizer = make_optimizer(lr_for_epoch(1))
-    state = init_train_state(optimizer, *state)
+    if not isinstance(state, TrainState):
+        state = init_train_state(optimizer, *state)
     eps = args.eps / 255.0
     steps = {}
-    for epoch in range(1, epochs + 1):
+    for epoch in range(start_epoch + 1, epochs + 1):
         adversarial = is_adversarial_epoch(loader, epoch)
         if adversarial not in steps:
             steps[adversarial] = make_train_step(
@@ -131,6 +199,7 @@ def train_phase(
             description=f"phase {phase} epoch {epoch}/{epochs}",
             on_step=lambda i, s, epoch=epoch: save_hook(epoch, i, s),
         )
+        save_resume_state(args, phase, epoch, state, results)
         tqdm.write(
             f"phase {phase} epoch {epoch}/{epochs} {'adv' if adversarial else 'clean'} "
             f"lr {lr_for_epoch(epoch):g} loss {metrics['loss']:.4f} "
@@ -155,16 +224,27 @@ def main(argv=None) -> dict:
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
     params, net_state = init_model(model, init_key, ds.image_shape)
     save_path = args.save_path
-    os.makedirs(save_path, exist_ok=True)
+    try:
+        os.makedirs(save_path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create --save_path {save_path}: {err.strerror}") from None
+    if not os.access(save_path, os.W_OK):
+        raise UserError(f"--save_path {save_path} is not writable")
     eps = args.eps / 255.0
     steps_per_epoch = num_batches(len(ds.x_train), args.batch_size)
+    resume = load_resume_state(args) if args.resume else None
+    results = {"standard": None, "linear": None, "standard_second": args.do_standard_second}
+    phase1_optimizer = make_optimizer(PHASE1_LR)
 
-    if args.base_model_path:
+    if resume is not None:
+        results = resume["results"]
+    if args.base_model_path and (resume is None or resume["phase"] == 1):
         like = {"params": params, "lin_params": params, "net_state": net_state}
-        ckpt = load_checkpoint(args.base_model_path, like=like)
+        ckpt = load_checkpoint(args.base_model_path, like=like, trust=args.trust_pickle)
         params, net_state = ckpt["params"], ckpt["net_state"]
         print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
-    else:
+        resume = None
+    elif resume is None or resume["phase"] == 1:
         fractions = fractional_saves(steps_per_epoch)
 
         def save_phase1(epoch, step, state):
@@ -182,25 +262,39 @@ def main(argv=None) -> dict:
             model,
             ds,
             PHASE1,
-            (params, None, net_state),
+            (params, None, net_state)
+            if resume is None
+            else restore_train_state(phase1_optimizer, resume),
             phase=1,
+            start_epoch=0 if resume is None else resume["epoch"],
             epochs=args.standard_epochs,
             loader=args.loaders[0],
             lr_for_epoch=lambda e: phase1_learning_rate(e, PHASE1_LR),
             key=jax.random.fold_in(train_key, 1),
             save_hook=save_phase1,
+            results=results,
         )
         params, net_state = state.w, state.net_state
+        resume = None
 
-    results = {"standard": None, "linear": None, "standard_second": args.do_standard_second}
-    if not args.skip_first_test:
-        results["standard"] = evaluate(
-            model, PHASE1, params, None, net_state, x_test, y_test, eval_key,
-            eps_linf=eps, description="evaluate phase 1",
-        )  # fmt: skip
-        print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
+    if resume is None:  # phase 1 done (or loaded): test it, then start phase 2 afresh
+        if not args.skip_first_test:
+            results["standard"] = evaluate(
+                model, PHASE1, params, None, net_state, x_test, y_test, eval_key,
+                eps_linf=eps, description="evaluate phase 1",
+            )  # fmt: skip
+        theta_t = jax.tree.map(jnp.asarray, params)
+        w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
+        phase2_state = (w, theta_t, jax.tree.map(jnp.asarray, net_state))
+        start_epoch = 0
+        save_resume_state(
+            args, 2, 0, init_train_state(make_optimizer(args.second_lr), *phase2_state), results
+        )
+    else:
+        phase2_state = restore_train_state(make_optimizer(args.second_lr), resume)
+        start_epoch = resume["epoch"]
+    print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
 
-    theta_t = jax.tree.map(jnp.asarray, params)
     dynamics2 = Dynamics(
         linear=not args.do_standard_second,
         centering=args.centering,
@@ -212,22 +306,22 @@ def main(argv=None) -> dict:
             path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
             save_checkpoint(path, state.theta_t, state.w, state.net_state)
 
-    w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
-    if args.linear_epochs > 0:
-        state = train_phase(
-            args,
-            model,
-            ds,
-            dynamics2,
-            (w, theta_t, net_state),
-            phase=2,
-            epochs=args.linear_epochs,
-            loader=args.loaders[1],
-            lr_for_epoch=lambda e: args.second_lr,
-            key=jax.random.fold_in(train_key, 2),
-            save_hook=save_phase2,
-        )
-        w, theta_t, net_state = state.w, state.theta_t, state.net_state
+    state = train_phase(
+        args,
+        model,
+        ds,
+        dynamics2,
+        phase2_state,
+        phase=2,
+        start_epoch=start_epoch,
+        epochs=args.linear_epochs,
+        loader=args.loaders[1],
+        lr_for_epoch=lambda e: args.second_lr,
+        key=jax.random.fold_in(train_key, 2),
+        save_hook=save_phase2,
+        results=results,
+    )
+    w, theta_t, net_state = state.w, state.theta_t, state.net_state
 
     if not args.skip_second_test:
         if args.linear_epochs == 0 and not args.centering and results["standard"] is not None:

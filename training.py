@@ -20,8 +20,15 @@ from tqdm import tqdm
 from attacks import pgd_linf_train
 from data import iterate_batches, num_batches
 from dynamics import Dynamics, forward, loss_fn
+from utils import UserError
 
 MOMENTUM = 0.9
+
+
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite."""
+
+
 F_LOADER_CLEAN_EPOCHS = 50  # loader 'F': clean for the first 50 epochs of its phase
 
 
@@ -128,6 +135,13 @@ def run_epoch(
             on_step(i, state)
         state, metrics = step_fn(state, xb, yb, jax.random.fold_in(key, i))
         metrics = jax.device_get(metrics)
+        if not np.isfinite(metrics["loss"]):
+            bar.close()
+            raise TrainingDiverged(
+                f"{description}: the training loss became {metrics['loss']} at step {i + 1}; "
+                "stopped, keeping the last good checkpoint and resume state (try a smaller "
+                "learning rate)"
+            )
         for name in totals:
             totals[name] += float(metrics[name])
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")

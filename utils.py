@@ -32,8 +32,18 @@ def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | 
 
 
 def to_numpy(tree: Any) -> Any:
-    """Every JAX array in `tree` as a NumPy array (pickles must not need JAX to load)."""
-    return jax.tree.map(lambda a: np.asarray(a) if isinstance(a, jax.Array) else a, tree)
+    """Every JAX array in `tree` as a NumPy array (pickles must not need JAX to load), keeping
+    dict order (jax.tree.map would sort the keys)."""
+    if isinstance(tree, dict):  # interned keys: the same content pickles to the same bytes
+        return {_intern(key): to_numpy(value) for key, value in tree.items()}
+    if isinstance(tree, list | tuple):
+        items = [to_numpy(value) for value in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return np.asarray(tree) if isinstance(tree, jax.Array) else tree
+
+
+def _intern(key: Any) -> Any:
+    return sys.intern(key) if isinstance(key, str) else key
 
 
 def save_pickle(obj: Any, path: str) -> None:
@@ -58,17 +68,54 @@ def save_pickle(obj: Any, path: str) -> None:
         raise
 
 
-def load_pickle(path: str, what: str = "file") -> Any:
-    """Load a pickle written by this project (or the original code), with clear errors."""
+# What a pickle of NumPy arrays, dtypes, scalars and plain containers refers to (NumPy 1 and 2).
+SAFE_GLOBALS = {
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+    ("collections", "OrderedDict"),
+    *(
+        (f"numpy.{core}.multiarray", name)
+        for core in ("core", "_core")
+        for name in ("_reconstruct", "scalar")
+    ),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+    *(
+        ("builtins", name)
+        for name in ("dict", "list", "tuple", "set", "frozenset", "complex", "bytearray")
+    ),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Admits only SAFE_GLOBALS: loading can build arrays and containers, never call code."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}")
+        return super().find_class(module, name)
+
+
+def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
+    """Load a pickle of NumPy arrays and plain containers (what this project writes). Anything
+    else is refused, because unpickling can run arbitrary code; `trust=True` (--trust_pickle)
+    allows a full unpickle of a file the user trusts, e.g. one written by the original code."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            return pickle.load(f) if trust else _SafeUnpickler(f).load()
     except PermissionError:
         raise UserError(f"{what} is not readable: {path}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except pickle.UnpicklingError as err:
+        if not trust and str(err).startswith("it refers to"):
+            raise UserError(
+                f"{what} {path} holds more than arrays and plain containers ({err}); refusing to "
+                "load it, since unpickling can run code; pass --trust_pickle if you trust it"
+            ) from None
         raise UserError(f"{what} {path} is not a valid pickle ({err})") from None
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
+        raise UserError(f"{what} {path} is not a valid or complete pickle ({err})") from None
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -90,10 +137,10 @@ def save_checkpoint(path: str, params: Any, lin_params: Any, net_state: Any) -> 
     save_pickle({"params": params, "lin_params": lin_params, "net_state": net_state}, path)
 
 
-def load_checkpoint(path: str, like: dict | None = None) -> dict:
+def load_checkpoint(path: str, like: dict | None = None, trust: bool = False) -> dict:
     """Load a checkpoint dict; with `like` (params and net_state of the model the user asked
     for), check that every parameter has the expected name and shape."""
-    ckpt = load_pickle(path, "checkpoint")
+    ckpt = load_pickle(path, "checkpoint", trust=trust)
     if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
     ckpt.setdefault("lin_params", ckpt["params"])
@@ -128,7 +175,28 @@ def check_tree_matches(tree: Any, reference: Any, where: str) -> None:
             )
 
 
-# ----------------------------------------------------------------------------- flag types
+# ----------------------------------------------------------------------------- flags
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are one line on stderr (exit code 2), without the usage."""
+
+    def __init__(self, description: str | None = None):
+        super().__init__(description=description, formatter_class=argparse.RawTextHelpFormatter)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def add_shared_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every entry script adds to the original's: --data_root and --trust_pickle."""
+    parser.add_argument("--data_root", default="./data", help="where CIFAR lives or is downloaded")
+    parser.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="fully unpickle input files you trust (e.g. written by the original code)",
+    )
 
 
 def finite_float(min_value: float = -math.inf, inclusive: bool = True) -> Callable[[str], float]:

@@ -30,11 +30,20 @@ from ntk_features import (
     top_eigenvectors,
 )
 from plots import plot_image_grid
-from utils import UserError, load_checkpoint, load_pickle, positive_int, run_main, save_pickle
+from utils import (
+    Parser,
+    UserError,
+    add_shared_flags,
+    load_checkpoint,
+    load_pickle,
+    positive_int,
+    run_main,
+    save_pickle,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--dataset_size", type=int, default=500)
     p.add_argument("--save_name", default="ntk_eig_images")
@@ -44,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # added
     p.add_argument("--model", default="resnet18", choices=MODELS)
     p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--data_root", default="./data")
+    add_shared_flags(p)
     p.add_argument("--random_seed", type=int, default=0, help="subset seed without --kernel_path")
     p.add_argument("--use_linear_params", action="store_true")
     return p.parse_args(argv)
@@ -52,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
     """(kernel, training-set indices, class) from --kernel_path, checked against the flags."""
-    record = load_pickle(args.kernel_path, "kernel pickle")
+    record = load_pickle(args.kernel_path, "kernel pickle", trust=args.trust_pickle)
     if not isinstance(record, dict) or "kernel" not in record:
         raise UserError(f"{args.kernel_path} is not a kernel pickle (no 'kernel' key)")
     if "indices" not in record:
@@ -87,9 +96,8 @@ def main(argv=None) -> dict:
     ds = load_dataset(args.dataset, args.data_root)
     model = get_model(args.model, ds.n_classes)
     params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(
-        args.model_path, like={"params": params, "lin_params": params, "net_state": net_state}
-    )
+    like = {"params": params, "lin_params": params, "net_state": net_state}
+    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
     params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
     net_state = ckpt["net_state"]
 

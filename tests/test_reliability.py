@@ -1,0 +1,309 @@
+"""Safe loading, atomic writes, resume, determinism and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import calculate_kernel
+import eval_and_make_adv
+import run_exp
+import visualize_ntk_features
+from utils import UserError, load_pickle, run_main, save_pickle
+
+DIGITS = "--dataset digits --model cnn_small"
+
+
+class RunsACommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def digest(folder) -> dict:
+    return {
+        name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
+        for name in sorted(os.listdir(folder))
+        if os.path.isfile(os.path.join(folder, name))
+    }
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+
+def test_pickle_that_would_run_a_command_is_refused(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"params": RunsACommand(marker)}))
+    with pytest.raises(UserError, match="refusing.*--trust_pickle"):
+        load_pickle(str(evil))
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(eval_and_make_adv.main, shlex.split(f"--model_path {evil} {DIGITS}"))
+    assert exit_info.value.code == 2
+    assert not marker.exists()
+
+
+def test_everything_we_write_loads_safely(tmp_path):
+    import jax.numpy as jnp
+
+    record = {
+        "params": {"layer": {"w": jnp.ones((2, 3)), "b": np.zeros(3, np.float32)}},
+        "scalars": [np.float64(1.5), np.int32(2), 3, 4.0, None, True, "text", (1, 2)],
+        "labels": np.arange(5),
+    }
+    path = str(tmp_path / "record.pkl")
+    save_pickle(record, path)
+    loaded = load_pickle(path)
+    assert isinstance(loaded["params"]["layer"]["w"], np.ndarray)  # JAX arrays were converted
+    np.testing.assert_array_equal(loaded["params"]["layer"]["w"], 1.0)
+    assert loaded["scalars"][:4] == [1.5, 2, 3, 4.0]
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+SLOW_WRITER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+import numpy as np
+import utils
+real_fsync = os.fsync
+def slow_fsync(fd):
+    print("writing", flush=True)
+    time.sleep(60)  # a slow disk: the data is in the temporary file, not yet renamed
+os.fsync = slow_fsync
+utils.save_pickle({{"params": np.full(1000, 2.0)}}, {path!r})
+"""
+
+
+def test_writer_killed_mid_save_leaves_the_previous_file_intact(tmp_path):
+    path = str(tmp_path / "parameters_final.pkl")
+    save_pickle({"params": np.full(1000, 1.0)}, path)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITER.format(root=ROOT, path=path)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert writer.stdout.readline().strip() == "writing"
+    time.sleep(0.2)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    np.testing.assert_array_equal(load_pickle(path)["params"], 1.0)
+
+
+def test_failed_save_raises_a_clear_error_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "results.pkl")
+    save_pickle({"clean": 0.5}, path)
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(UserError, match="could not save .*No space left on device"):
+        save_pickle({"clean": 0.9}, path)
+    monkeypatch.undo()
+    assert load_pickle(path) == {"clean": 0.5}
+    assert os.listdir(tmp_path) == ["results.pkl"]  # no temporary file left behind
+
+
+# ----------------------------------------------------------------------------- resume, determinism
+
+RUN = (
+    f"{DIGITS} --loaders AC --standard_epochs 2 --linear_epochs 2 --centering --eps 32 "
+    "--n_test 100 --save_models --random_seed 3"
+)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def run_in(folder, extra=""):
+    return run_exp.main(shlex.split(f"{RUN} --save_path {folder} {extra}"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("interrupt_at_epoch_call", [2, 3])  # phase 1 epoch 2, phase 2 epoch 1
+def test_interrupted_run_resumes_to_identical_results(
+    tmp_path, monkeypatch, interrupt_at_epoch_call
+):
+    reference = run_in(tmp_path / "whole")
+    again = run_in(tmp_path / "again")
+    assert again == reference  # determinism: same command, same seed
+    assert digest(tmp_path / "whole") == digest(tmp_path / "again")
+
+    real_run_epoch = run_exp.run_epoch
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at_epoch_call:
+            raise Interrupt()
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(run_exp, "run_epoch", interrupted)
+    with pytest.raises(Interrupt):
+        run_in(tmp_path / "resumed")
+    monkeypatch.setattr(run_exp, "run_epoch", real_run_epoch)
+    assert not os.path.exists(tmp_path / "resumed" / "results.pkl")
+    resumed = run_in(tmp_path / "resumed", "--resume")
+    assert resumed == reference
+    for name in ("results.pkl", "parameters_final.pkl"):
+        a = open(tmp_path / "whole" / name, "rb").read()
+        assert a == open(tmp_path / "resumed" / name, "rb").read(), name
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    run_exp.main(
+        shlex.split(
+            f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --save_models --constant_save "
+            f"--skip_first_test --skip_second_test --save_path {folder}"
+        )
+    )
+    return folder
+
+
+def expect_one_line_error(capsys, main, command: str, match: str):
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, shlex.split(command))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and match in err, err
+
+
+def test_bad_inputs_get_one_line_and_exit_code_2(digits_run, tmp_path, capsys):
+    ckpt = f"{digits_run}/parameters_final.pkl"
+    before = digest(digits_run)
+    text_file = tmp_path / "notes.txt"
+    text_file.write_text("not a pickle")
+    truncated = tmp_path / "truncated.pkl"
+    truncated.write_bytes(open(ckpt, "rb").read()[:500])
+    cases = [
+        (eval_and_make_adv.main, f"--model_path {tmp_path}/missing.pkl {DIGITS}", "not found"),
+        (eval_and_make_adv.main, f"--model_path {tmp_path} {DIGITS}", "not found"),
+        (eval_and_make_adv.main, f"--model_path {text_file} {DIGITS}", "not a valid"),
+        (eval_and_make_adv.main, f"--model_path {truncated} {DIGITS}", "not a valid"),
+        (
+            eval_and_make_adv.main,
+            f"--model_path {ckpt} --dataset digits --model mlp_skinny",
+            "does not fit",
+        ),
+        (
+            calculate_kernel.main,
+            f"--model_path {ckpt} --dataset digits --model resnet18",
+            "does not fit",
+        ),
+        (run_exp.main, f"{DIGITS} --loaders XY", "--loaders"),
+        (run_exp.main, f"{DIGITS} --loaders C", "--loaders"),
+        (run_exp.main, f"{DIGITS} --loaders CCA", "--loaders"),
+        (run_exp.main, f"{DIGITS} --eps -1", "--eps"),
+        (run_exp.main, f"{DIGITS} --eps nan", "--eps"),
+        (run_exp.main, f"{DIGITS} --eps inf", "--eps"),
+        (run_exp.main, f"{DIGITS} --second_lr 0", "--second_lr"),
+        (run_exp.main, f"{DIGITS} --second_lr -0.1", "--second_lr"),
+        (run_exp.main, f"{DIGITS} --standard_epochs -3", "--standard_epochs"),
+        (run_exp.main, f"{DIGITS} --linear_epochs 2.5", "--linear_epochs"),
+        (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --dataset_size 105", "multiple"),
+        (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --dataset_size 5000", "largest"),
+        (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --class_index 10", "--class_index"),
+        (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --class_index -2", "--class_index"),
+        (run_exp.main, f"--data_root {tmp_path}/nodata --model cnn_small", "cifar-10-batches-py"),
+        (run_exp.main, f"{DIGITS} --save_path {text_file}/sub", "--save_path"),
+        (run_exp.main, f"{DIGITS} --base_model_path {ckpt} --model mlp_wide", "does not fit"),
+    ]
+    for main, command, match in cases:
+        expect_one_line_error(capsys, main, command, match)
+    assert digest(digits_run) == before  # nothing on disk was harmed
+
+
+def test_wrong_test_path_examples_are_refused(digits_run, tmp_path, capsys):
+    ckpt = f"{digits_run}/parameters_final.pkl"
+    wrong = {
+        "nhwc.pkl": {"images": np.zeros((4, 8, 8, 1)), "labels": np.zeros(4)},
+        "range.pkl": {"images": np.full((4, 1, 8, 8), 2.0), "labels": np.zeros(4)},
+        "labels.pkl": {"images": np.zeros((4, 1, 8, 8)), "labels": np.zeros(3)},
+        "keys.pkl": {"x": np.zeros((4, 1, 8, 8))},
+    }
+    for name, record in wrong.items():
+        save_pickle(record, str(tmp_path / name))
+        expect_one_line_error(
+            capsys,
+            eval_and_make_adv.main,
+            f"--model_path {ckpt} {DIGITS} --no_adv --test_path {tmp_path / name}",
+            str(tmp_path / name),
+        )
+
+
+def test_kernel_pickle_must_match_visualize_flags(digits_run, tmp_path, capsys):
+    ckpt = f"{digits_run}/parameters_final.pkl"
+    calculate_kernel.main(
+        shlex.split(f"--model_path {ckpt} {DIGITS} --dataset_size 50 --class_index 1")
+    )
+    kernel = f"{digits_run}/bonus_dir/kernel_class_1_50.pkl"
+    averaged = tmp_path / "averaged.pkl"
+    record = load_pickle(kernel)
+    save_pickle({**record, "class_index": -1}, str(averaged))
+    for command, match in [
+        (
+            f"--model_path {ckpt} --kernel_path {kernel} --dataset digits --model mlp_skinny",
+            "does not fit",
+        ),
+        (f"--model_path {ckpt} --kernel_path {kernel} {DIGITS} --class_index 2", "class 1"),
+        (f"--model_path {ckpt} --kernel_path {averaged} {DIGITS}", "class kernel"),
+        (f"--model_path {ckpt} --kernel_path {ckpt} {DIGITS}", "not a kernel pickle"),
+    ]:
+        expect_one_line_error(capsys, visualize_ntk_features.main, command, match)
+
+
+def test_diverging_loss_stops_with_a_clear_message_and_keeps_the_last_good_state(
+    digits_run, tmp_path, capsys
+):
+    """A learning rate near float32's maximum makes the phase-2 loss overflow at step 2."""
+    ckpt = f"{digits_run}/parameters_final.pkl"
+    save_path = tmp_path / "diverged"
+    expect_one_line_error(
+        capsys,
+        run_exp.main,
+        f"{DIGITS} --base_model_path {ckpt} --linear_epochs 3 --second_lr 1e38 --skip_first_test "
+        f"--constant_save_linear --save_path {save_path}",
+        "phase 2 epoch 1/3: the training loss became",
+    )
+    state = load_pickle(str(save_path / "resume_state.pkl"))
+    assert state["phase"] == 2 and state["epoch"] == 0
+    assert all(np.all(np.isfinite(leaf)) for leaf in state["w"]["classifier"].values())
+    assert (save_path / "parameters_checkpoint_linear_0.pkl").is_file()
+    assert not (save_path / "results.pkl").exists()
+
+
+def test_command_line_errors_are_one_line_in_a_real_process(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "eval_and_make_adv.py"),
+            "--model_path",
+            "nope.pkl",
+            *DIGITS.split(),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: checkpoint not found: nope.pkl"
