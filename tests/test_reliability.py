@@ -133,16 +133,25 @@ def run_in(folder, extra=""):
     return run_exp.main(shlex.split(f"{RUN} --save_path {folder} {extra}"))
 
 
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("reference")
+    return folder, run_in(folder)
+
+
+@pytest.mark.slow
+def test_same_command_and_seed_give_identical_outputs(reference_run, tmp_path):
+    folder, results = reference_run
+    assert run_in(tmp_path / "again") == results
+    assert digest(folder) == digest(tmp_path / "again")  # every file, byte for byte
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("interrupt_at_epoch_call", [2, 3])  # phase 1 epoch 2, phase 2 epoch 1
 def test_interrupted_run_resumes_to_identical_results(
-    tmp_path, monkeypatch, interrupt_at_epoch_call
+    reference_run, tmp_path, monkeypatch, interrupt_at_epoch_call
 ):
-    reference = run_in(tmp_path / "whole")
-    again = run_in(tmp_path / "again")
-    assert again == reference  # determinism: same command, same seed
-    assert digest(tmp_path / "whole") == digest(tmp_path / "again")
-
+    folder, results = reference_run
     real_run_epoch = run_exp.run_epoch
     calls = {"n": 0}
 
@@ -157,11 +166,10 @@ def test_interrupted_run_resumes_to_identical_results(
         run_in(tmp_path / "resumed")
     monkeypatch.setattr(run_exp, "run_epoch", real_run_epoch)
     assert not os.path.exists(tmp_path / "resumed" / "results.pkl")
-    resumed = run_in(tmp_path / "resumed", "--resume")
-    assert resumed == reference
+    assert run_in(tmp_path / "resumed", "--resume") == results
     for name in ("results.pkl", "parameters_final.pkl"):
-        a = open(tmp_path / "whole" / name, "rb").read()
-        assert a == open(tmp_path / "resumed" / name, "rb").read(), name
+        expected = open(folder / name, "rb").read()
+        assert open(tmp_path / "resumed" / name, "rb").read() == expected, name
 
 
 # ----------------------------------------------------------------------------- bad input

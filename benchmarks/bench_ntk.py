@@ -1,0 +1,157 @@
+"""Empirical-NTK benchmark: our ntk.empirical_ntk against torch.func (vmap of jacrev, then the
+same contraction), the same architecture and N random 32x32x3 images, in one process.
+
+Prints, per row: seconds (median over --repeats after one warm-up), the FLOP lower bound
+(per-example gradients: 3x the forward FLOPs per output, plus the Gram product N^2 K P, halved
+for the symmetric kernel) divided by the float32 matmul rate measured here, and ratios.
+
+    python benchmarks/bench_ntk.py                  # ResNet-18, N = 500, logit 0
+    python benchmarks/bench_ntk.py --model mlp_wide --n 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from models import get_model, init_model  # noqa: E402
+from ntk import empirical_ntk  # noqa: E402
+from utils import tree_size  # noqa: E402
+
+
+def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """Measured float32 matmul rate of this machine (JAX/XLA), GFLOP/s."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / min(times) / 1e9
+
+
+def forward_flops(model, params, net_state, image_shape) -> float:
+    """FLOPs of one forward pass of one image, from XLA's cost analysis."""
+    x = jnp.zeros((1, *image_shape))
+    compiled = (
+        jax.jit(lambda p, s, x: model.apply(p, s, x, False)[0])
+        .lower(params, net_state, x)
+        .compile()
+    )
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"])
+
+
+def torch_model(name: str, n_classes: int) -> torch.nn.Module:
+    if name == "resnet18":
+        import torchvision
+
+        net = torchvision.models.resnet18(num_classes=n_classes)
+        net.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = torch.nn.Identity()
+    elif name in ("mlp_wide", "mlp_skinny"):
+        width = 2048 if name == "mlp_wide" else 256
+        net = torch.nn.Sequential(
+            torch.nn.Flatten(), torch.nn.Linear(3072, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, n_classes),
+        )  # fmt: skip
+    else:
+        raise SystemExit(f"no torch peer for {name}")
+    return net.eval()
+
+
+def torch_ntk(net: torch.nn.Module, x: torch.Tensor, class_index: int, chunk: int) -> np.ndarray:
+    """K = J J^T with J from torch.func.vmap(jacrev) per chunk; each chunk computed once."""
+    from torch.func import functional_call, jacrev, vmap
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = {k: v.detach() for k, v in net.named_buffers()}
+
+    def f(p, xi):
+        out = functional_call(net, (p, buffers), (xi[None],))[0]
+        return out[class_index : class_index + 1] if class_index >= 0 else out
+
+    jac_fn = vmap(jacrev(f), in_dims=(None, 0))
+    with torch.no_grad():
+        rows = []
+        for start in range(0, len(x), chunk):
+            jac = jac_fn(params, x[start : start + chunk])
+            rows.append(torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], dim=1))
+        k_out = (
+            1 if class_index >= 0 else rows[0].shape[1] // sum(p.numel() for p in params.values())
+        )
+        jac_all = torch.cat(rows)
+        return (jac_all @ jac_all.T / k_out).double().numpy()
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    result = fn()  # warm-up (compilation)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--class_index", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--chunk", type=int, default=50, help="images per Jacobian chunk (torch)")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    shape = (32, 32, 3)
+    model = get_model(args.model, 10)
+    params, net_state = init_model(model, jax.random.PRNGKey(0), shape)
+    x = np.random.default_rng(0).uniform(0, 1, (args.n, *shape)).astype(np.float32)
+    n_params = tree_size(params)
+    k_out = 1 if args.class_index >= 0 else 10
+    rate = matmul_gflops()
+    fwd = forward_flops(model, params, net_state, shape)
+    bound_flops = args.n * k_out * 3 * fwd + args.n**2 * k_out * n_params
+    bound_s = bound_flops / (rate * 1e9)
+    print(
+        f"device {jax.devices()[0].device_kind}, {os.cpu_count()} cores; matmul {rate:.0f} GFLOP/s"
+    )
+    print(
+        f"{args.model}: {n_params:,} params, forward {fwd / 1e9:.3f} GFLOP/image; "
+        f"N = {args.n}, outputs {k_out}"
+    )
+
+    ours_s, ours = timed(
+        lambda: empirical_ntk(
+            model, params, net_state, x, class_index=args.class_index, progress=False
+        ),
+        args.repeats,
+    )
+    net = torch_model(args.model, 10)
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
+    torch_s, _ = timed(lambda: torch_ntk(net, x_torch, args.class_index, args.chunk), args.repeats)
+    print("\n| implementation | seconds | FLOP bound s | x bound | ratio ours/torch |")
+    print("|---|---|---|---|---|")
+    print(
+        f"| ours (ntk.py)  | {ours_s:.1f} | {bound_s:.1f} | {ours_s / bound_s:.2f} | "
+        f"{ours_s / torch_s:.2f} |"
+    )
+    print(f"| torch.func     | {torch_s:.1f} | {bound_s:.1f} | {torch_s / bound_s:.2f} | 1.00 |")
+    assert np.all(np.isfinite(ours))
+
+
+if __name__ == "__main__":
+    main()
