@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from data import DATASETS, class_balanced_subset, load_dataset
 from models import MODELS, get_model, init_model
-from ntk import DEFAULT_MAX_MEMORY_GB, empirical_ntk
+from ntk import empirical_ntk
 from plots import plot_kernel
 from utils import (
     Parser,
@@ -47,8 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--max_memory_gb",
         type=finite_float(0.0, inclusive=False),
-        default=DEFAULT_MAX_MEMORY_GB,
-        help="memory budget for Jacobian chunks",
+        default=None,
+        help="memory budget for Jacobian chunks (default: 40%% of the device's memory)",
     )
     return p.parse_args(argv)
 

@@ -14,7 +14,9 @@ the result is returned as float64 like the original.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import NamedTuple
 
 import haiku as hk
 import jax
@@ -24,8 +26,6 @@ import numpy as np
 from tqdm import tqdm
 
 from utils import tree_size
-
-DEFAULT_MAX_MEMORY_GB = 4.0
 
 
 def make_jacobian_fn(
@@ -75,20 +75,50 @@ def contract(jac1: hk.Params, jac2: hk.Params) -> jax.Array:
     return block / k
 
 
-def chunk_size_for(
-    n_params: int, n_outputs: int, max_memory_gb: float, n_images: int, resident_chunks: int = 3
-) -> int:
-    """Images per Jacobian chunk so that `resident_chunks` chunks (float32, plus the backward
-    pass's working memory, counted as one more) fit in `max_memory_gb`."""
-    bytes_per_image = 4 * n_params * n_outputs
+def default_memory_gb() -> float:
+    """40% of the default device's memory (of the machine's RAM on a CPU)."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return 0.4 * stats["bytes_limit"] / 2**30
+    return 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+class ChunkPlan(NamedTuple):
+    """Images per Jacobian chunk, and whether every column chunk stays cached."""
+
+    chunk_size: int
+    cache_columns: bool
+
+
+def plan_chunks(n_rows: int, n_cols: int, bytes_per_image: int, max_memory_gb: float) -> ChunkPlan:
+    """Largest chunks that fit the budget. When all column Jacobians plus one row chunk and its
+    working memory fit, every chunk is computed once; otherwise a row chunk is held while column
+    chunks are recomputed (row, column and working memory: three chunks)."""
     budget = max_memory_gb * 2**30
-    size = int(budget // (bytes_per_image * (resident_chunks + 1)))
-    if size < 1:
-        need = bytes_per_image * (resident_chunks + 1) / 2**30
+    chunk = int(budget // (3 * bytes_per_image))
+    if chunk < 1:
+        need = 3 * bytes_per_image / 2**30
         raise ValueError(
-            f"one image's Jacobian needs about {need:.2f} GB; raise --max_memory_gb above that"
+            f"one image's Jacobian needs about {need:.2f} GB of a {max_memory_gb:g} "
+            f"GB budget with working memory; raise --max_memory_gb above {need:.2f}"
         )
-    return min(size, n_images)
+    all_columns = n_cols * bytes_per_image
+    if all_columns <= 0.5 * budget:  # the rest: one row chunk and the working memory
+        chunk = max(1, int((budget - all_columns) // (2 * bytes_per_image)))
+        return ChunkPlan(min(chunk, max(n_rows, n_cols)), True)
+    return ChunkPlan(min(chunk, max(n_rows, n_cols)), False)
+
+
+def _gram_host(jac1: hk.Params, jac2: hk.Params) -> np.ndarray:
+    """contract() with the host's BLAS (zero-copy views of CPU arrays): XLA's CPU dot is about
+    3x slower than BLAS for these wide (n, P) x (P, n) products."""
+    leaves1, leaves2 = jax.tree.leaves(jac1), jax.tree.leaves(jac2)
+    n1, k = leaves1[0].shape[:2]
+    n2 = leaves2[0].shape[0]
+    block = np.zeros((n1, n2), np.float32)
+    for a, b in zip(leaves1, leaves2, strict=True):
+        block += np.asarray(a).reshape(n1, -1) @ np.asarray(b).reshape(n2, -1).T
+    return block / k
 
 
 def empirical_ntk(
@@ -100,50 +130,56 @@ def empirical_ntk(
     *,
     class_index: int = -1,
     chunk_size: int | None = None,
-    max_memory_gb: float = DEFAULT_MAX_MEMORY_GB,
+    max_memory_gb: float | None = None,
     progress: bool = True,
     describe: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """K(x1, x2) (N1, N2) float64 as defined in the module docstring; K(x1, x1) when x2 is None.
 
-    The square kernel fills only block (i, j) with j >= i and mirrors it. When all Jacobian
-    chunks fit in the memory budget, each is computed exactly once; otherwise row chunk i is
-    computed once and column chunks are recomputed per row."""
+    Each row chunk's Jacobian is computed once; column chunks are computed once and kept when
+    they fit in `max_memory_gb` (default: default_memory_gb()), else recomputed per row chunk.
+    The square kernel computes only blocks (i, j) with j >= i and mirrors them."""
     square = x2 is None
     x2 = x1 if square else x2
     n_outputs = 1 if class_index >= 0 else _n_logits(model, params, net_state, x1[:1])
-    n_params = tree_size(params)
-    if chunk_size is None:
-        chunk_size = chunk_size_for(n_params, n_outputs, max_memory_gb, max(len(x1), len(x2)))
+    bytes_per_image = 4 * tree_size(params) * n_outputs
+    plan = plan_chunks(len(x1), len(x2), bytes_per_image, max_memory_gb or default_memory_gb())
+    chunk = chunk_size or plan.chunk_size
     jacobian_fn = make_jacobian_fn(model, class_index)
-    starts1 = list(range(0, len(x1), chunk_size))
-    starts2 = list(range(0, len(x2), chunk_size))
-    budget_chunks = max_memory_gb * 2**30 // (4 * n_params * n_outputs * chunk_size) - 2
-    cache_all = len(starts1) + (0 if square else len(starts2)) <= budget_chunks
-    cache: dict[tuple[int, int], hk.Params] = {}
+    gram = _gram_host if jax.default_backend() == "cpu" else contract
 
-    def jacobian(which: int, start: int) -> hk.Params:
-        if (which, start) in cache:
-            return cache[(which, start)]
-        x = x1 if which == 1 or square else x2
-        jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk_size]))
-        if cache_all:
-            cache[(which, start)] = jac
-        return jac
+    def jacobian(x: np.ndarray, start: int) -> hk.Params:
+        return jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
 
-    pairs = [(i, j) for i in starts1 for j in starts2 if not square or j >= i]
+    columns: dict[int, hk.Params] = {}
+    starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
+    n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
     kernel = np.zeros((len(x1), len(x2)), np.float64)
-    bar = tqdm(pairs, desc="kernel blocks", disable=None if progress else True, leave=False)
-    for i, j in bar:
-        row = jacobian(1, i)
-        block = np.asarray(contract(row, jacobian(2, j)), np.float64)
-        kernel[i : i + chunk_size, j : j + chunk_size] = block
-        if square and j != i:
-            kernel[j : j + chunk_size, i : i + chunk_size] = block.T
-        if describe is not None:
-            describe(f"block rows {i}:{i + len(block)} cols {j}:{j + block.shape[1]}")
-        if not cache_all and j == starts2[-1]:
-            cache.clear()
+    bar = tqdm(
+        total=n_blocks, desc="kernel blocks", disable=None if progress else True, leave=False
+    )
+    for i in starts1:
+        row = columns[i] if square and i in columns else jacobian(x1, i)
+        if square and plan.cache_columns:
+            columns[i] = row
+        for j in starts2:
+            if square and j < i:
+                continue
+            if square and j == i:
+                col = row
+            elif j in columns:
+                col = columns[j]
+            else:
+                col = jacobian(x2, j)
+                if plan.cache_columns:
+                    columns[j] = col
+            block = np.asarray(gram(row, col), np.float64)
+            kernel[i : i + chunk, j : j + chunk] = block
+            if square and j != i:
+                kernel[j : j + chunk, i : i + chunk] = block.T
+            if describe is not None:
+                describe(f"block rows {i}:{i + len(block)} cols {j}:{j + block.shape[1]}")
+            bar.update()
     bar.close()
     if square:  # the diagonal blocks are symmetric up to float32 rounding; make it exact
         kernel = 0.5 * (kernel + kernel.T)
@@ -173,9 +209,3 @@ def explicit_ntk(model, params, net_state, x1, x2, class_index: int = -1) -> np.
     if class_index >= 0:
         return j1[:, class_index] @ j2[:, class_index].T
     return np.einsum("icp,jcp->ij", j1, j2) / j1.shape[1]
-
-
-def cache_stats(n_params: int, n_outputs: int, chunk_size: int) -> str:
-    """Human-readable size of one Jacobian chunk."""
-    gb = 4 * n_params * n_outputs * chunk_size / 2**30
-    return f"{chunk_size} images x {n_outputs} logits x {n_params:,} params = {gb:.2f} GB/chunk"

@@ -22,7 +22,7 @@ import numpy as np
 
 from data import DATASETS, class_balanced_subset, load_dataset
 from models import MODELS, get_model, init_model
-from ntk import DEFAULT_MAX_MEMORY_GB, empirical_ntk
+from ntk import empirical_ntk
 from ntk_features import (
     optimise_feature_images,
     parameter_features,
@@ -111,9 +111,8 @@ def main(argv=None) -> dict:
             ds.y_train, args.dataset_size, ds.n_classes, args.random_seed
         )
         kernel = empirical_ntk(
-            model, params, net_state, ds.x_train[indices], class_index=class_index,
-            max_memory_gb=DEFAULT_MAX_MEMORY_GB,
-        )  # fmt: skip
+            model, params, net_state, ds.x_train[indices], class_index=class_index
+        )
     if args.n_images > len(kernel):
         raise UserError(f"--n_images {args.n_images} exceeds the kernel's {len(kernel)} images")
     images, labels = ds.x_train[indices], ds.y_train[indices]
