@@ -57,3 +57,18 @@ def test_kernel_is_symmetric_positive_semidefinite(setup):
     np.testing.assert_array_equal(kernel, kernel.T)
     eigenvalues = np.linalg.eigvalsh(kernel)
     assert eigenvalues.min() > -1e-6 * eigenvalues.max()
+
+
+def test_chunk_plan_respects_the_memory_budget():
+    from ntk import plan_chunks
+
+    gb = 2**30
+    # all 500 column Jacobians (1 MB each) fit in half of 4 GB: cached, big chunks
+    plan = plan_chunks(500, 500, 2**20, 4.0)
+    assert plan.cache_columns and plan.chunk_size == 500
+    # 100 MB per image: 500 images do not fit; a row, a column and working memory do
+    plan = plan_chunks(500, 500, 100 * 2**20, 4.0)
+    assert not plan.cache_columns
+    assert 3 * plan.chunk_size * 100 * 2**20 <= 4 * gb
+    with pytest.raises(ValueError, match="max_memory_gb"):
+        plan_chunks(10, 10, 2 * gb, 1.0)
