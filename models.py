@@ -113,5 +113,14 @@ def get_model(name: str, n_classes: int) -> hk.TransformedWithState:
 def init_model(
     model: hk.TransformedWithState, key: jax.Array, image_shape: tuple[int, ...]
 ) -> tuple[hk.Params, hk.State]:
-    """Initial (params, net_state) for images of `image_shape` (H, W, C)."""
-    return model.init(key, jnp.zeros((1, *image_shape), jnp.float32), True)
+    """Initial (params, net_state) for images of `image_shape` (H, W, C). BatchNorm's running
+    variance starts at 1 as in PyTorch (Haiku's starts at 0, which makes inference mode divide by
+    sqrt(1e-5) per layer and overflow in ResNet-18 at initialisation)."""
+    params, net_state = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), True)
+    net_state = {
+        name: {**state, "average": jnp.ones_like(state["average"])}
+        if name.endswith("var_ema")
+        else state
+        for name, state in net_state.items()
+    }
+    return params, net_state

@@ -91,3 +91,14 @@ def test_resnet18_is_the_cifar_variant():
     assert params["stem_conv"]["w"].shape == (3, 3, 3, 64)  # 3x3 stem
     n = sum(p.size for p in jax.tree.leaves(params))
     assert 11_100_000 < n < 11_200_000  # torchvision-style CIFAR ResNet-18: 11.17M
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_inference_mode_at_initialisation_is_finite(name):
+    """Running statistics start at mean 0, variance 1: BatchNorm is the identity at init."""
+    model = get_model(name, 10)
+    params, state = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
+    x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (4, 8, 8, 1)), jnp.float32)
+    logits, _ = model.apply(params, state, x, False)
+    assert np.all(np.isfinite(np.asarray(logits)))
+    assert np.abs(np.asarray(logits)).max() < 1e3
