@@ -14,6 +14,7 @@ the result is returned as float64 like the original.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -28,11 +29,13 @@ from tqdm import tqdm
 from utils import tree_size
 
 
+@functools.lru_cache(maxsize=16)
 def make_jacobian_fn(
     model: hk.TransformedWithState, class_index: int
 ) -> Callable[[hk.Params, hk.State, jax.Array], hk.Params]:
     """Jitted fn(params, net_state, x (n, H, W, C)) -> per-example Jacobian pytree with leaves
-    shaped (n, K, *param_shape): K = 1 for one logit, K = C for all logits."""
+    shaped (n, K, *param_shape): K = 1 for one logit, K = C for all logits. Cached, so that
+    repeated kernels of one model compile once."""
 
     def logits_one(params, net_state, x_single):
         logits, _ = model.apply(params, net_state, x_single[None], False)
@@ -145,11 +148,20 @@ def empirical_ntk(
     bytes_per_image = 4 * tree_size(params) * n_outputs
     plan = plan_chunks(len(x1), len(x2), bytes_per_image, max_memory_gb or default_memory_gb())
     chunk = chunk_size or plan.chunk_size
+    longest = max(len(x1), len(x2))
+    chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
     jacobian_fn = make_jacobian_fn(model, class_index)
     gram = _gram_host if jax.default_backend() == "cpu" else contract
 
     def jacobian(x: np.ndarray, start: int) -> hk.Params:
-        return jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
+        """Jacobian of images start..start+chunk; a short last chunk is padded to the chunk size
+        (one compiled shape) and the padding sliced off."""
+        images = x[start : start + chunk]
+        n_real = len(images)
+        if n_real < chunk:
+            images = np.concatenate([images, np.repeat(images[:1], chunk - n_real, axis=0)])
+        jac = jacobian_fn(params, net_state, jnp.asarray(images))
+        return jac if n_real == chunk else jax.tree.map(lambda leaf: leaf[:n_real], jac)
 
     columns: dict[int, hk.Params] = {}
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
