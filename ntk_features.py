@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from utils import tree_size
-
 FEATURE_STEPS = 600
 FEATURE_STEP_SIZE = 0.001
 FEATURE_CHUNK = 100
@@ -122,7 +120,3 @@ def optimise_feature_images(
 
     images, start, end = run(features, jnp.asarray(signs, jnp.float32))
     return np.asarray(images), np.asarray(start), np.asarray(end)
-
-
-def n_parameters(params: hk.Params) -> int:
-    return tree_size(params)
