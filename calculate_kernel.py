@@ -68,8 +68,7 @@ def main(argv=None) -> dict:
             f"0..{ds.n_classes - 1}"
         )
     model = get_model(args.model, ds.n_classes)
-    params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    like = {"params": params, "lin_params": params, "net_state": net_state}
+    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
     ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
     params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)

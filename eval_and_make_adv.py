@@ -81,8 +81,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     ds = load_dataset(args.dataset, args.data_root)
     model = get_model(args.model, ds.n_classes)
-    params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    like = {"params": params, "lin_params": params, "net_state": net_state}
+    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
     ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
     theta_t, w, net_state = ckpt["params"], ckpt["lin_params"], ckpt["net_state"]
 

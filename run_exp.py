@@ -239,7 +239,7 @@ def main(argv=None) -> dict:
     if resume is not None:
         results = resume["results"]
     if args.base_model_path and (resume is None or resume["phase"] == 1):
-        like = {"params": params, "lin_params": params, "net_state": net_state}
+        like = (params, net_state)
         ckpt = load_checkpoint(args.base_model_path, like=like, trust=args.trust_pickle)
         params, net_state = ckpt["params"], ckpt["net_state"]
         print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")

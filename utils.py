@@ -137,16 +137,21 @@ def save_checkpoint(path: str, params: Any, lin_params: Any, net_state: Any) -> 
     save_pickle({"params": params, "lin_params": lin_params, "net_state": net_state}, path)
 
 
-def load_checkpoint(path: str, like: dict | None = None, trust: bool = False) -> dict:
-    """Load a checkpoint dict; with `like` (params and net_state of the model the user asked
-    for), check that every parameter has the expected name and shape."""
+def load_checkpoint(path: str, like: tuple | None = None, trust: bool = False) -> dict:
+    """Load a checkpoint dict; with `like` = (params, net_state) of the model the user asked
+    for, check that params, lin_params and net_state have the expected names and shapes."""
     ckpt = load_pickle(path, "checkpoint", trust=trust)
     if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
     ckpt.setdefault("lin_params", ckpt["params"])
     if like is not None:
-        for key in ("params", "lin_params", "net_state"):
-            check_tree_matches(ckpt[key], like[key], f"{path} [{key}]")
+        params, net_state = like
+        for key, reference in (
+            ("params", params),
+            ("lin_params", params),
+            ("net_state", net_state),
+        ):
+            check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
     return ckpt
 
 
