@@ -158,9 +158,11 @@ def load_resume_state(args) -> dict | None:
     return record
 
 
-def restore_train_state(optimizer, record: dict) -> TrainState:
+def restore_train_state(record: dict) -> TrainState:
+    """The TrainState saved by save_resume_state (the optimizer state's tree structure does not
+    depend on the learning rate)."""
     w = jax.tree.map(jnp.asarray, record["w"])
-    opt_state = optimizer.init(w)
+    opt_state = make_optimizer(0.0).init(w)
     if record["opt_state_leaves"] is not None:
         leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
         opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
@@ -234,7 +236,6 @@ def main(argv=None) -> dict:
     steps_per_epoch = num_batches(len(ds.x_train), args.batch_size)
     resume = load_resume_state(args) if args.resume else None
     results = {"standard": None, "linear": None, "standard_second": args.do_standard_second}
-    phase1_optimizer = make_optimizer(PHASE1_LR)
 
     if resume is not None:
         results = resume["results"]
@@ -262,9 +263,7 @@ def main(argv=None) -> dict:
             model,
             ds,
             PHASE1,
-            (params, None, net_state)
-            if resume is None
-            else restore_train_state(phase1_optimizer, resume),
+            (params, None, net_state) if resume is None else restore_train_state(resume),
             phase=1,
             start_epoch=0 if resume is None else resume["epoch"],
             epochs=args.standard_epochs,
@@ -291,7 +290,7 @@ def main(argv=None) -> dict:
             args, 2, 0, init_train_state(make_optimizer(args.second_lr), *phase2_state), results
         )
     else:
-        phase2_state = restore_train_state(make_optimizer(args.second_lr), resume)
+        phase2_state = restore_train_state(resume)
         start_epoch = resume["epoch"]
     print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
 
