@@ -25,6 +25,14 @@ def _batch_norm(name: str | None = None) -> hk.BatchNorm:
     return hk.BatchNorm(create_scale=True, create_offset=True, decay_rate=BN_DECAY, name=name)
 
 
+class ReLU(hk.Module):
+    """ReLU as a parameter-free module: the parameter tree is unchanged, and every layer's output
+    can be recorded with hk.experimental.intercept_methods (see similarity.py)."""
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.relu(x)
+
+
 def _conv(channels: int, kernel: int, stride: int = 1, name: str | None = None) -> hk.Conv2D:
     # PyTorch-style symmetric padding (k // 2 on each side), also for stride 2.
     pad = kernel // 2
@@ -48,20 +56,20 @@ class BasicBlock(hk.Module):
 
     def __call__(self, x: jax.Array, is_training: bool) -> jax.Array:
         out = _conv(self.channels, 3, self.stride, name="conv1")(x)
-        out = jax.nn.relu(_batch_norm("bn1")(out, is_training))
+        out = ReLU(name="relu1")(_batch_norm("bn1")(out, is_training))
         out = _conv(self.channels, 3, 1, name="conv2")(out)
         out = _batch_norm("bn2")(out, is_training)
         shortcut = x
         if self.stride != 1 or x.shape[-1] != self.channels:
             shortcut = _conv(self.channels, 1, self.stride, name="shortcut_conv")(x)
             shortcut = _batch_norm("shortcut_bn")(shortcut, is_training)
-        return jax.nn.relu(out + shortcut)
+        return ReLU(name="relu_out")(out + shortcut)
 
 
 def resnet18(n_classes: int) -> Callable:
     def forward(x: jax.Array, is_training: bool) -> jax.Array:
         out = _conv(64, 3, 1, name="stem_conv")(x)
-        out = jax.nn.relu(_batch_norm("stem_bn")(out, is_training))
+        out = ReLU(name="stem_relu")(_batch_norm("stem_bn")(out, is_training))
         for stage, channels in enumerate((64, 128, 256, 512)):
             for block in range(2):
                 stride = 2 if stage > 0 and block == 0 else 1
@@ -78,8 +86,8 @@ def mlp(n_classes: int, width: int) -> Callable:
     def forward(x: jax.Array, is_training: bool) -> jax.Array:
         del is_training  # no BatchNorm
         out = hk.Flatten()(x)
-        out = jax.nn.relu(hk.Linear(width, name="hidden1")(out))
-        out = jax.nn.relu(hk.Linear(width, name="hidden2")(out))
+        out = ReLU(name="relu1")(hk.Linear(width, name="hidden1")(out))
+        out = ReLU(name="relu2")(hk.Linear(width, name="hidden2")(out))
         return hk.Linear(n_classes, name="classifier")(out)
 
     return forward
@@ -90,7 +98,7 @@ def cnn_small(n_classes: int) -> Callable:
         out = x
         for i, (channels, stride) in enumerate(((32, 1), (64, 2), (64, 2))):
             out = _conv(channels, 3, stride, name=f"conv{i}")(out)
-            out = jax.nn.relu(_batch_norm(f"bn{i}")(out, is_training))
+            out = ReLU(name=f"relu{i}")(_batch_norm(f"bn{i}")(out, is_training))
         out = jnp.mean(out, axis=(1, 2))
         return hk.Linear(n_classes, name="classifier")(out)
 

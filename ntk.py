@@ -198,6 +198,82 @@ def empirical_ntk(
     return kernel
 
 
+TANGENT_BATCH = 10  # (m, k) pairs per vectorised JVP: bounds activation memory
+
+
+def _selected_logits(class_index: int, n_logits: int) -> jax.Array:
+    """The logits a kernel traces over: [c] for class_index c, all C for -1."""
+    return jnp.arange(n_logits) if class_index < 0 else jnp.array([class_index])
+
+
+def kernel_features(
+    model: hk.TransformedWithState,
+    params: hk.Params,
+    net_state: hk.State,
+    x: np.ndarray,
+    coefficients: np.ndarray,
+    class_index: int = -1,
+) -> hk.Params:
+    """Parameter-space features of the kernel on images x (N, ...) with coefficients A (N, M):
+
+        T[m, k] = J_k(x)^T A[:, m] = sum_j A[j, m] grad_theta f_k(x_j)
+
+    for each traced logit k (K = 1 for class_index c, K = C for -1). Leaves are shaped
+    (M, K, *param_shape). Computed from per-example Jacobians in memory-bounded chunks of
+    images; K(z, x) A = kernel_times(T, z) then never needs the Jacobians of x again."""
+    n_traced = 1 if class_index >= 0 else _n_logits(model, params, net_state, x[:1])
+    bytes_per_image = 4 * tree_size(params) * n_traced
+    chunk = plan_chunks(len(x), 0, bytes_per_image, default_memory_gb()).chunk_size
+    jacobian_fn = make_jacobian_fn(model, class_index)
+    total = None
+    for start in range(0, len(x), chunk):
+        jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
+        part = _contract_coefficients(jac, jnp.asarray(coefficients[start : start + chunk]))
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    return total
+
+
+@jax.jit
+def _contract_coefficients(jac: hk.Params, a: jax.Array) -> hk.Params:
+    """sum_j a[j, m] jac[j, k, ...] for each leaf: (M, K, ...)."""
+    a = a.astype(jnp.float32)
+    return jax.tree.map(
+        lambda leaf: jnp.tensordot(a.T, leaf, axes=1, precision=jax.lax.Precision.HIGHEST), jac
+    )
+
+
+def kernel_times(
+    model: hk.TransformedWithState,
+    params: hk.Params,
+    net_state: hk.State,
+    features: hk.Params,
+    z: jax.Array,
+    class_index: int = -1,
+) -> jax.Array:
+    """K(z, x) A (n, M) from the features T of kernel_features(x, A): for each m,
+
+        (1/K) sum_k J_k(z) T[m, k]
+
+    i.e. one Jacobian-vector product per (m, k). Differentiable in z (for attacks on kernel
+    predictors); traceable inside jit."""
+    leaves = jax.tree.leaves(features)
+    n_columns, n_traced = leaves[0].shape[:2]
+    flat = jax.tree.map(lambda f: f.reshape(-1, *f.shape[2:]), features)
+
+    def logits(p):
+        return model.apply(p, net_state, z, False)[0]
+
+    def jvp(tangent):
+        return jax.jvp(logits, (params,), (tangent,))[1]  # (n, C)
+
+    outputs = jax.lax.map(jvp, flat, batch_size=TANGENT_BATCH)  # (M * K, n, C)
+    outputs = outputs.reshape(n_columns, n_traced, *outputs.shape[1:])
+    logits_used = _selected_logits(class_index, outputs.shape[-1])
+    traced = jnp.take(outputs, logits_used, axis=-1)  # (M, K, n, K)
+    diagonal = jnp.einsum("mknk->mn", traced)
+    return diagonal.T / n_traced
+
+
 def _n_logits(model, params, net_state, x) -> int:
     logits, _ = model.apply(params, net_state, jnp.asarray(x), False)
     return int(logits.shape[-1])

@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntk import kernel_features
+
 FEATURE_STEPS = 600
 FEATURE_STEP_SIZE = 0.001
-FEATURE_CHUNK = 100
 
 
 def top_eigenvectors(kernel: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,24 +46,9 @@ def parameter_features(
     coefficients: np.ndarray,
 ) -> hk.Params:
     """v_k = J_c^T a_k for each column a_k of `coefficients` (N, K): a pytree whose leaves have a
-    leading axis of K. Computed as vector-Jacobian products in chunks of images."""
-
-    @jax.jit
-    def chunk_features(x, a):
-        def f_c(p):
-            logits, _ = model.apply(p, net_state, x, False)
-            return logits[:, class_index]
-
-        _, vjp = jax.vjp(f_c, params)
-        return jax.vmap(lambda col: vjp(col)[0], in_axes=1)(a)
-
-    total = None
-    for start in range(0, len(images), FEATURE_CHUNK):
-        x = jnp.asarray(images[start : start + FEATURE_CHUNK])
-        a = jnp.asarray(coefficients[start : start + FEATURE_CHUNK], jnp.float32)
-        part = chunk_features(x, a)
-        total = part if total is None else jax.tree.map(jnp.add, total, part)
-    return total
+    leading axis of K (ntk.kernel_features of the class-c kernel)."""
+    features = kernel_features(model, params, net_state, images, coefficients, class_index)
+    return jax.tree.map(lambda f: f[:, 0], features)
 
 
 def feature_cosine(

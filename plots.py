@@ -62,3 +62,37 @@ def plot_image_grid(rows: dict[str, np.ndarray], title: str, path: str) -> None:
                 ax.axis("off")
     fig.suptitle(title)
     _save(fig, path)
+
+
+def plot_eigen_features(result: dict, path: str) -> None:
+    """Left: accuracy of each top eigen-component alone (clean, PGD) and its eigenvalue. Right:
+    accuracy of the cumulative top-k predictor against k (clean for every k, PGD where run)."""
+    rows = result["rows"]
+    single = [r for r in rows if r["kind"] == "component"]
+    top = [r for r in rows if r["kind"] == "top_k"]
+    fig, (ax_c, ax_k) = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig.subplots_adjust(wspace=0.4)
+    if single:
+        index = np.array([r["k"] for r in single])
+        ax_c.bar(index - 0.2, [r["clean"] for r in single], 0.4, label="clean")
+        if "linf" in single[0]:
+            ax_c.bar(index + 0.2, [r["linf"] for r in single], 0.4, label="PGD-Linf")
+        ax_e = ax_c.twinx()
+        ax_e.semilogy(index, [r["eigenvalue"] for r in single], "k.-", label="eigenvalue")
+        ax_e.set_ylabel("eigenvalue")
+        ax_c.set_xlabel("eigen-component i (decreasing eigenvalue)")
+        ax_c.set_ylabel("test accuracy")
+        ax_c.legend(loc="upper right")
+    ax_c.set_title("single eigen-components")
+    clean = np.array(result["clean_cumulative"])
+    ax_k.semilogx(np.arange(1, len(clean) + 1), clean, "-", label="clean (every k)")
+    if top and "linf" in top[0]:
+        ax_k.semilogx([r["k"] for r in top], [r["linf"] for r in top], "o-", label="PGD-Linf")
+    ax_k.set_xlabel("top-k eigen-components")
+    ax_k.set_ylabel("test accuracy")
+    ax_k.set_ylim(0, 1)
+    ax_k.grid(True, which="both", alpha=0.3)
+    ax_k.legend()
+    ax_k.set_title("cumulative top-k")
+    fig.suptitle(f"{result['kernel']}, {result['dataset']}, eps {result['eps']:g}/255")
+    _save(fig, path)

@@ -1,0 +1,105 @@
+"""Training-free adversarial examples (Tsilivis & Kempe 2022): L-inf PGD against the
+kernel-regression predictor F(z) = K(z, X) (K(X, X) + r I)^-1 Y of an NTK, no network trained.
+
+The kernel is the empirical NTK of a checkpoint (--model_path; at initialisation when empty) or
+the infinite-width ReLU MLP NTK in closed form (--kernel relu_ntk); the support set X is a
+class-balanced training subset (or the images of a calculate_kernel.py pickle, --kernel_path).
+Writes into --save_dir:
+  adv_examples_<save_name>.pkl   {images: (N, C, H, W) in [0, 1], labels: (N,)}; evaluate their
+                                 transfer with eval_and_make_adv.py --test_path
+  ntk_attack_<save_name>.json    the predictor's clean and PGD accuracy, the settings
+  ntk_attack_<save_name>.png     clean images, adversarial images, perturbations
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import jax
+import numpy as np
+
+from attacks import EVAL_PGD_STEPS
+from data import DATASETS, load_dataset
+from kernel_regression import (
+    add_kernel_flags,
+    evaluate_predictor,
+    one_hot,
+    regression_coefficients,
+    support_kernel_from_args,
+)
+from plots import plot_image_grid
+from utils import Parser, add_shared_flags, finite_float, positive_int, run_main, save_pickle
+
+N_SHOWN = 8
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(__doc__)
+    add_kernel_flags(p)
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
+    p.add_argument("--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS)
+    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
+    p.add_argument("--save_dir", default="./ntk_attack")
+    p.add_argument("--save_name", default="ntk")
+    add_shared_flags(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_root)
+    support = support_kernel_from_args(args, ds)
+    x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
+    coefficients = regression_coefficients(
+        support.kernel, one_hot(support.labels, ds.n_classes), args.ridge
+    )
+    accuracies, adversarial = evaluate_predictor(
+        support,
+        coefficients,
+        np.eye(ds.n_classes),
+        x,
+        y,
+        jax.random.PRNGKey(args.random_seed),
+        eps_linf=args.eps / 255.0,
+        n_steps=args.pgd_steps,
+        description="NTK attack",
+    )
+    print(
+        f"{support.description}, {len(support.images)} support images: kernel regression "
+        f"clean {accuracies['clean']:.4f}, PGD-Linf (eps {args.eps:g}/255) "
+        f"{accuracies['linf']:.4f} on {len(x)} test images"
+    )
+
+    examples_path = os.path.join(args.save_dir, f"adv_examples_{args.save_name}.pkl")
+    save_pickle({"images": adversarial.transpose(0, 3, 1, 2), "labels": y}, examples_path)
+    summary = {
+        "kernel": support.description,
+        "support_size": len(support.images),
+        "n_test": len(x),
+        "eps": args.eps,
+        "pgd_steps": args.pgd_steps,
+        "ridge": args.ridge,
+        "accuracy_clean": accuracies["clean"],
+        "accuracy_linf": accuracies["linf"],
+    }
+    summary_path = os.path.join(args.save_dir, f"ntk_attack_{args.save_name}.json")
+    with open(summary_path, "w") as f:
+        json.dump(summary, f, indent=2)
+    perturbation = 0.5 + (adversarial[:N_SHOWN] - x[:N_SHOWN]) * (0.5 * 255.0 / max(args.eps, 1e-9))
+    plot_image_grid(
+        {"clean": x[:N_SHOWN], "adversarial": adversarial[:N_SHOWN], "delta": perturbation},
+        f"NTK attack ({support.description}), eps {args.eps:g}/255\n"
+        f"kernel regression accuracy clean {accuracies['clean']:.3f}, "
+        f"adversarial {accuracies['linf']:.3f}",
+        summary_path[:-5] + ".png",
+    )
+    print(f"wrote {examples_path}, {summary_path} and the PNG")
+    return summary
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,108 @@
+"""Representation similarity (CKA) between the layers of Haiku models (Kornblith et al. 2019;
+the debiased estimator of Nguyen et al. 2021, as used by Cianfarani et al. 2022).
+
+For representations X (n, p) and Y (n, q) of the same n inputs, with Gram matrices K = X X^T,
+L = Y Y^T and the centering matrix H = I - 11^T / n:
+
+    HSIC(K, L)   = tr(K H L H) / (n - 1)^2                                      (biased)
+    HSIC_u(K, L) = [tr(K~ L~) + 1^T K~ 1 1^T L~ 1 / ((n-1)(n-2)) - 2/(n-2) 1^T K~ L~ 1]
+                   / (n (n - 3))                 (unbiased; K~, L~ have zero diagonals)
+    CKA(K, L)    = HSIC(K, L) / sqrt(HSIC(K, K) HSIC(L, L))   (with HSIC_u: debiased CKA)
+
+A layer is the output of every ReLU (models.ReLU) in call order, then the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import haiku as hk
+import jax
+import numpy as np
+
+from data import padded_batches
+from models import ReLU
+
+ESTIMATORS = ("linear", "debiased")
+
+
+def gram(features: np.ndarray) -> np.ndarray:
+    """K = X X^T in float64 for X (n, ...) flattened per example."""
+    flat = np.asarray(features, np.float64).reshape(len(features), -1)
+    return flat @ flat.T
+
+
+def hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 (the paper's name)
+    """Biased HSIC: tr(K H L H) / (n - 1)^2."""
+    n = len(k)
+    h = np.eye(n) - 1.0 / n
+    return float(np.sum((h @ k @ h) * l) / (n - 1) ** 2)
+
+
+def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    """HSIC_u of Song et al. (2012), as in the module docstring; needs n > 3."""
+    n = len(k)
+    if n <= 3:
+        raise ValueError(f"the unbiased HSIC needs more than 3 examples, got {n}")
+    k = k - np.diag(np.diag(k))
+    l = l - np.diag(np.diag(l))  # noqa: E741
+    ones_k, ones_l = k.sum(axis=0), l.sum(axis=0)
+    trace = np.sum(k * l)
+    total = ones_k.sum() * ones_l.sum() / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * ones_k @ ones_l
+    return float((trace + total - cross) / (n * (n - 3)))
+
+
+def cka(k: np.ndarray, l: np.ndarray, estimator: str = "linear") -> float:  # noqa: E741
+    """CKA between two Gram matrices of the same inputs ('linear': biased HSIC, 'debiased':
+    unbiased HSIC)."""
+    measure = hsic if estimator == "linear" else unbiased_hsic
+    denominator = np.sqrt(measure(k, k) * measure(l, l))
+    return float(measure(k, l) / denominator) if denominator > 0 else float("nan")
+
+
+def cka_matrix(grams0: list[np.ndarray], grams1: list[np.ndarray], estimator: str) -> np.ndarray:
+    """CKA between every layer of side 0 (rows) and every layer of side 1 (columns)."""
+    return np.array([[cka(k, l, estimator) for l in grams1] for k in grams0])  # noqa: E741
+
+
+def make_layer_fn(model: hk.TransformedWithState) -> tuple[Callable, list[str]]:
+    """Jitted fn(params, net_state, x) -> list of layer outputs (BatchNorm in inference mode),
+    and the list of their names, filled in call order when the function is first traced."""
+    names: list[str] = []
+
+    def layer_fn(params, net_state, x):
+        outputs = []
+
+        def record(next_f, args, kwargs, context):
+            out = next_f(*args, **kwargs)
+            if context.method_name == "__call__" and isinstance(context.module, ReLU):
+                outputs.append((context.module.module_name, out))
+            return out
+
+        with hk.experimental.intercept_methods(record):
+            logits, _ = model.apply(params, net_state, x, False)
+        outputs.append(("logits", logits))
+        names[:] = [name for name, _ in outputs]
+        return [out for _, out in outputs]
+
+    return jax.jit(layer_fn), names
+
+
+def layer_grams(
+    model: hk.TransformedWithState,
+    params: hk.Params,
+    net_state: hk.State,
+    images: np.ndarray,
+    batch_size: int = 100,
+) -> tuple[list[str], list[np.ndarray]]:
+    """Names and Gram matrices (n, n) of every layer's output on `images`."""
+    layer_fn, names = make_layer_fn(model)
+    per_layer: list[list[np.ndarray]] = []
+    labels = np.zeros(len(images), np.int32)
+    for xb, _, n_real in padded_batches(images, labels, batch_size):
+        outputs = layer_fn(params, net_state, xb)
+        per_layer = per_layer or [[] for _ in outputs]
+        for parts, out in zip(per_layer, outputs, strict=True):
+            parts.append(np.asarray(out)[:n_real])
+    return list(names), [gram(np.concatenate(parts)) for parts in per_layer]
