@@ -3,7 +3,8 @@
 Writes dirname(model_path)/<bonus_dir>/<save_name>_<dataset_size>.pkl (averaged over logits,
 --class_index -1) or <save_name>_class_<c>_<dataset_size>.pkl (logit c), holding
 {'kernel': (N, N) float64, 'labels': (N,)} plus 'indices' (into the training set),
-'class_index', 'dataset' and 'model', and a PNG of the kernel and its spectrum beside it.
+'class_index', 'dataset', 'model', 'model_path', 'epoch' (from the checkpoint's name, or None)
+and 'use_linear_params', and a PNG of the kernel and its spectrum beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from utils import (
     Parser,
     UserError,
     add_shared_flags,
+    epoch_from_name,
     finite_float,
     load_checkpoint,
     run_main,
@@ -100,6 +102,9 @@ def main(argv=None) -> dict:
         "class_index": args.class_index,
         "dataset": args.dataset,
         "model": args.model,
+        "model_path": os.path.abspath(args.model_path),
+        "epoch": epoch_from_name(args.model_path),
+        "use_linear_params": args.use_linear_params,
     }
     save_pickle(record, path)
     which = f"logit {args.class_index}" if args.class_index >= 0 else "averaged over logits"

@@ -96,3 +96,92 @@ def plot_eigen_features(result: dict, path: str) -> None:
     ax_k.set_title("cumulative top-k")
     fig.suptitle(f"{result['kernel']}, {result['dataset']}, eps {result['eps']:g}/255")
     _save(fig, path)
+
+
+def _epoch_axis(ax) -> None:
+    """Epochs from 0 (and fractions) to hundreds: linear below 1, logarithmic above."""
+    ax.set_xscale("symlog", linthresh=1.0)
+    ax.set_xlabel("epoch")
+    ax.grid(True, which="both", alpha=0.3)
+
+
+def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
+    """Distance to first / last kernel, velocity, alignment, top-10 energy against epoch, and the
+    polar view; one line per run."""
+    panels = (
+        ("distance_to_first", "distance to first kernel", False),
+        ("distance_to_last", "distance to last kernel", False),
+        ("velocity", "kernel velocity (distance / epoch)", True),
+        ("alignment", "centered kernel-target alignment", False),
+        ("energy_top10", "spectral energy in top 10", False),
+    )
+    fig = plt.figure(figsize=(15, 8.5))
+    fig.subplots_adjust(wspace=0.3, hspace=0.35)
+    for i, (key, title, log_y) in enumerate(panels):
+        ax = fig.add_subplot(2, 3, i + 1)
+        for label, rows in table.items():
+            points = [(r["epoch"], r[key]) for r in rows if r[key] is not None]
+            if points:
+                ax.plot(*zip(*points, strict=True), ".-", label=label)
+        _epoch_axis(ax)
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax = fig.add_subplot(2, 3, 6, projection="polar")
+    for label, rows in table.items():
+        points = [
+            (r["polar_angle"], r["polar_radius"]) for r in rows if r["polar_radius"] is not None
+        ]
+        if points:
+            ax.plot(*zip(*points, strict=True), ".-", label=label)
+    ax.set_thetamin(0)
+    ax.set_thetamax(90)
+    ax.set_title(
+        "polar view\nr = d(first, t) / d(first, last), angle = arccos(alignment)",
+        fontsize=9,
+        pad=14,
+    )
+    _save(fig, path)
+
+
+def plot_kernel_spectra(
+    spectra: dict[str, tuple[list[float], list[np.ndarray]]], path: str
+) -> None:
+    """Eigen-spectra of each run (one panel per run), coloured from early (light) to late."""
+    fig, axes = plt.subplots(1, len(spectra), figsize=(5.5 * len(spectra), 4.2), squeeze=False)
+    for ax, (label, (epochs, values)) in zip(axes[0], spectra.items(), strict=True):
+        colours = plt.cm.viridis(np.linspace(0.0, 0.9, len(epochs)))
+        for epoch, eigenvalues, colour in zip(epochs, values, colours, strict=True):
+            positive = eigenvalues[eigenvalues > 0]
+            ax.loglog(
+                np.arange(1, len(positive) + 1),
+                positive,
+                color=colour,
+                lw=1,
+                label=f"epoch {epoch:g}",
+            )
+        ax.set_xlabel("index")
+        ax.set_ylabel("eigenvalue")
+        ax.set_title(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    _save(fig, path)
+
+
+def plot_cka(result: dict, sides: list[str], path: str) -> None:
+    """Heatmaps of linear and debiased CKA: rows are side 0's layers, columns side 1's."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
+    fig.subplots_adjust(wspace=0.45)
+    for ax, estimator in zip(axes, ("linear", "debiased"), strict=True):
+        image = ax.imshow(
+            result[estimator], origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto"
+        )
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        ax.set_title(f"{estimator} CKA")
+        ax.set_yticks(range(len(result["layers0"])), result["layers0"], fontsize=6)
+        ax.set_xticks(range(len(result["layers1"])), result["layers1"], fontsize=6, rotation=90)
+        ax.set_ylabel(sides[0], fontsize=8)
+        ax.set_xlabel(sides[1], fontsize=8)
+    fig.suptitle(f"CKA on {result['n_images']} test images")
+    _save(fig, path)

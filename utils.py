@@ -6,6 +6,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
@@ -130,6 +131,15 @@ def checkpoint_name(epoch: float, linear: bool = False) -> str:
     """`parameters_checkpoint_{epoch}.pkl` or `parameters_checkpoint_linear_{epoch}.pkl`."""
     middle = "linear_" if linear else ""
     return f"parameters_checkpoint_{middle}{format_epoch(epoch)}.pkl"
+
+
+def epoch_from_name(path: str) -> float | None:
+    """The epoch in a checkpoint or kernel file name: parameters_checkpoint_0.125.pkl -> 0.125,
+    kernel_epoch_5_500.pkl -> 5.0 (after 'checkpoint', 'epoch' or 'ep'); None when absent."""
+    match = re.search(
+        r"(?:checkpoint|epoch|ep)_?(?:linear_)?(\d+(?:\.\d+)?)", os.path.basename(path)
+    )
+    return float(match.group(1)) if match else None
 
 
 def save_checkpoint(path: str, params: Any, lin_params: Any, net_state: Any) -> None:

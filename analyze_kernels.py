@@ -1,0 +1,157 @@
+"""Kernel evolution over checkpoints, for one or more runs side by side.
+
+Takes kernel pickles of calculate_kernel.py (paths or quoted globs). Kernels are grouped into
+runs by the run folder (the folder holding the checkpoint), the class index and the subset size;
+each kernel's epoch is read from the pickle ('epoch'), else from its checkpoint's or its own
+file name (e.g. --save_name kernel_epoch_5). For each run, ordered by epoch: the distance to the
+first and to the last kernel, the velocity between consecutive checkpoints, the centered
+kernel-target alignment, the share of spectral energy in the top 10 and top 20 eigenvalues, and
+the polar view (formulas in kernel_analysis.py). Writes into --out_dir:
+  kernel_evolution.csv / .json   one row per (run, epoch)
+  kernel_evolution.png           the quantities against epoch, runs side by side
+  kernel_spectra.png             eigen-spectra of each run, coloured by epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+
+from kernel_analysis import evolution, spectrum, target_matrix
+from plots import plot_kernel_evolution, plot_kernel_spectra
+from utils import Parser, UserError, add_shared_flags, epoch_from_name, load_pickle, run_main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(__doc__)
+    p.add_argument("kernels", nargs="+", help="kernel pickles: paths or quoted globs")
+    p.add_argument("--names", nargs="+", default=None, help="a label per run, in order")
+    p.add_argument("--out_dir", default="./kernel_analysis")
+    add_shared_flags(p)
+    return p.parse_args(argv)
+
+
+def expand(patterns: list[str]) -> list[str]:
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UserError(f"no kernel pickle matches {pattern!r}")
+        paths.extend(matches)
+    return list(dict.fromkeys(paths))
+
+
+def load_kernel(path: str, trust: bool) -> dict:
+    record = load_pickle(path, "kernel pickle", trust)
+    if not isinstance(record, dict) or not {"kernel", "labels"} <= set(record):
+        raise UserError(f"{path} is not a kernel pickle of calculate_kernel.py")
+    epoch = record.get("epoch")
+    if epoch is None:
+        epoch = epoch_from_name(record.get("model_path", "")) or epoch_from_name(path)
+    if epoch is None:
+        raise UserError(
+            f"cannot tell the epoch of {path}: compute it from a parameters_checkpoint_<epoch>.pkl "
+            "or name it with --save_name kernel_epoch_<epoch>"
+        )
+    model_path = record.get("model_path")
+    run_dir = os.path.dirname(model_path) if model_path else os.path.dirname(os.path.dirname(path))
+    kernel = np.asarray(record["kernel"], np.float64)
+    return {
+        "path": path,
+        "epoch": float(epoch),
+        "kernel": kernel,
+        "labels": np.asarray(record["labels"]),
+        "indices": record.get("indices"),
+        "class_index": int(record.get("class_index", -1)),
+        "run": (os.path.abspath(run_dir), int(record.get("class_index", -1)), len(kernel)),
+    }
+
+
+def group_runs(records: list[dict]) -> dict[tuple, list[dict]]:
+    runs: dict[tuple, list[dict]] = {}
+    for record in records:
+        runs.setdefault(record["run"], []).append(record)
+    for members in runs.values():
+        members.sort(key=lambda r: r["epoch"])
+        first = members[0]
+        for other in members[1:]:
+            same_images = (
+                first["indices"] is None
+                or other["indices"] is None
+                or np.array_equal(first["indices"], other["indices"])
+            )
+            if not same_images or not np.array_equal(first["labels"], other["labels"]):
+                raise UserError(
+                    f"{other['path']} and {first['path']} are kernels on different images; "
+                    "compute them with the same --dataset_size and --random_seed"
+                )
+            if other["epoch"] == first["epoch"]:
+                raise UserError(
+                    f"{other['path']} and {first['path']} are both epoch {first['epoch']:g}"
+                )
+    return runs
+
+
+def run_label(key: tuple, keys: list[tuple]) -> str:
+    run_dir, class_index, size = key
+    label = os.path.basename(run_dir)
+    if sum(1 for k in keys if k[0] == run_dir) > 1:
+        which = f"class {class_index}" if class_index >= 0 else "all logits"
+        label += f" ({which}, N={size})"
+    return label
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    records = [load_kernel(path, args.trust_pickle) for path in expand(args.kernels)]
+    runs = group_runs(records)
+    keys = list(runs)
+    if args.names and len(args.names) != len(keys):
+        raise UserError(f"--names gives {len(args.names)} labels for {len(keys)} runs")
+    labels = args.names or [run_label(key, keys) for key in keys]
+
+    table, spectra = {}, {}
+    for label, key in zip(labels, keys, strict=True):
+        members = runs[key]
+        n_classes = int(max(int(r["labels"].max()) for r in records)) + 1
+        target = target_matrix(members[0]["labels"], n_classes, members[0]["class_index"])
+        kernels = [r["kernel"] for r in members]
+        epochs = [r["epoch"] for r in members]
+        table[label] = evolution(kernels, epochs, target)
+        spectra[label] = (epochs, [spectrum(k) for k in kernels])
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    rows = [{"run": label, **row} for label, run_rows in table.items() for row in run_rows]
+    csv_path = os.path.join(args.out_dir, "kernel_evolution.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with open(os.path.join(args.out_dir, "kernel_evolution.json"), "w") as f:
+        json.dump(table, f, indent=2)
+    plot_kernel_evolution(table, os.path.join(args.out_dir, "kernel_evolution.png"))
+    plot_kernel_spectra(spectra, os.path.join(args.out_dir, "kernel_spectra.png"))
+    for label, run_rows in table.items():
+        print(
+            f"{label}: {len(run_rows)} kernels, "
+            f"epochs {run_rows[0]['epoch']:g}..{run_rows[-1]['epoch']:g}"
+        )
+        print("  epoch  dist_first  dist_last  velocity   alignment  top10")
+        for row in run_rows:
+            velocity = "-" if row["velocity"] is None else f"{row['velocity']:.4f}"
+            print(
+                f"  {row['epoch']:>5g}  {row['distance_to_first']:10.4f}  "
+                f"{row['distance_to_last']:9.4f}  {velocity:>9}  {row['alignment']:9.4f}  "
+                f"{row['energy_top10']:.4f}"
+            )
+    print(f"wrote {csv_path}, kernel_evolution.json and two PNGs into {args.out_dir}")
+    return table
+
+
+if __name__ == "__main__":
+    run_main(main)
