@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint format clean-venv
+.PHONY: demo test reproduce lint format clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(VENV)/.installed: requirements.txt
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo.py
+
+reproduce: $(VENV)/.installed
+	$(PY) scripts/reproduce.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
