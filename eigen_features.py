@@ -20,8 +20,7 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from attacks import EVAL_PGD_STEPS
-from data import DATASETS, load_dataset
+from data import load_dataset
 from kernel_regression import (
     add_kernel_flags,
     component_factors,
@@ -35,9 +34,7 @@ from utils import (
     Parser,
     UserError,
     add_shared_flags,
-    finite_float,
     non_negative_int,
-    positive_int,
     run_main,
 )
 
@@ -57,12 +54,7 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(__doc__)
     add_kernel_flags(p)
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
     p.add_argument("--classes", type=int, nargs="+", default=None, help="restrict to classes")
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
-    p.add_argument("--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS)
-    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
     p.add_argument("--components", type=non_negative_int, default=10, help="top components")
     p.add_argument("--top_k", type=int_list, default=[1, 2, 5, 10, 20, 50, 100, 200, 500])
     p.add_argument("--no_adv", action="store_true", help="clean accuracy only")

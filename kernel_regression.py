@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from attacks import EVAL_PGD_STEPS, pgd
-from data import Dataset, class_balanced_subset, padded_batches
+from data import DATASETS, Dataset, class_balanced_subset, padded_batches
 from evaluation import TEST_BATCH
 from models import MODELS, get_model, init_model
 from ntk import empirical_ntk, kernel_features, kernel_times
@@ -181,7 +181,13 @@ def empirical_support_kernel(
 
 
 def add_kernel_flags(p: argparse.ArgumentParser) -> None:
-    """Flags that choose the kernel and the support set (ntk_attack.py, eigen_features.py)."""
+    """Flags of the kernel-predictor scripts (ntk_attack.py, eigen_features.py): the kernel, the
+    support set, the test images and the attack."""
+    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
+    p.add_argument("--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS)
+    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
     p.add_argument("--kernel", default="empirical", choices=KERNELS)
     p.add_argument("--model_path", default="", help="checkpoint; empty: the network at init")
     p.add_argument("--use_linear_params", action="store_true", help="kernel at lin_params (w)")

@@ -20,8 +20,7 @@ import os
 import jax
 import numpy as np
 
-from attacks import EVAL_PGD_STEPS
-from data import DATASETS, load_dataset
+from data import load_dataset
 from kernel_regression import (
     add_kernel_flags,
     evaluate_predictor,
@@ -30,7 +29,7 @@ from kernel_regression import (
     support_kernel_from_args,
 )
 from plots import plot_image_grid
-from utils import Parser, add_shared_flags, finite_float, positive_int, run_main, save_pickle
+from utils import Parser, add_shared_flags, run_main, save_pickle
 
 N_SHOWN = 8
 
@@ -38,11 +37,6 @@ N_SHOWN = 8
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(__doc__)
     add_kernel_flags(p)
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
-    p.add_argument("--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS)
-    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
     p.add_argument("--save_dir", default="./ntk_attack")
     p.add_argument("--save_name", default="ntk")
     add_shared_flags(p)
