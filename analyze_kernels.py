@@ -115,10 +115,10 @@ def main(argv=None) -> dict:
         raise UserError(f"--names gives {len(args.names)} labels for {len(keys)} runs")
     labels = args.names or [run_label(key, keys) for key in keys]
 
+    n_classes = int(max(int(r["labels"].max()) for r in records)) + 1
     table, spectra = {}, {}
     for label, key in zip(labels, keys, strict=True):
         members = runs[key]
-        n_classes = int(max(int(r["labels"].max()) for r in records)) + 1
         target = target_matrix(members[0]["labels"], n_classes, members[0]["class_index"])
         kernels = [r["kernel"] for r in members]
         epochs = [r["epoch"] for r in members]

@@ -25,7 +25,8 @@ def kernel_distance(k1: np.ndarray, k2: np.ndarray) -> float:
     return max(0.0, 1.0 - inner / (np.linalg.norm(k1) * np.linalg.norm(k2)))
 
 
-def _center(matrix: np.ndarray) -> np.ndarray:
+def center(matrix: np.ndarray) -> np.ndarray:
+    """H M H with H = I - 11^T / N, without forming H."""
     return (
         matrix
         - matrix.mean(axis=0, keepdims=True)
@@ -45,7 +46,7 @@ def target_matrix(labels: np.ndarray, n_classes: int, class_index: int = -1) -> 
 
 def centered_alignment(kernel: np.ndarray, target: np.ndarray) -> float:
     """<HKH, HLH>_F / (|HKH|_F |HLH|_F) for a target matrix L."""
-    kc, lc = _center(kernel), _center(target)
+    kc, lc = center(kernel), center(target)
     return float(np.sum(kc * lc) / (np.linalg.norm(kc) * np.linalg.norm(lc)))
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernel_regression import regression_coefficients
 from ntk import kernel_features
 
 FEATURE_STEPS = 600
@@ -32,9 +33,8 @@ def top_eigenvectors(kernel: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray
 def regression_weights(kernel: np.ndarray, labels: np.ndarray, class_index: int) -> np.ndarray:
     """K^-1 y_c for the one-hot target of class c, with a ridge of 1e-6 * mean(diag K) so that a
     singular kernel still gives an answer."""
-    target = (labels == class_index).astype(np.float64)
-    ridge = 1e-6 * np.mean(np.diag(kernel))
-    return np.linalg.solve(kernel + ridge * np.eye(len(kernel)), target)
+    target = (labels == class_index).astype(np.float64)[:, None]
+    return regression_coefficients(kernel, target, 1e-6)[:, 0]
 
 
 def parameter_features(

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from data import padded_batches
+from kernel_analysis import center
 from models import ReLU
 
 ESTIMATORS = ("linear", "debiased")
@@ -34,9 +35,7 @@ def gram(features: np.ndarray) -> np.ndarray:
 
 def hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741 (the paper's name)
     """Biased HSIC: tr(K H L H) / (n - 1)^2."""
-    n = len(k)
-    h = np.eye(n) - 1.0 / n
-    return float(np.sum((h @ k @ h) * l) / (n - 1) ** 2)
+    return float(np.sum(center(k) * l) / (len(k) - 1) ** 2)
 
 
 def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
@@ -53,17 +52,30 @@ def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
     return float((trace + total - cross) / (n * (n - 3)))
 
 
+def _normalised(cross: float, self_k: float, self_l: float) -> float:
+    denominator = np.sqrt(self_k * self_l)
+    return float(cross / denominator) if denominator > 0 else float("nan")
+
+
 def cka(k: np.ndarray, l: np.ndarray, estimator: str = "linear") -> float:  # noqa: E741
     """CKA between two Gram matrices of the same inputs ('linear': biased HSIC, 'debiased':
     unbiased HSIC)."""
     measure = hsic if estimator == "linear" else unbiased_hsic
-    denominator = np.sqrt(measure(k, k) * measure(l, l))
-    return float(measure(k, l) / denominator) if denominator > 0 else float("nan")
+    return _normalised(measure(k, l), measure(k, k), measure(l, l))
 
 
 def cka_matrix(grams0: list[np.ndarray], grams1: list[np.ndarray], estimator: str) -> np.ndarray:
-    """CKA between every layer of side 0 (rows) and every layer of side 1 (columns)."""
-    return np.array([[cka(k, l, estimator) for l in grams1] for k in grams0])  # noqa: E741
+    """CKA between every layer of side 0 (rows) and every layer of side 1 (columns); each
+    layer's HSIC with itself is computed once."""
+    measure = hsic if estimator == "linear" else unbiased_hsic
+    self0 = [measure(k, k) for k in grams0]
+    self1 = self0 if grams1 is grams0 else [measure(l, l) for l in grams1]  # noqa: E741
+    return np.array(
+        [
+            [_normalised(measure(k, l), sk, sl) for l, sl in zip(grams1, self1, strict=True)]  # noqa: E741
+            for k, sk in zip(grams0, self0, strict=True)
+        ]
+    )
 
 
 def make_layer_fn(model: hk.TransformedWithState) -> tuple[Callable, list[str]]:
