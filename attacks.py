@@ -1,10 +1,13 @@
 """Projected gradient descent (PGD) attacks, L-inf and L2, sharing one loop.
 
-Each step ascends the summed cross-entropy of `logits_fn`:
+Each step ascends a loss of `logits_fn` summed over the batch, the cross-entropy (`loss="ce"`)
+or the Carlini-Wagner margin max_{j != y} z_j - z_y (`loss="margin"`, which does not saturate
+when the softmax does):
     L-inf: x <- Proj(x + step * sign(grad)),   ball {|x - x0|_inf <= eps}
     L2:    x <- Proj(x + step * grad / |grad|_2), ball {|x - x0|_2 <= eps} (per example)
 then clips to the image range [0, 1]. The start is random in the ball. The whole loop runs
-inside one `lax.fori_loop`, so it compiles into the caller's jitted function.
+inside one `lax.fori_loop`, so it compiles into the caller's jitted function. With random
+restarts (`pgd_restarts`) an example counts as robust only if every restart fails.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 NORMS = ("linf", "l2")
+LOSSES = ("ce", "margin")
 
 # SPEC: training uses 20-step L-inf PGD with step 2*eps/20; evaluation 100 steps, 2*eps/100;
 # L2 evaluation eps 0.25, step 0.01, 100 steps.
@@ -54,6 +58,14 @@ def _random_start(key: jax.Array, shape: tuple[int, ...], eps: float, norm: str)
     return direction * radius * eps
 
 
+def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
+    """max_{j != y} z_j - z_y per example: positive exactly when the example is misclassified
+    (ties aside)."""
+    true = jnp.take_along_axis(logits, y[:, None], axis=1)[:, 0]
+    others = jnp.where(jax.nn.one_hot(y, logits.shape[1], dtype=bool), -jnp.inf, logits)
+    return jnp.max(others, axis=1) - true
+
+
 def pgd(
     logits_fn: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -64,22 +76,56 @@ def pgd(
     step_size: float,
     n_steps: int,
     norm: str = "linf",
+    loss: str = "ce",
 ) -> jax.Array:
     """Adversarial examples for images x (N, H, W, C) in [0, 1] with labels y (N,), within the
     `norm` eps-ball around x and within [0, 1]."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}")
+    per_example = optax.softmax_cross_entropy_with_integer_labels if loss == "ce" else margin
 
-    def loss(x_adv):
-        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_fn(x_adv), y))
+    def objective(x_adv):
+        return jnp.sum(per_example(logits_fn(x_adv), y))
 
     def step(_, x_adv):
-        grad = jax.grad(loss)(x_adv)
+        grad = jax.grad(objective)(x_adv)
         x_adv = x_adv + step_size * _ascent_direction(grad, norm)
         return jnp.clip(x + project(x_adv - x, eps, norm), 0.0, 1.0)
 
     x_start = jnp.clip(x + _random_start(key, x.shape, eps, norm), 0.0, 1.0)
     return jax.lax.fori_loop(0, n_steps, step, x_start)
+
+
+def pgd_restarts(
+    logits_fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    *,
+    restarts: int = 1,
+    **pgd_kwargs,
+) -> jax.Array:
+    """`pgd` from `restarts` random starts (restart 0 uses `key`, restart r > 0 uses
+    fold_in(key, r)); per example, the first restart's output that `logits_fn` misclassifies,
+    else the last restart's. So an example stays correct only if every restart fails, and
+    restarts=1 is `pgd` itself."""
+    if restarts < 1:
+        raise ValueError(f"restarts must be at least 1, got {restarts}")
+    x_adv = pgd(logits_fn, x, y, key, **pgd_kwargs)
+    if restarts == 1:
+        return x_adv
+    expand = (-1,) + (1,) * (x.ndim - 1)
+
+    def restart(r, carry):
+        best, fooled = carry
+        candidate = pgd(logits_fn, x, y, jax.random.fold_in(key, r), **pgd_kwargs)
+        best = jnp.where(fooled.reshape(expand), best, candidate)
+        return best, fooled | (jnp.argmax(logits_fn(best), -1) != y)
+
+    fooled = jnp.argmax(logits_fn(x_adv), -1) != y
+    return jax.lax.fori_loop(1, restarts, restart, (x_adv, fooled))[0]
 
 
 def pgd_linf_train(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float):

@@ -4,7 +4,14 @@ optionally save its L-inf PGD adversarial examples.
 Writes into dirname(model_path)/<bonus_dir>/:
   test_results_<save_name>.pkl  {acc_clean, acc_dirty, predictions_clean, predictions_dirty,
                                  components_clean, components_dirty}  (components: {'f', 'df'})
+                                 plus acc_margin, acc_transfer, acc_worst, restarts (added)
   adv_examples_<save_name>.pkl  {images: (N, C, H, W) in [0, 1], labels: (N,)}  (--save_examples)
+
+"dirty" is L-inf PGD on the cross-entropy. Added for an honest robustness figure: --margin
+(the same PGD on the Carlini-Wagner margin loss), --restarts (random restarts of each attack; an
+example is robust only if every restart fails), --transfer_path (another model's adversarial
+examples of the same test images), and acc_worst: correct on the clean image and under every
+attack run.
 """
 
 from __future__ import annotations
@@ -16,9 +23,19 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from data import DATASETS, load_dataset, padded_batches
+from data import DATASETS, load_dataset, load_examples, padded_batches
 from dynamics import Dynamics
-from evaluation import TEST_BATCH, attack_settings, make_attack_fn, make_components_fn
+from evaluation import (
+    TEST_BATCH,
+    Tally,
+    add_robustness_flags,
+    attack_key,
+    attack_settings,
+    hits,
+    load_transfer,
+    make_attack_fn,
+    make_components_fn,
+)
 from models import MODELS, get_model, init_model
 from utils import (
     Parser,
@@ -26,7 +43,6 @@ from utils import (
     add_shared_flags,
     finite_float,
     load_checkpoint,
-    load_pickle,
     positive_int,
     run_main,
     save_pickle,
@@ -53,28 +69,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # added
     add_shared_flags(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
+    add_robustness_flags(p)
     return p.parse_args(argv)
-
-
-def load_examples(
-    path: str, image_shape: tuple[int, ...], trust: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images (NHWC) and labels of an adv_examples pickle, checked against the dataset."""
-    examples = load_pickle(path, "--test_path file", trust=trust)
-    if not isinstance(examples, dict) or not {"images", "labels"} <= set(examples):
-        raise UserError(f"{path} is not an adv_examples pickle (expected keys images, labels)")
-    images = np.asarray(examples["images"], np.float32)
-    labels = np.asarray(examples["labels"]).astype(np.int32)
-    h, w, c = image_shape
-    if images.ndim != 4 or images.shape[1:] != (c, h, w):
-        raise UserError(
-            f"{path}: images have shape {images.shape}, expected (N, {c}, {h}, {w}) for the dataset"
-        )
-    if labels.shape != (len(images),):
-        raise UserError(f"{path}: {labels.shape} labels for {len(images)} images")
-    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
-        raise UserError(f"{path}: image values must lie in [0, 1]")
-    return images.transpose(0, 2, 3, 1), labels
 
 
 def main(argv=None) -> dict:
@@ -94,13 +90,30 @@ def main(argv=None) -> dict:
     if np.any((y < 0) | (y >= ds.n_classes)):
         raise UserError(f"labels must lie in 0..{ds.n_classes - 1} for {args.dataset}")
 
+    transfer = None
+    if args.transfer_path:
+        transfer = load_transfer(args.transfer_path, x, y, ds.image_shape, args.trust_pickle)
+
     dynamics = Dynamics(linear=args.linear, centering=args.centering)
     components_fn = make_components_fn(model, dynamics)
-    attack_fn = make_attack_fn(model, dynamics, **attack_settings(args.eps / 255.0)["linf"])
+    settings = attack_settings(args.eps / 255.0)
+    attacks = {} if args.no_adv else {"dirty": "linf"}
+    if args.margin and not args.no_adv:
+        attacks["margin"] = "margin"
+    attack_fns = {
+        name: make_attack_fn(model, dynamics, args.restarts, **settings[kind])
+        for name, kind in attacks.items()
+    }
     key = jax.random.PRNGKey(args.random_seed)
+
+    def logits_of(f, df):
+        return df if args.centering else f + df
 
     outputs = {"clean": [], "dirty": []}
     adv_images = []
+    tally = Tally()
+    if transfer is not None:
+        transfer_batches = padded_batches(transfer, y, TEST_BATCH)
     bar = tqdm(
         padded_batches(x, y, TEST_BATCH),
         total=-(-len(x) // TEST_BATCH),
@@ -109,12 +122,19 @@ def main(argv=None) -> dict:
     )
     for i, (xb, yb, n_real) in enumerate(bar):
         inputs = {"clean": xb}
-        if not args.no_adv:
-            inputs["dirty"] = attack_fn(w, theta_t, net_state, xb, yb, jax.random.fold_in(key, i))
+        for j, (name, attack_fn) in enumerate(attack_fns.items()):
+            inputs[name] = attack_fn(w, theta_t, net_state, xb, yb, attack_key(key, i, j))
+        if "dirty" in inputs:
             adv_images.append(np.asarray(inputs["dirty"])[:n_real])
+        if transfer is not None:
+            inputs["transfer"] = next(transfer_batches)[0]
+        batch_hits = {}
         for name, x_in in inputs.items():
             f, df = jax.device_get(components_fn(w, theta_t, net_state, x_in))
-            outputs[name].append((f[:n_real], df[:n_real]))
+            if name in outputs:
+                outputs[name].append((f[:n_real], df[:n_real]))
+            batch_hits[name] = hits(logits_of(f, df), yb, n_real)
+        tally.add(batch_hits)
 
     results = {}
     for name in ("clean", "dirty"):
@@ -124,18 +144,28 @@ def main(argv=None) -> dict:
             continue
         f = np.concatenate([o[0] for o in outputs[name]])
         df = np.concatenate([o[1] for o in outputs[name]])
-        logits = df if args.centering else f + df
+        logits = logits_of(f, df)
         results[f"acc_{name}"] = float(np.mean(np.argmax(logits, -1) == y))
         results[f"predictions_{name}"] = logits
         results[f"components_{name}"] = {"f": f, "df": df}
+    accuracies = tally.accuracies()
+    for name in ("margin", "transfer", "worst"):
+        results[f"acc_{name}"] = accuracies.get(name)
+    results["restarts"] = args.restarts
 
     out_dir = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
     save_pickle(results, results_path)
-    print(f"clean accuracy {results['acc_clean']:.4f}", end="")
-    if results["acc_dirty"] is not None:
-        print(f", PGD-Linf (eps {args.eps:g}/255) accuracy {results['acc_dirty']:.4f}", end="")
-    print(f" on {len(x)} images\nwrote {results_path}")
+    restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
+    labels = {
+        "acc_clean": "clean accuracy",
+        "acc_dirty": f"PGD-Linf (eps {args.eps:g}/255{restarts}) accuracy",
+        "acc_margin": "PGD-margin accuracy",
+        "acc_transfer": "transfer accuracy",
+        "acc_worst": "worst case over all",
+    }
+    shown = [f"{text} {results[k]:.4f}" for k, text in labels.items() if results[k] is not None]
+    print(", ".join(shown) + f" on {len(x)} images\nwrote {results_path}")
     if args.save_examples and adv_images:
         examples_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
         images = np.concatenate(adv_images).transpose(0, 3, 1, 2)

@@ -1,6 +1,10 @@
 """Evaluation: clean accuracy and accuracy under the evaluation attacks (SPEC):
 L-inf PGD, 100 steps of 2*eps/100, random start; L2 PGD, eps 0.25, 100 steps of 0.01.
 BatchNorm runs in inference mode. Test batches of 100.
+
+Added: `margin`, the L-inf PGD above on the Carlini-Wagner margin loss instead of the
+cross-entropy; random restarts for every attack; and the worst case, the fraction of examples
+classified correctly on the clean image and under every attack.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from attacks import EVAL_PGD_STEPS, L2_EPS, L2_STEP, pgd
-from data import padded_batches
+from attacks import EVAL_PGD_STEPS, L2_EPS, L2_STEP, pgd_restarts
+from data import load_examples, padded_batches
 from dynamics import Dynamics, components, forward
+from utils import UserError, positive_int
 
 TEST_BATCH = 100
 
@@ -30,18 +35,89 @@ def attack_settings(eps_linf: float) -> dict[str, dict]:
             "n_steps": EVAL_PGD_STEPS,
         },
         "l2": {"norm": "l2", "eps": L2_EPS, "step_size": L2_STEP, "n_steps": EVAL_PGD_STEPS},
+        "margin": {
+            "norm": "linf",
+            "eps": eps_linf,
+            "step_size": 2 * eps_linf / EVAL_PGD_STEPS,
+            "n_steps": EVAL_PGD_STEPS,
+            "loss": "margin",
+        },
     }
 
 
-def make_attack_fn(model: hk.TransformedWithState, dynamics: Dynamics, **pgd_kwargs) -> Callable:
-    """Jitted attack(w, theta_t, net_state, x, y, key) -> adversarial x."""
+def add_robustness_flags(p) -> None:
+    """Flags of the honest robustness evaluation (eval_and_make_adv.py, ntk_attack.py)."""
+    p.add_argument("--margin", action="store_true", help="also PGD on the margin (CW) loss")
+    p.add_argument("--restarts", type=positive_int, default=1, help="random restarts per attack")
+    p.add_argument(
+        "--transfer_path",
+        default="",
+        help="adv_examples pickle of the same test images (another model's) to transfer",
+    )
+
+
+def attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
+    """The key of attack number `attack` on test batch `batch`: the first attack keeps the
+    original's fold_in(key, batch), so adding attacks leaves its figure unchanged."""
+    batch_key = jax.random.fold_in(key, batch)
+    return jax.random.fold_in(batch_key, attack) if attack else batch_key
+
+
+def load_transfer(path: str, x: np.ndarray, y: np.ndarray, image_shape, trust: bool) -> np.ndarray:
+    """Another model's adversarial examples of the test images x (same order and labels)."""
+    images, labels = load_examples(path, image_shape, trust)
+    if len(images) != len(x):
+        raise UserError(
+            f"--transfer_path {path} has {len(images)} examples for {len(x)} test images; "
+            f"pass --n_test {len(images)}"
+        )
+    if not np.array_equal(labels, y):
+        raise UserError(f"--transfer_path {path} was not made from these test images (labels)")
+    distance = float(np.max(np.abs(images - x))) * 255
+    print(f"transfer examples: largest L-inf distance to the test images {distance:.2f}/255")
+    return images
+
+
+def hits(logits: jax.Array, y: np.ndarray, n_real: int) -> np.ndarray:
+    """Boolean (n_real,): argmax of the logits equals the label, padding rows dropped."""
+    return np.asarray(jnp.argmax(logits, -1) == y)[:n_real]
+
+
+class Tally:
+    """Correct counts per input kind over batches, plus `worst`: examples correct on every
+    kind at once (clean and each attack)."""
+
+    def __init__(self):
+        self.correct: dict[str, int] = {}
+        self.worst = 0
+        self.total = 0
+
+    def add(self, hits: dict[str, np.ndarray]) -> None:
+        """One batch: a boolean array (n,) of correct predictions per kind, real rows only."""
+        for name, h in hits.items():
+            self.correct[name] = self.correct.get(name, 0) + int(np.sum(h))
+        self.worst += int(np.sum(np.logical_and.reduce(list(hits.values()))))
+        self.total += len(next(iter(hits.values())))
+
+    def accuracies(self) -> dict[str, float]:
+        """Accuracy per kind, and 'worst' when there was more than one kind."""
+        result = {name: count / self.total for name, count in self.correct.items()}
+        if len(self.correct) > 1:
+            result["worst"] = self.worst / self.total
+        return result
+
+
+def make_attack_fn(
+    model: hk.TransformedWithState, dynamics: Dynamics, restarts: int = 1, **pgd_kwargs
+) -> Callable:
+    """Jitted attack(w, theta_t, net_state, x, y, key) -> adversarial x (attacks.pgd_restarts)."""
     dynamics = dynamics._replace(bn_train=False)
 
     def attack(w, theta_t, net_state, x, y, key):
         def logits_fn(x_in):
             return forward(model, dynamics, w, theta_t, net_state, x_in)[0]
 
-        return pgd(logits_fn, x, y, key, **pgd_kwargs)
+        return pgd_restarts(logits_fn, x, y, key, restarts=restarts, **pgd_kwargs)
 
     return jax.jit(attack)
 
@@ -74,13 +150,17 @@ def evaluate(
     *,
     eps_linf: float,
     attacks: tuple[str, ...] = ("linf", "l2"),
+    restarts: int = 1,
     description: str = "evaluate",
 ) -> dict[str, float]:
-    """Accuracy (fraction) on clean images and under each attack in `attacks`."""
+    """Accuracy (fraction) on clean images and under each attack in `attacks` (names of
+    attack_settings), and 'worst' (correct on clean and under every attack) when attacking."""
     logits_fn = make_logits_fn(model, dynamics)
     settings = attack_settings(eps_linf)
-    attack_fns = {name: make_attack_fn(model, dynamics, **settings[name]) for name in attacks}
-    correct = {name: 0 for name in ("clean", *attacks)}
+    attack_fns = {
+        name: make_attack_fn(model, dynamics, restarts, **settings[name]) for name in attacks
+    }
+    tally = Tally()
     n_batches = -(-len(x) // TEST_BATCH)
     bar = tqdm(
         padded_batches(x, y, TEST_BATCH),
@@ -96,8 +176,7 @@ def evaluate(
             inputs[name] = attack_fn(
                 w, theta_t, net_state, xb, yb, jax.random.fold_in(batch_key, j)
             )
-        for name, x_in in inputs.items():
-            hits = jnp.argmax(logits_fn(w, theta_t, net_state, x_in), -1) == yb
-            correct[name] += int(np.sum(np.asarray(hits)[:n_real]))
+        predictions = {name: logits_fn(w, theta_t, net_state, z) for name, z in inputs.items()}
+        tally.add({name: hits(p, yb, n_real) for name, p in predictions.items()})
     bar.close()
-    return {name: count / len(x) for name, count in correct.items()}
+    return tally.accuracies()

@@ -29,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from attacks import EVAL_PGD_STEPS, pgd
-from data import DATASETS, Dataset, class_balanced_subset, padded_batches
-from evaluation import TEST_BATCH
+from attacks import EVAL_PGD_STEPS, pgd_restarts
+from data import DATASETS, Dataset, class_balanced_subset, load_examples, padded_batches
+from evaluation import TEST_BATCH, Tally, attack_key, hits
 from models import MODELS, get_model, init_model
-from ntk import empirical_ntk, kernel_features, kernel_times
+from ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
 from utils import UserError, finite_float, load_checkpoint, load_pickle, positive_int
 
 KERNELS = ("empirical", "relu_ntk")
@@ -59,9 +59,11 @@ def relu_ntk(
         Sigma'_d = w_std^2 (pi - t) / (2 pi)                    (derivative of the ReLU)
         Theta'   = Sigma' + Sigma'_d Theta
 
-    Inputs are flattened per example. Differentiable in both arguments."""
-    a = jnp.reshape(x1, (x1.shape[0], -1)).astype(jnp.float32)
-    b = jnp.reshape(x2, (x2.shape[0], -1)).astype(jnp.float32)
+    Inputs are flattened per example; float32, or float64 for float64 inputs with x64 enabled.
+    Differentiable in both arguments."""
+    dtype = jnp.promote_types(jnp.result_type(x1, x2), jnp.float32)
+    a = jnp.reshape(x1, (x1.shape[0], -1)).astype(dtype)
+    b = jnp.reshape(x2, (x2.shape[0], -1)).astype(dtype)
     dim = a.shape[1]
     cross = w_std**2 * (a @ b.T) / dim + b_std**2
     diag1 = w_std**2 * jnp.sum(a * a, axis=1) / dim + b_std**2
@@ -94,6 +96,35 @@ def regression_coefficients(kernel: np.ndarray, targets: np.ndarray, ridge: floa
     """A = (K + r I)^-1 Y (N, C), so that F(z) = K(z, X) A."""
     r = ridge_value(kernel, ridge)
     return np.linalg.solve(kernel + r * np.eye(len(kernel)), targets)
+
+
+def kernel_predictor(
+    kernel_fn: Callable, support: jax.Array, targets: jax.Array, ridge: float
+) -> Callable[[jax.Array], jax.Array]:
+    """z -> F(z) = k(z, X) (k(X, X) + r I)^-1 Y in JAX (r as in ridge_value), differentiable in
+    the support images X as well as in z: robustify_dataset.py optimises X through it. The
+    solve happens once, here."""
+    gram = kernel_fn(support, support)
+    r = ridge * jnp.mean(jnp.diag(gram))
+    coefficients = jnp.linalg.solve(gram + r * jnp.eye(len(gram), dtype=gram.dtype), targets)
+    return lambda z: kernel_fn(z, support) @ coefficients
+
+
+def jacobian_kernel_fn(model, params, net_state, class_index: int) -> Callable:
+    """k(x1, x2), the empirical NTK of ntk.py from explicit per-example Jacobians (n, K, P):
+    differentiable in the images (second order), memory O((n1 + n2) K P); for small networks
+    and support sets, where the kernel itself has to be differentiated."""
+    jacobian_fn = make_jacobian_fn(model, class_index)
+
+    def flat(x):
+        leaves = jax.tree.leaves(jacobian_fn(params, net_state, x))
+        return jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], axis=2)
+
+    def kernel_fn(x1, x2):
+        j1, j2 = flat(x1), flat(x2)
+        return jnp.einsum("ikp,jkp->ij", j1, j2) / j1.shape[1]
+
+    return kernel_fn
 
 
 class Eigen(NamedTuple):
@@ -192,6 +223,11 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_path", default="", help="checkpoint; empty: the network at init")
     p.add_argument("--use_linear_params", action="store_true", help="kernel at lin_params (w)")
     p.add_argument("--kernel_path", default="", help="reuse calculate_kernel.py's K(X, X)")
+    p.add_argument(
+        "--support_path",
+        default="",
+        help="support set from an adv_examples pickle (e.g. robustify_dataset.py's output)",
+    )
     p.add_argument("--model", default="resnet18", choices=MODELS)
     p.add_argument("--dataset_size", type=positive_int, default=500, help="support set size")
     p.add_argument("--class_index", type=int, default=-1, help="logit c, or -1: average")
@@ -205,7 +241,13 @@ def support_kernel_from_args(args: argparse.Namespace, ds: Dataset) -> SupportKe
     """The support set (class-balanced training subset drawn with --random_seed, or the images
     of --kernel_path) and its kernel, as the flags of add_kernel_flags say."""
     stored = None
-    if args.kernel_path:
+    if args.kernel_path and args.support_path:
+        raise UserError("pass --kernel_path or --support_path, not both")
+    if args.support_path:
+        images, labels = load_examples(args.support_path, ds.image_shape, args.trust_pickle)
+        saved = load_pickle(args.support_path, "--support_path file", args.trust_pickle)
+        indices = np.asarray(saved.get("indices", np.arange(len(images))))
+    elif args.kernel_path:
         stored = load_pickle(args.kernel_path, "kernel pickle", args.trust_pickle)
         if not isinstance(stored, dict) or "indices" not in stored:
             raise UserError(
@@ -223,15 +265,38 @@ def support_kernel_from_args(args: argparse.Namespace, ds: Dataset) -> SupportKe
         indices = class_balanced_subset(
             ds.y_train, args.dataset_size, ds.n_classes, args.random_seed
         )
+    if not args.support_path:
+        images, labels = ds.x_train[indices], ds.y_train[indices]
     stored_kernel = None if stored is None else np.asarray(stored["kernel"], np.float64)
     classes = getattr(args, "classes", None)
     if classes:
-        keep = np.flatnonzero(np.isin(ds.y_train[indices], classes))
-        indices = indices[keep]
+        keep = np.flatnonzero(np.isin(labels, classes))
+        indices, images, labels = indices[keep], images[keep], labels[keep]
         stored_kernel = None if stored is None else stored_kernel[np.ix_(keep, keep)]
-    images, labels = ds.x_train[indices], ds.y_train[indices]
+    return kernel_from_args(args, ds).support(images, labels, indices, stored_kernel)
+
+
+class KernelChoice(NamedTuple):
+    """The kernel the flags name: `kernel_fn(x1, x2)` (jax, differentiable in both image sets)
+    and `support(images, labels, indices, kernel=None)` -> SupportKernel on those images."""
+
+    kernel_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    support: Callable[..., SupportKernel]
+    description: str
+
+
+def kernel_from_args(args: argparse.Namespace, ds: Dataset) -> KernelChoice:
+    """--kernel relu_ntk (--relu_depth) or empirical (--model at --model_path, or at
+    initialisation with --random_seed; --class_index; --use_linear_params)."""
     if args.kernel == "relu_ntk":
-        return relu_support_kernel(images, labels, indices, args.relu_depth)
+
+        def relu_support(images, labels, indices, kernel=None):
+            return relu_support_kernel(images, labels, indices, args.relu_depth)
+
+        kernel_fn = functools.partial(relu_ntk, depth=args.relu_depth)
+        return KernelChoice(
+            kernel_fn, relu_support, f"infinite-width ReLU MLP NTK, depth {args.relu_depth}"
+        )
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {ds.name}: use -1 or "
@@ -247,24 +312,21 @@ def support_kernel_from_args(args: argparse.Namespace, ds: Dataset) -> SupportKe
         (params, net_state), where = like, f"initialisation (seed {args.random_seed})"
     which = f"logit {args.class_index}" if args.class_index >= 0 else "averaged over logits"
     description = f"empirical NTK of {args.model} at {where}, {which}"
-    return empirical_support_kernel(
-        model,
-        params,
-        net_state,
-        images,
-        labels,
-        indices,
-        args.class_index,
-        stored_kernel,
-        description,
-    )
+
+    def empirical_support(images, labels, indices, kernel=None):
+        return empirical_support_kernel(
+            model, params, net_state, images, labels, indices, args.class_index, kernel, description
+        )
+
+    kernel_fn = jacobian_kernel_fn(model, params, net_state, args.class_index)
+    return KernelChoice(kernel_fn, empirical_support, description)
 
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(apply: Callable, n_steps: int) -> tuple[Callable, Callable]:
+def _jitted(apply: Callable, n_steps: int, loss: str, restarts: int) -> tuple[Callable, Callable]:
     """predict(operand, P, z) = apply(z, operand) P and the PGD-Linf attack on it, jitted once
     per kernel (new coefficient shapes retrace, new values do not)."""
 
@@ -272,14 +334,16 @@ def _jitted(apply: Callable, n_steps: int) -> tuple[Callable, Callable]:
         return apply(z, operand) @ projection
 
     def attack(operand, projection, x, y, key, eps):
-        return pgd(
+        return pgd_restarts(
             lambda z: predict(operand, projection, z),
             x,
             y,
             key,
+            restarts=restarts,
             eps=eps,
             step_size=2 * eps / n_steps,
             n_steps=n_steps,
+            loss=loss,
         )
 
     return jax.jit(predict), jax.jit(attack)
@@ -295,29 +359,41 @@ def evaluate_predictor(
     *,
     eps_linf: float,
     n_steps: int = EVAL_PGD_STEPS,
-    attack: bool = True,
+    attacks: tuple[str, ...] = ("linf",),
+    restarts: int = 1,
+    transfer: np.ndarray | None = None,
     description: str = "kernel predictor",
 ) -> tuple[dict[str, float], np.ndarray | None]:
-    """Accuracy of z -> K(z, X) B P on (x, y), clean and (attack=True) under L-inf PGD against
-    this predictor itself (cross-entropy of its outputs, `n_steps` steps of 2 eps / n_steps,
-    random start); returns the accuracies and the adversarial images (or None)."""
+    """Accuracy of z -> K(z, X) B P on (x, y): clean, under each attack in `attacks` against
+    this predictor itself (`linf`: PGD-Linf on the cross-entropy of its outputs; `margin`: on
+    the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts), on
+    `transfer` (adversarial images of x made elsewhere), and 'worst' (correct on all of them)
+    when there is more than one. Returns the accuracies and the first attack's adversarial
+    images (None without attacks)."""
     apply, operand = support.operator(coefficients)
-    predict, attack_fn = _jitted(apply, n_steps)
     projection = jnp.asarray(projection, jnp.float32)
-    correct = {"clean": 0, "linf": 0} if attack else {"clean": 0}
+    predict = _jitted(apply, n_steps, "ce", restarts)[0]
+    attack_fns = {
+        name: _jitted(apply, n_steps, "ce" if name == "linf" else name, restarts)[1]
+        for name in attacks
+    }
+    tally = Tally()
     adversarial = []
     batches = padded_batches(x, y, TEST_BATCH)
+    transfer_batches = padded_batches(transfer, y, TEST_BATCH) if transfer is not None else None
     bar = tqdm(batches, total=-(-len(x) // TEST_BATCH), desc=description, leave=False, disable=None)
     for i, (xb, yb, n_real) in enumerate(bar):
         inputs = {"clean": jnp.asarray(xb)}
-        if attack:
-            inputs["linf"] = attack_fn(
-                operand, projection, inputs["clean"], yb, jax.random.fold_in(key, i), eps_linf
+        for j, (name, attack_fn) in enumerate(attack_fns.items()):
+            inputs[name] = attack_fn(
+                operand, projection, inputs["clean"], yb, attack_key(key, i, j), eps_linf
             )
-            adversarial.append(np.asarray(inputs["linf"])[:n_real])
-        for name, z in inputs.items():
-            hits = np.asarray(jnp.argmax(predict(operand, projection, z), -1) == yb)
-            correct[name] += int(hits[:n_real].sum())
+        if attacks:
+            adversarial.append(np.asarray(inputs[attacks[0]])[:n_real])
+        if transfer_batches is not None:
+            inputs["transfer"] = jnp.asarray(next(transfer_batches)[0])
+        tally.add(
+            {name: hits(predict(operand, projection, z), yb, n_real) for name, z in inputs.items()}
+        )
     bar.close()
-    accuracies = {name: count / len(x) for name, count in correct.items()}
-    return accuracies, (np.concatenate(adversarial) if attack else None)
+    return tally.accuracies(), (np.concatenate(adversarial) if attacks else None)

@@ -7,7 +7,9 @@ class-balanced training subset (or the images of a calculate_kernel.py pickle, -
 Writes into --save_dir:
   adv_examples_<save_name>.pkl   {images: (N, C, H, W) in [0, 1], labels: (N,)}; evaluate their
                                  transfer with eval_and_make_adv.py --test_path
-  ntk_attack_<save_name>.json    the predictor's clean and PGD accuracy, the settings
+  ntk_attack_<save_name>.json    the predictor's clean and PGD accuracy (and, with --margin,
+                                 --restarts, --transfer_path, each attack's and the worst
+                                 case), the settings
   ntk_attack_<save_name>.png     clean images, adversarial images, perturbations
 """
 
@@ -21,6 +23,7 @@ import jax
 import numpy as np
 
 from data import load_dataset
+from evaluation import add_robustness_flags, load_transfer
 from kernel_regression import (
     add_kernel_flags,
     evaluate_predictor,
@@ -39,6 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_kernel_flags(p)
     p.add_argument("--save_dir", default="./ntk_attack")
     p.add_argument("--save_name", default="ntk")
+    add_robustness_flags(p)
     add_shared_flags(p)
     return p.parse_args(argv)
 
@@ -48,6 +52,9 @@ def main(argv=None) -> dict:
     ds = load_dataset(args.dataset, args.data_root)
     support = support_kernel_from_args(args, ds)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
+    transfer = None
+    if args.transfer_path:
+        transfer = load_transfer(args.transfer_path, x, y, ds.image_shape, args.trust_pickle)
     coefficients = regression_coefficients(
         support.kernel, one_hot(support.labels, ds.n_classes), args.ridge
     )
@@ -60,12 +67,19 @@ def main(argv=None) -> dict:
         jax.random.PRNGKey(args.random_seed),
         eps_linf=args.eps / 255.0,
         n_steps=args.pgd_steps,
+        attacks=("linf", "margin") if args.margin else ("linf",),
+        restarts=args.restarts,
+        transfer=transfer,
         description="NTK attack",
     )
+    names = {"linf": f"PGD-Linf (eps {args.eps:g}/255)", "margin": "PGD-margin"}
+    names.update(transfer="transfer", worst="worst case")
     print(
         f"{support.description}, {len(support.images)} support images: kernel regression "
-        f"clean {accuracies['clean']:.4f}, PGD-Linf (eps {args.eps:g}/255) "
-        f"{accuracies['linf']:.4f} on {len(x)} test images"
+        f"clean {accuracies['clean']:.4f}, "
+        + ", ".join(f"{names[k]} {v:.4f}" for k, v in accuracies.items() if k != "clean")
+        + f" on {len(x)} test images"
+        + (f" ({args.restarts} restarts)" if args.restarts > 1 else "")
     )
 
     examples_path = os.path.join(args.save_dir, f"adv_examples_{args.save_name}.pkl")
@@ -77,8 +91,9 @@ def main(argv=None) -> dict:
         "eps": args.eps,
         "pgd_steps": args.pgd_steps,
         "ridge": args.ridge,
-        "accuracy_clean": accuracies["clean"],
-        "accuracy_linf": accuracies["linf"],
+        "restarts": args.restarts,
+        "transfer_path": args.transfer_path,
+        **{f"accuracy_{name}": value for name, value in accuracies.items()},
     }
     summary_path = os.path.join(args.save_dir, f"ntk_attack_{args.save_name}.json")
     with open(summary_path, "w") as f:

@@ -41,12 +41,11 @@ def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -
     _save(fig, path)
 
 
-def plot_image_grid(rows: dict[str, np.ndarray], title: str, path: str) -> None:
-    """One row per entry of `rows` (label -> images (n, H, W, C) in [0, 1])."""
+def _image_rows(fig, rows: dict[str, np.ndarray]) -> None:
+    """One row of axes per entry of `rows` (label -> images (n, H, W, C) in [0, 1]) in `fig`
+    (a figure or subfigure)."""
     n_cols = max(len(images) for images in rows.values())
-    fig, axes = plt.subplots(
-        len(rows), n_cols, figsize=(1.8 * n_cols, 1.9 * len(rows)), squeeze=False
-    )
+    axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
         for c in range(n_cols):
             ax = axes[r, c]
@@ -60,6 +59,40 @@ def plot_image_grid(rows: dict[str, np.ndarray], title: str, path: str) -> None:
                 ax.set_title(f"{label} {c}" if len(images) > 1 else label, fontsize=8)
             else:
                 ax.axis("off")
+
+
+def plot_image_grid(rows: dict[str, np.ndarray], title: str, path: str) -> None:
+    """One row per entry of `rows` (label -> images (n, H, W, C) in [0, 1])."""
+    n_cols = max(len(images) for images in rows.values())
+    fig = plt.figure(figsize=(1.8 * n_cols, 1.9 * len(rows)))
+    _image_rows(fig, rows)
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_robustified(
+    original: np.ndarray, optimised: np.ndarray, history: dict, title: str, path: str
+) -> None:
+    """Left: original and optimised support images and their difference (grey = none, scaled
+    to the largest change). Right: the adversarial loss and accuracy on the targets per step."""
+    delta = optimised - original
+    scale = max(float(np.abs(delta).max()), 1e-12)
+    rows = {"original": original, "optimised": optimised, "change": 0.5 + 0.5 * delta / scale}
+    n_cols = len(original)
+    fig = plt.figure(figsize=(1.6 * n_cols + 5, 5.4))
+    left, right = fig.subfigures(1, 2, width_ratios=[1.6 * n_cols, 5])
+    _image_rows(left, rows)
+    left.suptitle(f"change scaled by 1/{scale:.3f}", fontsize=9, y=0.02)
+    ax = right.subplots()
+    steps = np.arange(1, len(history["loss"]) + 1)
+    ax.plot(steps, history["loss"], color="C0", lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("adversarial loss on targets", color="C0")
+    twin = ax.twinx()
+    twin.plot(steps, history["accuracy"], color="C1", lw=0.8)
+    twin.set_ylabel("adversarial accuracy on targets", color="C1")
+    twin.set_ylim(0, 1)
+    ax.grid(True, alpha=0.3)
     fig.suptitle(title)
     _save(fig, path)
 

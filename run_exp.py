@@ -10,6 +10,7 @@ clean-then-adversarial (F) data for phase 1 (X) and phase 2 (Y).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import re
@@ -17,9 +18,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
-from data import DATASETS, load_dataset, num_batches
+from data import DATASETS, load_dataset, load_examples, num_batches
 from dynamics import PHASE1, Dynamics
 from evaluation import evaluate
 from models import MODELS, get_model, init_model
@@ -89,6 +91,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--resume", action="store_true", help=f"continue from --save_path/{'resume_state.pkl'}"
     )
     p.add_argument(
+        "--train_path",
+        default="",
+        help="train on this adv_examples pickle (e.g. robustify_dataset.py's) instead of the "
+        "dataset's training split; the test split stays",
+    )
+    p.add_argument(
         "--pure_pgd",
         action="store_true",
         help="adversarial step = one update on PGD examples (default: clean step, then PGD step)",
@@ -115,7 +123,7 @@ RESUME_FILE = "resume_state.pkl"
 RESUME_CONFIG = (
     "centering", "loose_bn_second", "do_standard_second",
     "random_seed", "base_model_path", "model", "loaders", "dataset", "second_lr", "eps",
-    "batch_size", "pure_pgd",
+    "batch_size", "pure_pgd", "train_path",
 )  # fmt: skip
 
 
@@ -142,7 +150,7 @@ def load_resume_state(args) -> dict | None:
         return None
     record = load_pickle(path, "resume state")
     for name in RESUME_CONFIG:
-        value = record["config"].get(name)
+        value = record["config"].get(name, "" if name == "train_path" else None)
         if getattr(args, name) != value:
             raise UserError(
                 f"--resume: {path} was written with --{name} {value!r}, not "
@@ -219,8 +227,16 @@ def format_results(name: str, results: dict | None) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     ds = load_dataset(args.dataset, args.data_root)
+    if args.train_path:
+        x_train, y_train = load_examples(args.train_path, ds.image_shape, args.trust_pickle)
+        if np.any((y_train < 0) | (y_train >= ds.n_classes)):
+            raise UserError(f"{args.train_path}: labels must lie in 0..{ds.n_classes - 1}")
+        ds = dataclasses.replace(ds, x_train=x_train, y_train=y_train)
+        print(f"training on the {len(x_train)} images of {args.train_path}")
     if len(ds.x_train) < args.batch_size:
-        raise UserError(f"--batch_size {args.batch_size} exceeds the {len(ds.x_train)} images")
+        raise UserError(
+            f"--batch_size {args.batch_size} exceeds the {len(ds.x_train)} training images"
+        )
     x_test, y_test = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     model = get_model(args.model, ds.n_classes)
     init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)

@@ -1,0 +1,239 @@
+"""Optimise a training subset so that kernel regression on it is robust (Tsilivis, Su & Kempe,
+"Can we achieve robustness from data alone?", arXiv 2207.11727).
+
+The support set X (a class-balanced training subset, labels Y kept) is the variable. With the
+kernel-regression predictor F_X(z) = k(z, X) (k(X, X) + r I)^-1 onehot(Y) each step
+
+  1. draws a batch of target images (z, t) from the training split,
+  2. perturbs them by L-inf PGD against the current predictor (--pgd_steps steps of
+     2 eps / steps, random start; the inner maximisation),
+  3. takes an Adam step (--lr) on X down the gradient of the loss of F_X(z_adv) against t
+     (--loss mse: the squared error to onehot(t), the loss kernel regression itself fits, as
+     in kernel inducing points; or ce: the cross-entropy), through the kernel-regression
+     solution (z_adv held fixed: Danskin's theorem), and clips X to [0, 1].
+
+Kernel: the closed-form infinite-width ReLU MLP NTK (default), or the empirical NTK of
+--model at --model_path (at initialisation when empty), differentiated through explicit
+per-example Jacobians (small networks). Writes into --save_dir:
+  robust_<save_name>.pkl   {images: (N, C, H, W) in [0, 1], labels: (N,)}, the adv_examples
+                           format (run_exp.py --train_path trains on it; ntk_attack.py
+                           --support_path uses it as a support set), plus indices, original,
+                           dataset, kernel, eps, history
+  robust_<save_name>.png   original vs optimised images, their difference, the objective
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from attacks import pgd
+from data import class_balanced_subset, load_dataset
+from kernel_regression import (
+    add_kernel_flags,
+    evaluate_predictor,
+    kernel_from_args,
+    kernel_predictor,
+    one_hot,
+    regression_coefficients,
+)
+from plots import plot_robustified
+from utils import Parser, add_shared_flags, finite_float, positive_int, run_main, save_pickle
+
+INNER_PGD_STEPS = 10
+LOSSES = ("mse", "ce")
+N_SHOWN = 10
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(__doc__)
+    add_kernel_flags(p)
+    p.set_defaults(kernel="relu_ntk", pgd_steps=INNER_PGD_STEPS, n_test=1000)
+    p.add_argument("--steps", type=positive_int, default=300, help="outer (Adam) steps")
+    p.add_argument("--lr", type=finite_float(0.0, inclusive=False), default=0.01)
+    p.add_argument("--target_batch", type=positive_int, default=256, help="targets per step")
+    p.add_argument("--loss", default="mse", choices=LOSSES, help="outer loss on the targets")
+    p.add_argument("--save_dir", default="./robust_data")
+    p.add_argument("--save_name", default="default")
+    add_shared_flags(p)
+    args = p.parse_args(argv)
+    if args.kernel_path or args.support_path:
+        p.error("robustify_dataset.py draws its own support set: drop --kernel_path/--support_path")
+    return args
+
+
+def robust_loss(
+    kernel_fn: Callable,
+    support: jax.Array,
+    targets: jax.Array,
+    z: jax.Array,
+    t: jax.Array,
+    ridge: float,
+    loss: str = "mse",
+) -> tuple[jax.Array, jax.Array]:
+    """Mean loss of F_X(z) against labels t (mse: squared error to one-hot, summed over the
+    classes; ce: cross-entropy), and the accuracy."""
+    outputs = kernel_predictor(kernel_fn, support, targets, ridge)(z)
+    if loss == "mse":
+        value = jnp.sum((outputs - jax.nn.one_hot(t, outputs.shape[1])) ** 2, axis=1)
+    else:
+        value = optax.softmax_cross_entropy_with_integer_labels(outputs, t)
+    return jnp.mean(value), jnp.mean(jnp.argmax(outputs, -1) == t)
+
+
+def inner_attack(
+    kernel_fn: Callable,
+    support: jax.Array,
+    targets: jax.Array,
+    z: jax.Array,
+    t: jax.Array,
+    key: jax.Array,
+    *,
+    eps: float,
+    n_steps: int,
+    ridge: float,
+) -> jax.Array:
+    """L-inf PGD on the targets against the predictor of the (fixed) support set."""
+    predictor = kernel_predictor(kernel_fn, jax.lax.stop_gradient(support), targets, ridge)
+    return pgd(predictor, z, t, key, eps=eps, step_size=2 * eps / n_steps, n_steps=n_steps)
+
+
+def adversarial_objective(kernel_fn, support, targets, z, t, key, *, eps, n_steps, ridge, loss):
+    """The quantity minimised: robust_loss at the inner attack's images (loss, accuracy)."""
+    z_adv = inner_attack(
+        kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge
+    )
+    return robust_loss(kernel_fn, support, targets, z_adv, t, ridge, loss)
+
+
+def make_step(
+    kernel_fn: Callable, optimizer, *, eps: float, n_steps: int, ridge: float, loss: str
+) -> Callable:
+    """Jitted step(support, opt_state, targets, z, t, key) -> (support, opt_state, loss, acc)."""
+
+    def step(support, opt_state, targets, z, t, key):
+        z_adv = inner_attack(
+            kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge
+        )
+        (value, accuracy), grad = jax.value_and_grad(robust_loss, argnums=1, has_aux=True)(
+            kernel_fn, support, targets, z_adv, t, ridge, loss
+        )
+        updates, opt_state = optimizer.update(grad, opt_state, support)
+        support = jnp.clip(optax.apply_updates(support, updates), 0.0, 1.0)
+        return support, opt_state, value, accuracy
+
+    return jax.jit(step)
+
+
+def robustify(
+    kernel_fn: Callable,
+    support: np.ndarray,
+    support_labels: np.ndarray,
+    x_target: np.ndarray,
+    y_target: np.ndarray,
+    seed: int,
+    *,
+    n_classes: int,
+    steps: int,
+    lr: float,
+    eps: float,
+    n_steps: int = INNER_PGD_STEPS,
+    target_batch: int = 256,
+    ridge: float = 1e-4,
+    loss: str = "mse",
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, list[float]]]:
+    """The optimised support images (same shape, in [0, 1]) and the history of the objective
+    (adversarial loss and accuracy on each step's target batch, before its update)."""
+    optimizer = optax.adam(lr)
+    step = make_step(kernel_fn, optimizer, eps=eps, n_steps=n_steps, ridge=ridge, loss=loss)
+    x = jnp.asarray(support, jnp.float32)
+    opt_state = optimizer.init(x)
+    targets = jnp.asarray(one_hot(support_labels, n_classes), jnp.float32)
+    key, rng = jax.random.PRNGKey(seed), np.random.default_rng(seed)
+    batch = min(target_batch, len(x_target))
+    history = {"loss": [], "accuracy": []}
+    bar = tqdm(range(steps), desc="robustify", disable=None if progress else True)
+    for i in bar:
+        chosen = rng.choice(len(x_target), batch, replace=False)
+        x, opt_state, loss, accuracy = step(
+            x, opt_state, targets, x_target[chosen], y_target[chosen], jax.random.fold_in(key, i)
+        )
+        history["loss"].append(float(loss))
+        history["accuracy"].append(float(accuracy))
+        bar.set_postfix(adv_loss=f"{float(loss):.4f}", adv_acc=f"{float(accuracy):.3f}")
+    return np.asarray(x), history
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ds = load_dataset(args.dataset, args.data_root)
+    choice = kernel_from_args(args, ds)
+    indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
+    original, labels = ds.x_train[indices], ds.y_train[indices]
+    eps = args.eps / 255.0
+    start = time.time()
+    images, history = robustify(
+        choice.kernel_fn, original, labels, ds.x_train, ds.y_train, args.random_seed,
+        n_classes=ds.n_classes, steps=args.steps, lr=args.lr, eps=eps, n_steps=args.pgd_steps,
+        target_batch=args.target_batch, ridge=args.ridge, loss=args.loss,
+    )  # fmt: skip
+    print(
+        f"{choice.description}: {args.steps} steps on {len(images)} support images in "
+        f"{time.time() - start:.1f}s; adversarial loss on the targets {history['loss'][0]:.4f} "
+        f"-> {np.mean(history['loss'][-10:]):.4f} (mean of the last 10 steps)"
+    )
+
+    # kernel regression on the test images, before and after (clean, PGD-Linf on itself)
+    x_test, y_test = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
+    summary = {}
+    for name, support_images in (("original", original), ("optimised", images)):
+        support = choice.support(support_images, labels, indices)
+        coefficients = regression_coefficients(
+            support.kernel, one_hot(labels, ds.n_classes), args.ridge
+        )
+        summary[name], _ = evaluate_predictor(
+            support, coefficients, np.eye(ds.n_classes), x_test, y_test,
+            jax.random.PRNGKey(args.random_seed), eps_linf=eps, n_steps=20,
+            description=f"evaluate {name}",
+        )  # fmt: skip
+        print(
+            f"kernel regression on the {name} set: clean {summary[name]['clean']:.4f}, "
+            f"PGD-Linf (20 steps) {summary[name]['linf']:.4f} on {len(x_test)} test images"
+        )
+
+    path = os.path.join(args.save_dir, f"robust_{args.save_name}.pkl")
+    record = {
+        "images": images.transpose(0, 3, 1, 2),
+        "labels": labels,
+        "indices": indices,
+        "original": original.transpose(0, 3, 1, 2),
+        "dataset": args.dataset,
+        "kernel": choice.description,
+        "eps": args.eps,
+        "loss": args.loss,
+        "history": history,
+        "test_accuracy": summary,
+    }
+    save_pickle(record, path)
+    shown = np.concatenate([np.flatnonzero(labels == c)[:1] for c in range(ds.n_classes)])
+    shown = shown[:N_SHOWN]
+    plot_robustified(
+        original[shown], images[shown], history,
+        f"{choice.description}, eps {args.eps:g}/255: original vs optimised support images",
+        path[:-4] + ".png",
+    )  # fmt: skip
+    print(f"wrote {path} and the PNG")
+    return record
+
+
+if __name__ == "__main__":
+    run_main(main)
