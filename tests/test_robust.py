@@ -1,0 +1,173 @@
+"""Robust datasets by kernel regression and the attacks that test them: the support-set gradient
+against finite differences, the optimisation against its own objective, margin PGD with
+restarts against a single restart, and the scripts end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import small_model
+
+import eval_and_make_adv
+import ntk_attack
+import robustify_dataset
+import run_exp
+from attacks import margin, pgd_restarts
+from data import load_dataset
+from kernel_regression import (
+    jacobian_kernel_fn,
+    kernel_predictor,
+    one_hot,
+    regression_coefficients,
+    relu_ntk,
+)
+from robustify_dataset import adversarial_objective, robust_loss, robustify
+from utils import UserError
+
+EPS = 32 / 255
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def test_kernel_predictor_is_the_regression_solution(digits):
+    x, y, z = digits.x_train[:60], digits.y_train[:60], digits.x_test[:20]
+    kernel_fn = functools.partial(relu_ntk, depth=2)
+    outputs = kernel_predictor(kernel_fn, jnp.asarray(x), jnp.asarray(one_hot(y, 10)), 1e-3)(z)
+    gram = np.asarray(kernel_fn(x, x), np.float64)
+    expected = np.asarray(kernel_fn(z, x), np.float64) @ regression_coefficients(
+        gram, one_hot(y, 10), 1e-3
+    )
+    np.testing.assert_allclose(np.asarray(outputs), expected, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel", ["relu_ntk", "empirical"])
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_support_gradient_matches_finite_differences(digits, kernel, loss):
+    """d loss(F_X(z), t) / dX along random directions, against central differences in float64."""
+    with jax.enable_x64(True):
+        if kernel == "relu_ntk":
+            kernel_fn = functools.partial(relu_ntk, depth=2)
+        else:
+            model, params, net_state = small_model("mlp_skinny")
+            params = jax.tree.map(lambda p: p.astype(jnp.float64), params)
+            kernel_fn = jacobian_kernel_fn(model, params, net_state, class_index=-1)
+        x = jnp.asarray(digits.x_train[:12], jnp.float64)
+        targets = jnp.asarray(one_hot(digits.y_train[:12], 10), jnp.float64)
+        z, t = jnp.asarray(digits.x_test[:16], jnp.float64), jnp.asarray(digits.y_test[:16])
+
+        def value(support):
+            return robust_loss(kernel_fn, support, targets, z, t, 1e-2, loss)[0]
+
+        grad = jax.grad(value)(x)
+        assert grad.dtype == jnp.float64 and float(jnp.abs(grad).max()) > 0
+        rng = np.random.default_rng(0)
+        for _ in range(3):
+            direction = jnp.asarray(rng.normal(size=x.shape))
+            h = 1e-5
+            numeric = (value(x + h * direction) - value(x - h * direction)) / (2 * h)
+            analytic = jnp.vdot(grad, direction)
+            np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5, atol=1e-9)
+
+
+def test_robustify_lowers_its_objective_and_keeps_images_in_range(digits):
+    kernel_fn = functools.partial(relu_ntk, depth=2)
+    x, y = digits.x_train[:50], digits.y_train[:50]
+    z, t = digits.x_train[50:250], digits.y_train[50:250]
+    targets = jnp.asarray(one_hot(y, 10), jnp.float32)
+    settings = {"eps": EPS, "n_steps": 5, "ridge": 1e-4, "loss": "mse"}
+
+    def objective(support):
+        key = jax.random.PRNGKey(7)
+        return float(adversarial_objective(kernel_fn, support, targets, z, t, key, **settings)[0])
+
+    optimised, history = robustify(
+        kernel_fn, x, y, z, t, 0, n_classes=10, steps=40, lr=0.01, eps=EPS, n_steps=5,
+        target_batch=100, ridge=1e-4, loss="mse", progress=False,
+    )  # fmt: skip
+    assert optimised.shape == x.shape and optimised.dtype == np.float32
+    assert optimised.min() >= 0 and optimised.max() <= 1
+    assert np.abs(optimised - x).max() > 0.05
+    assert len(history["loss"]) == 40
+    before, after = objective(jnp.asarray(x)), objective(jnp.asarray(optimised))
+    assert after < 0.8 * before, (before, after)
+
+
+def test_margin_restarts_never_report_higher_accuracy_than_one_restart(digits):
+    kernel_fn = functools.partial(relu_ntk, depth=2)
+    predictor = kernel_predictor(
+        kernel_fn,
+        jnp.asarray(digits.x_train[:100]),
+        jnp.asarray(one_hot(digits.y_train[:100], 10)),
+        1e-4,
+    )
+    x, y = jnp.asarray(digits.x_test[:200]), jnp.asarray(digits.y_test[:200])
+    settings = {"eps": EPS, "step_size": 2 * EPS / 10, "n_steps": 10, "loss": "margin"}
+    key = jax.random.PRNGKey(3)
+    fooled = {}
+    for restarts in (1, 4):
+        adv = pgd_restarts(predictor, x, y, key, restarts=restarts, **settings)
+        assert float(jnp.abs(adv - x).max()) <= EPS + 1e-6
+        assert float(adv.min()) >= 0 and float(adv.max()) <= 1
+        fooled[restarts] = np.asarray(jnp.argmax(predictor(adv), -1) != y)
+    # every example a single restart fools stays fooled, and the restarts find more
+    assert np.all(fooled[4][fooled[1]])
+    assert fooled[4].sum() > fooled[1].sum()
+    # the margin is positive exactly on the misclassified examples
+    logits = predictor(x)
+    np.testing.assert_array_equal(np.asarray(margin(logits, y) > 0), np.argmax(logits, -1) != y)
+
+
+def test_robust_data_scripts_end_to_end(tmp_path):
+    common = ["--dataset", "digits", "--eps", "32"]
+    record = robustify_dataset.main(
+        [*common, "--dataset_size", "60", "--steps", "3", "--pgd_steps", "2", "--n_test", "40",
+         "--target_batch", "64", "--save_dir", str(tmp_path / "robust")]
+    )  # fmt: skip
+    robust = tmp_path / "robust" / "robust_default.pkl"
+    assert robust.exists() and (tmp_path / "robust" / "robust_default.png").exists()
+    assert record["images"].shape == (60, 1, 8, 8) and set(record["test_accuracy"]) == {
+        "original",
+        "optimised",
+    }
+
+    # kernel regression on the optimised set, and its examples
+    attack = tmp_path / "attack"
+    summary = ntk_attack.main(
+        [*common, "--kernel", "relu_ntk", "--support_path", str(robust), "--n_test", "40",
+         "--pgd_steps", "3", "--margin", "--restarts", "2", "--save_dir", str(attack)]
+    )  # fmt: skip
+    assert summary["support_size"] == 60
+    examples = str(attack / "adv_examples_ntk.pkl")
+    for name in ("linf", "margin"):
+        assert summary["accuracy_worst"] <= summary[f"accuracy_{name}"] <= 1
+
+    # a network trained on the optimised set, evaluated with every attack and the transfer
+    run = tmp_path / "run"
+    run_exp.main(
+        [*common, "--model", "mlp_skinny", "--train_path", str(robust), "--standard_epochs", "2",
+         "--linear_epochs", "0", "--batch_size", "20", "--save_models", "--n_test", "40",
+         "--skip_first_test", "--skip_second_test", "--save_path", str(run)]
+    )  # fmt: skip
+    model_path = str(run / "parameters_final.pkl")
+    results = eval_and_make_adv.main(
+        [*common, "--model", "mlp_skinny", "--model_path", model_path, "--n_test", "40",
+         "--margin", "--restarts", "2", "--transfer_path", examples]
+    )  # fmt: skip
+    for name in ("clean", "dirty", "margin", "transfer"):
+        assert results["acc_worst"] <= results[f"acc_{name}"] <= 1
+    assert results["restarts"] == 2
+
+    with pytest.raises(UserError, match="--n_test 40"):
+        eval_and_make_adv.main(
+            [*common, "--model", "mlp_skinny", "--model_path", model_path, "--n_test", "30",
+             "--transfer_path", examples]
+        )  # fmt: skip
+    json.loads((attack / "ntk_attack_ntk.json").read_text())
