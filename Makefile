@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test reproduce lint format clean-venv
+.PHONY: demo test reproduce robust-data lint format clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ demo: $(VENV)/.installed
 
 reproduce: $(VENV)/.installed
 	$(PY) scripts/reproduce.py
+
+robust-data: $(VENV)/.installed
+	$(PY) scripts/robust_data_study.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

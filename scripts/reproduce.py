@@ -22,16 +22,15 @@ Steps (every output under --out):
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
-import shlex
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
+from study import call, table  # noqa: E402
 
 import analyze_kernels  # noqa: E402
 import calculate_kernel  # noqa: E402
@@ -62,18 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def call(script, command: str, log):
-    """Run an entry script's main() in this process; its output goes to the log file."""
-    print(f"$ python {script.__name__}.py {command}", flush=True)
-    log.write(f"\n$ python {script.__name__}.py {command}\n")
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        result = script.main(shlex.split(command))
-    log.write(buffer.getvalue())
-    log.flush()
-    return result
-
-
 def epochs_list(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
@@ -82,15 +69,6 @@ def checkpoint(run_dir: str, epoch: float, final_epoch: int) -> str:
     if epoch == final_epoch:
         return f"{run_dir}/parameters_final.pkl"
     return f"{run_dir}/parameters_checkpoint_{format_epoch(epoch)}.pkl"
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    def cell(v):
-        return f"{v:.4f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

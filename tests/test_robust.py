@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +16,6 @@ import pytest
 from helpers import small_model
 
 import eval_and_make_adv
-import ntk_attack
-import robustify_dataset
-import run_exp
 from attacks import margin, pgd_restarts
 from data import load_dataset
 from kernel_regression import (
@@ -27,7 +26,7 @@ from kernel_regression import (
     relu_ntk,
 )
 from robustify_dataset import adversarial_objective, robust_loss, robustify
-from utils import UserError
+from utils import UserError, load_pickle
 
 EPS = 32 / 255
 
@@ -125,49 +124,39 @@ def test_margin_restarts_never_report_higher_accuracy_than_one_restart(digits):
     np.testing.assert_array_equal(np.asarray(margin(logits, y) > 0), np.argmax(logits, -1) != y)
 
 
-def test_robust_data_scripts_end_to_end(tmp_path):
-    common = ["--dataset", "digits", "--eps", "32"]
-    record = robustify_dataset.main(
-        [*common, "--dataset_size", "60", "--steps", "3", "--pgd_steps", "2", "--n_test", "40",
-         "--target_batch", "64", "--save_dir", str(tmp_path / "robust")]
-    )  # fmt: skip
-    robust = tmp_path / "robust" / "robust_default.pkl"
-    assert robust.exists() and (tmp_path / "robust" / "robust_default.png").exists()
-    assert record["images"].shape == (60, 1, 8, 8) and set(record["test_accuracy"]) == {
-        "original",
-        "optimised",
-    }
+def test_robust_data_study_writes_its_report(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
+    import robust_data_study
 
-    # kernel regression on the optimised set, and its examples
-    attack = tmp_path / "attack"
-    summary = ntk_attack.main(
-        [*common, "--kernel", "relu_ntk", "--support_path", str(robust), "--n_test", "40",
-         "--pgd_steps", "3", "--margin", "--restarts", "2", "--save_dir", str(attack)]
+    out = tmp_path / "study"
+    rows = robust_data_study.main(
+        ["--support_size", "50", "--steps", "3", "--epochs", "2", "--batch_size", "25",
+         "--source_epochs", "1",
+         "--restarts", "2", "--n_test", "40", "--out", str(out)]
     )  # fmt: skip
-    assert summary["support_size"] == 60
-    examples = str(attack / "adv_examples_ntk.pkl")
-    for name in ("linf", "margin"):
-        assert summary["accuracy_worst"] <= summary[f"accuracy_{name}"] <= 1
+    assert len(rows) == 4 and all(len(v) == 6 for v in rows.values())
+    for values in rows.values():  # the worst case is below every single attack
+        assert values[5] <= min(values[:5])
+    report = (out / "REPORT.md").read_text()
+    assert "| kernel regression, optimised set |" in report and "finding" in report
+    assert (out / "robust_data_study.png").exists() and (out / "robust_optimised.png").exists()
 
-    # a network trained on the optimised set, evaluated with every attack and the transfer
-    run = tmp_path / "run"
-    run_exp.main(
-        [*common, "--model", "mlp_skinny", "--train_path", str(robust), "--standard_epochs", "2",
-         "--linear_epochs", "0", "--batch_size", "20", "--save_models", "--n_test", "40",
-         "--skip_first_test", "--skip_second_test", "--save_path", str(run)]
-    )  # fmt: skip
-    model_path = str(run / "parameters_final.pkl")
-    results = eval_and_make_adv.main(
-        [*common, "--model", "mlp_skinny", "--model_path", model_path, "--n_test", "40",
-         "--margin", "--restarts", "2", "--transfer_path", examples]
-    )  # fmt: skip
-    for name in ("clean", "dirty", "margin", "transfer"):
-        assert results["acc_worst"] <= results[f"acc_{name}"] <= 1
-    assert results["restarts"] == 2
+    # the optimised set in the adv_examples format, with where it came from
+    record = load_pickle(str(out / "robust_optimised.pkl"))
+    assert record["images"].shape == (50, 1, 8, 8) and len(record["indices"]) == 50
+    assert set(record["test_accuracy"]) == {"original", "optimised"}
+    summary = json.loads((out / "ntk_optimised" / "ntk_attack_strong.json").read_text())
+    assert summary["support_size"] == 50 and summary["restarts"] == 2
+    results = load_pickle(
+        str(out / "mlp_skinny_optimised" / "bonus_dir" / "test_results_strong.pkl")
+    )
+    assert results["restarts"] == 2 and results["acc_worst"] <= results["acc_margin"]
 
+    # transfer examples must be of the very test images evaluated
+    transfer = out / "source_cnn_small" / "bonus_dir" / "adv_examples_source.pkl"
     with pytest.raises(UserError, match="--n_test 40"):
         eval_and_make_adv.main(
-            [*common, "--model", "mlp_skinny", "--model_path", model_path, "--n_test", "30",
-             "--transfer_path", examples]
+            ["--dataset", "digits", "--model", "mlp_skinny", "--n_test", "30",
+             "--model_path", str(out / "mlp_skinny_optimised" / "parameters_final.pkl"),
+             "--transfer_path", str(transfer)]
         )  # fmt: skip
-    json.loads((attack / "ntk_attack_ntk.json").read_text())
