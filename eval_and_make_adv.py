@@ -37,6 +37,7 @@ from evaluation import (
     make_components_fn,
 )
 from models import MODELS, get_model, init_model
+from parallel import replicate, shard_batch, to_host
 from utils import (
     Parser,
     UserError,
@@ -79,7 +80,7 @@ def main(argv=None) -> dict:
     model = get_model(args.model, ds.n_classes)
     like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
     ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
-    theta_t, w, net_state = ckpt["params"], ckpt["lin_params"], ckpt["net_state"]
+    theta_t, w, net_state = replicate((ckpt["params"], ckpt["lin_params"], ckpt["net_state"]))
 
     if args.test_path:
         x, y = load_examples(args.test_path, ds.image_shape, args.trust_pickle)
@@ -121,16 +122,17 @@ def main(argv=None) -> dict:
         disable=None,
     )
     for i, (xb, yb, n_real) in enumerate(bar):
+        xb, yb = shard_batch(xb, yb, pad=True)
         inputs = {"clean": xb}
         for j, (name, attack_fn) in enumerate(attack_fns.items()):
             inputs[name] = attack_fn(w, theta_t, net_state, xb, yb, attack_key(key, i, j))
         if "dirty" in inputs:
-            adv_images.append(np.asarray(inputs["dirty"])[:n_real])
+            adv_images.append(to_host(inputs["dirty"])[:n_real])
         if transfer is not None:
-            inputs["transfer"] = next(transfer_batches)[0]
+            inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
         batch_hits = {}
         for name, x_in in inputs.items():
-            f, df = jax.device_get(components_fn(w, theta_t, net_state, x_in))
+            f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
             if name in outputs:
                 outputs[name].append((f[:n_real], df[:n_real]))
             batch_hits[name] = hits(logits_of(f, df), yb, n_real)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from attacks import EVAL_PGD_STEPS, L2_EPS, L2_STEP, pgd_restarts
 from data import load_examples, padded_batches
 from dynamics import Dynamics, components, forward
+from parallel import replicate, shard_batch, to_host
 from utils import UserError, positive_int
 
 TEST_BATCH = 100
@@ -80,7 +81,7 @@ def load_transfer(path: str, x: np.ndarray, y: np.ndarray, image_shape, trust: b
 
 def hits(logits: jax.Array, y: np.ndarray, n_real: int) -> np.ndarray:
     """Boolean (n_real,): argmax of the logits equals the label, padding rows dropped."""
-    return np.asarray(jnp.argmax(logits, -1) == y)[:n_real]
+    return to_host(jnp.argmax(logits, -1) == y)[:n_real]
 
 
 class Tally:
@@ -156,6 +157,7 @@ def evaluate(
     """Accuracy (fraction) on clean images and under each attack in `attacks` (names of
     attack_settings): results.pkl's {'clean', 'linf', 'l2'} by default."""
     logits_fn = make_logits_fn(model, dynamics)
+    w, theta_t, net_state = replicate((w, theta_t, net_state))
     settings = attack_settings(eps_linf)
     attack_fns = {
         name: make_attack_fn(model, dynamics, restarts, **settings[name]) for name in attacks
@@ -171,6 +173,7 @@ def evaluate(
     )
     for i, (xb, yb, n_real) in enumerate(bar):
         batch_key = jax.random.fold_in(key, i)
+        xb, yb = shard_batch(xb, yb, pad=True)
         inputs = {"clean": xb}
         for j, (name, attack_fn) in enumerate(attack_fns.items()):
             inputs[name] = attack_fn(

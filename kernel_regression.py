@@ -34,6 +34,7 @@ from data import DATASETS, Dataset, class_balanced_subset, load_examples, padded
 from evaluation import TEST_BATCH, Tally, attack_key, hits
 from models import MODELS, get_model, init_model
 from ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
+from parallel import replicate, shard_batch, to_host
 from utils import UserError, finite_float, load_checkpoint, load_pickle, positive_int
 
 KERNELS = ("empirical", "relu_ntk")
@@ -371,7 +372,7 @@ def evaluate_predictor(
     when there is more than one. Returns the accuracies and the first attack's adversarial
     images (None without attacks)."""
     apply, operand = support.operator(coefficients)
-    projection = jnp.asarray(projection, jnp.float32)
+    operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
     predict = _jitted(apply, n_steps, "ce", restarts)[0]
     attack_fns = {
         name: _jitted(apply, n_steps, "ce" if name == "linf" else name, restarts)[1]
@@ -383,15 +384,16 @@ def evaluate_predictor(
     transfer_batches = padded_batches(transfer, y, TEST_BATCH) if transfer is not None else None
     bar = tqdm(batches, total=-(-len(x) // TEST_BATCH), desc=description, leave=False, disable=None)
     for i, (xb, yb, n_real) in enumerate(bar):
-        inputs = {"clean": jnp.asarray(xb)}
+        xb, yb = shard_batch(xb, yb, pad=True)
+        inputs = {"clean": xb}
         for j, (name, attack_fn) in enumerate(attack_fns.items()):
             inputs[name] = attack_fn(
                 operand, projection, inputs["clean"], yb, attack_key(key, i, j), eps_linf
             )
         if attacks:
-            adversarial.append(np.asarray(inputs[attacks[0]])[:n_real])
+            adversarial.append(to_host(inputs[attacks[0]])[:n_real])
         if transfer_batches is not None:
-            inputs["transfer"] = jnp.asarray(next(transfer_batches)[0])
+            inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
         tally.add(
             {name: hits(predict(operand, projection, z), yb, n_real) for name, z in inputs.items()}
         )

@@ -24,8 +24,10 @@ import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
+from parallel import AXIS, mesh, replicate, shard_batch, to_host
 from utils import tree_size
 
 
@@ -44,6 +46,24 @@ def make_jacobian_fn(
 
     jac = jax.vmap(jax.jacrev(logits_one), in_axes=(None, None, 0))
     return jax.jit(jac)
+
+
+@functools.lru_cache(maxsize=16)
+def make_sharded_jacobian_fn(model: hk.TransformedWithState, class_index: int, mesh) -> Callable:
+    """make_jacobian_fn with the images split over the devices of `mesh` (leading size a
+    multiple of the device count): each device computes the Jacobians of its own rows
+    (shard_map, without cross-device sums: each row's Jacobian is per-example). Left to jit's
+    automatic partitioning instead, XLA (jax 0.10, CPU) returned wrong conv-weight Jacobians for
+    the rows of every device but the first (tests/test_parallel.py caught it)."""
+    jacobian_fn = make_jacobian_fn(model, class_index)
+    local = jax.shard_map(
+        jacobian_fn,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(AXIS)),
+        out_specs=PartitionSpec(AXIS),
+        check_vma=False,
+    )
+    return jax.jit(local)
 
 
 REDUCTION_BLOCK = 4096
@@ -80,7 +100,7 @@ def contract(jac1: hk.Params, jac2: hk.Params) -> jax.Array:
 
 def default_memory_gb() -> float:
     """40% of the default device's memory (of the machine's RAM on a CPU)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return 0.4 * stats["bytes_limit"] / 2**30
     return 0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -120,7 +140,7 @@ def _gram_host(jac1: hk.Params, jac2: hk.Params) -> np.ndarray:
     n2 = leaves2[0].shape[0]
     block = np.zeros((n1, n2), np.float32)
     for a, b in zip(leaves1, leaves2, strict=True):
-        block += np.asarray(a).reshape(n1, -1) @ np.asarray(b).reshape(n2, -1).T
+        block += to_host(a).reshape(n1, -1) @ to_host(b).reshape(n2, -1).T
     return block / k
 
 
@@ -150,7 +170,8 @@ def empirical_ntk(
     chunk = chunk_size or plan.chunk_size
     longest = max(len(x1), len(x2))
     chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
-    jacobian_fn = make_jacobian_fn(model, class_index)
+    jacobian_fn = make_sharded_jacobian_fn(model, class_index, mesh())
+    params, net_state = replicate((params, net_state))
     gram = _gram_host if jax.default_backend() == "cpu" else contract
 
     def jacobian(x: np.ndarray, start: int) -> hk.Params:
@@ -160,8 +181,11 @@ def empirical_ntk(
         n_real = len(images)
         if n_real < chunk:
             images = np.concatenate([images, np.repeat(images[:1], chunk - n_real, axis=0)])
-        jac = jacobian_fn(params, net_state, jnp.asarray(images))
-        return jac if n_real == chunk else jax.tree.map(lambda leaf: leaf[:n_real], jac)
+        (images,) = shard_batch(images, pad=True)  # the chunk is split over the devices
+        jac = jacobian_fn(params, net_state, images)
+        if images.shape[0] == n_real:
+            return jac
+        return jax.tree.map(lambda leaf: leaf[:n_real], jac)
 
     columns: dict[int, hk.Params] = {}
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
@@ -185,7 +209,7 @@ def empirical_ntk(
                 col = jacobian(x2, j)
                 if plan.cache_columns:
                     columns[j] = col
-            block = np.asarray(gram(row, col), np.float64)
+            block = to_host(gram(row, col)).astype(np.float64)
             kernel[i : i + chunk, j : j + chunk] = block
             if square and j != i:
                 kernel[j : j + chunk, i : i + chunk] = block.T

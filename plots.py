@@ -10,9 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from parallel import is_writer  # noqa: E402
+
 
 def _save(fig, path: str) -> None:
-    """Save atomically: render to a temporary file in the same folder, then rename."""
+    """Save atomically: render to a temporary file in the same folder, then rename (process 0
+    only, when there are several)."""
+    if not is_writer():
+        plt.close(fig)
+        return
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp_{os.path.basename(path)}")
     fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
     plt.close(fig)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from attacks import pgd_linf_train
 from data import iterate_batches, num_batches
 from dynamics import Dynamics, forward, loss_fn
+from parallel import replicate, shard_batch
 from utils import UserError
 
 MOMENTUM = 0.9
@@ -119,8 +120,10 @@ def run_epoch(
     on_step: Callable[[int, TrainState], None] | None = None,
 ) -> tuple[TrainState, dict]:
     """One pass over (x, y) in an order drawn from `seed`; `on_step(i, state)` is called before
-    step i (for fractional-epoch checkpoints). Returns the state and mean loss/accuracy."""
+    step i (for fractional-epoch checkpoints). Each batch is split over the devices and the
+    state replicated (parallel.py). Returns the state and mean loss/accuracy."""
     rng = np.random.default_rng(seed)
+    state = replicate(state)
     totals = {"loss": 0.0, "accuracy": 0.0}
     n_steps = num_batches(len(x), batch_size)
     bar = tqdm(
@@ -133,6 +136,7 @@ def run_epoch(
     for i, (xb, yb) in enumerate(bar):
         if on_step is not None:
             on_step(i, state)
+        xb, yb = shard_batch(xb, yb)
         state, metrics = step_fn(state, xb, yb, jax.random.fold_in(key, i))
         metrics = jax.device_get(metrics)
         if not np.isfinite(metrics["loss"]):

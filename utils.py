@@ -40,7 +40,11 @@ def to_numpy(tree: Any) -> Any:
     if isinstance(tree, list | tuple):
         items = [to_numpy(value) for value in tree]
         return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return np.asarray(tree) if isinstance(tree, jax.Array) else tree
+    if isinstance(tree, jax.Array):
+        from parallel import to_host  # gathers arrays spread over several hosts
+
+        return to_host(tree)
+    return tree
 
 
 def _intern(key: Any) -> Any:
@@ -48,7 +52,13 @@ def _intern(key: Any) -> Any:
 
 
 def save_pickle(obj: Any, path: str) -> None:
-    """Write `obj` to `path` atomically: a temporary file in the same folder, synced, renamed."""
+    """Write `obj` to `path` atomically: a temporary file in the same folder, synced, renamed.
+    With several processes every one calls this (arrays are gathered) and process 0 writes."""
+    from parallel import is_writer
+
+    obj = to_numpy(obj)
+    if not is_writer():
+        return
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -57,7 +67,7 @@ def save_pickle(obj: Any, path: str) -> None:
         raise UserError(f"cannot write to folder {folder}: {err.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            pickle.dump(to_numpy(obj), f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -203,9 +213,21 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        """Parse, then join the other hosts when --coordinator_address says so."""
+        parsed = super().parse_args(args, namespace)
+        from parallel import initialize
+
+        initialize(parsed)
+        return parsed
+
 
 def add_shared_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every entry script adds to the original's: --data_root and --trust_pickle."""
+    """Flags every entry script adds to the original's: --data_root, --trust_pickle and the
+    several-host flags (parallel.py)."""
+    from parallel import add_distributed_flags
+
+    add_distributed_flags(parser)
     parser.add_argument("--data_root", default="./data", help="where CIFAR lives or is downloaded")
     parser.add_argument(
         "--trust_pickle",

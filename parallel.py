@@ -1,0 +1,130 @@
+"""Data parallelism on JAX's own sharding: a 1-D mesh over every visible device (axis "batch"),
+batches split along it, parameters and optimizer state replicated. jax.jit partitions the
+computation from the arrays' shardings (GSPMD), so the step functions are the same code on one
+device (a mesh of one) and on many; reductions over the batch (the loss, BatchNorm statistics)
+run over the global batch, so results do not depend on the device count beyond float32
+rounding.
+
+Several hosts: `initialize` calls jax.distributed.initialize (the --coordinator_address,
+--num_processes and --process_id flags of every script); every host then runs the same
+command, draws the same global batch order, and feeds only its own rows of each batch
+(`shard_batch`). Only process 0 writes files (`is_writer`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from utils import UserError
+
+AXIS = "batch"
+
+
+@functools.cache
+def mesh() -> Mesh:
+    """The 1-D mesh over all devices of all processes, in jax.devices() order (each process's
+    devices contiguous, so each process holds a contiguous block of rows of a batch)."""
+    return Mesh(np.array(jax.devices()), (AXIS,))
+
+
+def n_devices() -> int:
+    return mesh().size
+
+
+def batch_sharding() -> NamedSharding:
+    """Leading axis split over the mesh, the rest whole."""
+    return NamedSharding(mesh(), PartitionSpec(AXIS))
+
+
+def replicated() -> NamedSharding:
+    return NamedSharding(mesh(), PartitionSpec())
+
+
+def replicate(tree: Any) -> Any:
+    """Every leaf on every device (a no-op for leaves already so)."""
+
+    def put(leaf):
+        if isinstance(leaf, jax.Array) and leaf.sharding == replicated():
+            return leaf
+        value = np.asarray(leaf) if not isinstance(leaf, jax.Array) else leaf
+        if jax.process_count() == 1:
+            return jax.device_put(value, replicated())
+        host = np.asarray(to_host(value))
+        return jax.make_array_from_callback(host.shape, replicated(), lambda index: host[index])
+
+    return jax.tree.map(put, tree)
+
+
+def padded_size(n: int) -> int:
+    """n rounded up to a multiple of the device count."""
+    return -(-n // n_devices()) * n_devices()
+
+
+def shard_batch(*arrays: np.ndarray, pad: bool = False) -> tuple[jax.Array, ...]:
+    """The global batch arrays (same leading size on every process) split over the mesh; this
+    process supplies only its rows. A size not divisible by the device count is an error, or
+    with `pad` is padded by repeating the first row (for evaluation, where padding rows are
+    dropped from the results)."""
+    n = len(arrays[0])
+    if n % n_devices():
+        if not pad:
+            raise UserError(
+                f"a batch of {n} cannot be split over {n_devices()} devices: use a batch size "
+                f"that is a multiple of {n_devices()}"
+            )
+        extra = padded_size(n) - n
+        arrays = tuple(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in arrays)
+        n += extra
+    per_process = n // jax.process_count()
+    start = jax.process_index() * per_process
+    return tuple(
+        jax.make_array_from_process_local_data(
+            batch_sharding(), np.asarray(a[start : start + per_process]), a.shape
+        )
+        for a in arrays
+    )
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A NumPy copy of a (possibly multi-host) array: gathered from every process when this
+    one does not hold all of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def is_writer() -> bool:
+    """Whether this process writes outputs: process 0 (the only one on a single host)."""
+    return jax.process_index() == 0
+
+
+def add_distributed_flags(parser) -> None:
+    parser.add_argument(
+        "--coordinator_address",
+        default="",
+        help="several hosts: host:port of process 0 (jax.distributed.initialize)",
+    )
+    parser.add_argument("--num_processes", type=int, default=None, help="several hosts: count")
+    parser.add_argument("--process_id", type=int, default=None, help="several hosts: this one")
+
+
+def initialize(args) -> None:
+    """jax.distributed.initialize from the flags, when --coordinator_address is given (and on a
+    cluster JAX detects, such as SLURM, when the other two are left out)."""
+    if not getattr(args, "coordinator_address", ""):
+        return
+    try:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator_address,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    except (RuntimeError, ValueError) as err:
+        raise UserError(f"jax.distributed.initialize failed: {err}") from None
+    mesh.cache_clear()

@@ -1,0 +1,85 @@
+"""Run by test_parallel.py in a subprocess, on as many (CPU) devices as XLA_FLAGS gives it: a
+training epoch of clean steps and one of adversarial steps (cnn_small, BatchNorm in training
+mode), a PGD attack, an evaluation whose batch does not divide over the devices, and a kernel.
+Writes what they produced to the .npz named on the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from data import load_dataset  # noqa: E402
+from dynamics import PHASE1  # noqa: E402
+from evaluation import attack_settings, evaluate, make_attack_fn  # noqa: E402
+from models import get_model, init_model  # noqa: E402
+from ntk import empirical_ntk  # noqa: E402
+from parallel import initialize, is_writer, replicate, shard_batch, to_host  # noqa: E402
+from training import init_train_state, make_optimizer, make_train_step, run_epoch  # noqa: E402
+from utils import UserError  # noqa: E402
+
+EPS = 32 / 255
+
+
+def main(path: str, coordinator: str = "", processes: str = "1", process_id: str = "0") -> None:
+    """With a coordinator address: one of `processes` processes (parallel.initialize)."""
+    initialize(
+        argparse.Namespace(
+            coordinator_address=coordinator,
+            num_processes=int(processes),
+            process_id=int(process_id),
+        )
+    )
+    ds = load_dataset("digits")
+    model = get_model("cnn_small", ds.n_classes)
+    params, net_state = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
+    optimizer = make_optimizer(0.05)
+    state = init_train_state(optimizer, params, None, net_state)
+    x, y = ds.x_train[:512], ds.y_train[:512]
+    for adversarial in (False, True):
+        step = make_train_step(model, optimizer, PHASE1, adversarial=adversarial, eps=EPS)
+        state, _ = run_epoch(
+            step, state, x, y, batch_size=128, seed=0, key=jax.random.PRNGKey(1),
+            description="epoch",
+        )  # fmt: skip
+    # evaluation on 150 images: test batches of 100 and 50, padded to the device count
+    accuracy = evaluate(
+        model, PHASE1, state.w, None, state.net_state, ds.x_test[:150], ds.y_test[:150],
+        jax.random.PRNGKey(2), eps_linf=EPS, attacks=("linf",),
+    )  # fmt: skip
+    attack = make_attack_fn(model, PHASE1, **(attack_settings(EPS)["linf"] | {"n_steps": 10}))
+    xb, yb = shard_batch(ds.x_test[:100], ds.y_test[:100])
+    w, net = replicate((state.w, state.net_state))
+    adversarial_images = to_host(attack(w, None, net, xb, yb, jax.random.PRNGKey(3)))
+    kernel = empirical_ntk(model, state.w, state.net_state, ds.x_train[:30], chunk_size=10)
+    flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.w)])
+    bn = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.net_state)])
+    try:  # last: on one device this epoch runs, and consumes (donates) the state
+        run_epoch(step, state, x, y, batch_size=130, seed=0, key=jax.random.PRNGKey(1),
+                  description="epoch")  # fmt: skip
+        error = ""
+    except UserError as err:
+        error = str(err)
+
+    if not is_writer():
+        return
+    np.savez(
+        path,
+        devices=jax.device_count(),
+        shards=len(xb.sharding.device_set),
+        params=flat,
+        bn=bn,
+        accuracy=np.array([accuracy["clean"], accuracy["linf"]]),
+        adversarial=adversarial_images,
+        kernel=kernel,
+        error=np.array(error),
+    )
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
