@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test reproduce robust-data lint format clean-venv
+.PHONY: demo test reproduce robust-data bench lint format clean-venv
 
 $(VENV)/.installed: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ reproduce: $(VENV)/.installed
 
 robust-data: $(VENV)/.installed
 	$(PY) scripts/robust_data_study.py
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/bench_train.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

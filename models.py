@@ -9,11 +9,13 @@ transformed with state (BatchNorm running statistics live in `net_state`).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from utils import UserError
 
@@ -33,17 +35,69 @@ class ReLU(hk.Module):
         return jax.nn.relu(x)
 
 
-def _conv(channels: int, kernel: int, stride: int = 1, name: str | None = None) -> hk.Conv2D:
-    # PyTorch-style symmetric padding (k // 2 on each side), also for stride 2.
-    pad = kernel // 2
-    return hk.Conv2D(
-        channels,
-        kernel,
-        stride=stride,
-        padding=((pad, pad), (pad, pad)),
-        with_bias=False,
-        name=name,
-    )
+# How convolutions are computed: "matmul" (the k*k shifted views of the input side by side,
+# times the kernel as one matrix) or "xla" (lax.conv_general_dilated). Both use the same
+# parameters, so checkpoints do not depend on it. On the CPU, XLA's convolution (forward and
+# backward) is several times slower than one large matrix product (benchmarks/RESULTS.md).
+CONV_IMPL = os.environ.get("NTK_CONV_IMPL", "auto")
+
+
+def conv_impl() -> str:
+    if CONV_IMPL not in ("auto", "matmul", "xla"):
+        raise UserError(f"NTK_CONV_IMPL={CONV_IMPL!r}: use auto, matmul or xla")
+    if CONV_IMPL == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "xla"
+    return CONV_IMPL
+
+
+def conv_as_matmul(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The convolution of x (N, H, W, C) with w (k, k, C, O) (stride, symmetric zero padding) as
+    one matrix product: the k*k strided views of the padded input concatenated along channels
+    in (row, column, channel) order, which is w's HWIO order reshaped to (k*k*C, O)."""
+    k, _, c, _ = w.shape
+    n, h, width, _ = x.shape
+    padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    h_out = (h + 2 * pad - k) // stride + 1
+    w_out = (width + 2 * pad - k) // stride + 1
+    views = [
+        padded[
+            :, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride
+        ]
+        for i in range(k)
+        for j in range(k)
+    ]
+    columns = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+    return columns @ w.reshape(k * k * c, -1)
+
+
+class Conv(hk.Module):
+    """A k x k convolution without bias, PyTorch-style symmetric padding (k // 2 on each side,
+    also for stride 2). Parameter "w" (k, k, C_in, C_out) is initialised as hk.Conv2D does
+    (truncated normal, stddev 1 / sqrt(fan_in)), so the parameter tree and values are those of
+    hk.Conv2D."""
+
+    def __init__(self, channels: int, kernel: int, stride: int = 1, name: str | None = None):
+        super().__init__(name=name)
+        self.channels, self.kernel, self.stride = channels, kernel, stride
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        shape = (self.kernel, self.kernel, x.shape[-1], self.channels)
+        init = hk.initializers.TruncatedNormal(stddev=1.0 / np.sqrt(np.prod(shape[:-1])))
+        w = hk.get_parameter("w", shape, x.dtype, init=init)
+        pad = self.kernel // 2
+        if conv_impl() == "matmul":
+            return conv_as_matmul(x, w, self.stride, pad)
+        return jax.lax.conv_general_dilated(
+            x,
+            w,
+            window_strides=(self.stride, self.stride),
+            padding=((pad, pad), (pad, pad)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+
+def _conv(channels: int, kernel: int, stride: int = 1, name: str | None = None) -> Conv:
+    return Conv(channels, kernel, stride, name=name)
 
 
 class BasicBlock(hk.Module):

@@ -55,8 +55,26 @@ def forward_flops(model, params, net_state, image_shape) -> float:
     return float(cost["flops"])
 
 
-def torch_model(name: str, n_classes: int) -> torch.nn.Module:
-    if name == "resnet18":
+def torch_model(name: str, n_classes: int, image_shape=(32, 32, 3)) -> torch.nn.Module:
+    """The torch twin of our model `name` (eval mode): torchvision's ResNet-18 with a 3x3 stem
+    and no max-pool, the MLPs, and cnn_small (three 3x3 conv-BN-ReLU, strides 1, 2, 2, global
+    mean, linear)."""
+    if name == "cnn_small":
+        layers, channels = [], image_shape[-1]
+        for out, stride in ((32, 1), (64, 2), (64, 2)):
+            layers += [
+                torch.nn.Conv2d(channels, out, 3, stride, 1, bias=False),
+                torch.nn.BatchNorm2d(out),
+                torch.nn.ReLU(),
+            ]
+            channels = out
+        layers += [
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, n_classes),
+        ]
+        net = torch.nn.Sequential(*layers)
+    elif name == "resnet18":
         import torchvision
 
         net = torchvision.models.resnet18(num_classes=n_classes)
@@ -65,7 +83,7 @@ def torch_model(name: str, n_classes: int) -> torch.nn.Module:
     elif name in ("mlp_wide", "mlp_skinny"):
         width = 2048 if name == "mlp_wide" else 256
         net = torch.nn.Sequential(
-            torch.nn.Flatten(), torch.nn.Linear(3072, width), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(int(np.prod(image_shape)), width), torch.nn.ReLU(),
             torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, n_classes),
         )  # fmt: skip
     else:

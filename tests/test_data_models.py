@@ -102,3 +102,37 @@ def test_inference_mode_at_initialisation_is_finite(name):
     logits, _ = model.apply(params, state, x, False)
     assert np.all(np.isfinite(np.asarray(logits)))
     assert np.abs(np.asarray(logits)).max() < 1e3
+
+
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (1, 2), (1, 1)])
+def test_conv_as_matmul_is_the_convolution_and_keeps_hk_conv2d_parameters(kernel, stride):
+    import haiku as hk
+
+    import models
+
+    def forward(x, impl):
+        models.CONV_IMPL = impl
+        try:
+            return models.Conv(16, kernel, stride, name="c")(x)
+        finally:
+            models.CONV_IMPL = "auto"
+
+    def reference(x):
+        pad = kernel // 2
+        conv = hk.Conv2D(16, kernel, stride, padding=((pad, pad), (pad, pad)), with_bias=False)
+        return conv(x)
+
+    x = np.random.default_rng(0).normal(size=(3, 9, 9, 5)).astype(np.float32)
+    ours = hk.without_apply_rng(hk.transform(forward))
+    theirs = hk.without_apply_rng(hk.transform(reference))
+    key = jax.random.PRNGKey(1)
+    params = ours.init(key, x, "matmul")
+    (w,) = jax.tree.leaves(theirs.init(key, x))  # same initial values as hk.Conv2D
+    np.testing.assert_array_equal(params["c"]["w"], w)
+    expected = theirs.apply({"conv2_d": {"w": w}}, x)
+    for impl in ("matmul", "xla"):
+        np.testing.assert_allclose(ours.apply(params, x, impl), expected, rtol=1e-5, atol=1e-5)
+    # and its gradients (the backward pass is what training runs)
+    grad = jax.grad(lambda p: jnp.sum(ours.apply(p, x, "matmul") ** 2))(params)["c"]["w"]
+    grad_ref = jax.grad(lambda v: jnp.sum(theirs.apply({"conv2_d": {"w": v}}, x) ** 2))(w)
+    np.testing.assert_allclose(grad, grad_ref, rtol=1e-4, atol=1e-4)
