@@ -21,7 +21,7 @@ robust-data: $(VENV)/.installed
 	$(PY) scripts/robust_data_study.py
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_train.py
+	NTK_CONV_IMPL=$${NTK_CONV_IMPL:-matmul} $(PY) benchmarks/bench_train.py
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

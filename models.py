@@ -35,11 +35,12 @@ class ReLU(hk.Module):
         return jax.nn.relu(x)
 
 
-# How convolutions are computed: "matmul" (the k*k shifted views of the input side by side,
-# times the kernel as one matrix) or "xla" (lax.conv_general_dilated). Both use the same
-# parameters, so checkpoints do not depend on it. On the CPU, XLA's convolution (forward and
-# backward) is several times slower than one large matrix product (benchmarks/RESULTS.md).
-CONV_IMPL = os.environ.get("NTK_CONV_IMPL", "auto")
+# How convolutions are computed: "xla" (lax.conv_general_dilated, the default) or "matmul" (the
+# k*k shifted views of the input side by side, times the kernel as one matrix; "auto": matmul
+# on CPUs). Both use the same parameters, so checkpoints do not depend on it. On this project's
+# CPU, matmul makes a ResNet-18 training step 1.3x faster, but the test suite (mostly kernels
+# and attacks on small networks) ran 1.17x slower with it (benchmarks/RESULTS.md).
+CONV_IMPL = os.environ.get("NTK_CONV_IMPL", "xla")
 
 
 def conv_impl() -> str:

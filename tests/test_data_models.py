@@ -115,7 +115,7 @@ def test_conv_as_matmul_is_the_convolution_and_keeps_hk_conv2d_parameters(kernel
         try:
             return models.Conv(16, kernel, stride, name="c")(x)
         finally:
-            models.CONV_IMPL = "auto"
+            models.CONV_IMPL = "xla"
 
     def reference(x):
         pad = kernel // 2
