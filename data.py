@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -168,7 +169,13 @@ def load_examples(
     """Images (NHWC float32) and labels of an adv_examples pickle ({images: (N, C, H, W) in
     [0, 1], labels: (N,)}, as eval_and_make_adv.py, ntk_attack.py and robustify_dataset.py
     write it), checked against the dataset's image shape."""
-    examples = load_pickle(path, "--test_path file", trust=trust)
+    return examples_from_record(load_pickle(path, "examples file", trust=trust), path, image_shape)
+
+
+def examples_from_record(
+    examples: Any, path: str, image_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """load_examples on an already loaded pickle (which may hold more keys)."""
     if not isinstance(examples, dict) or not {"images", "labels"} <= set(examples):
         raise UserError(f"{path} is not an adv_examples pickle (expected keys images, labels)")
     images = np.asarray(examples["images"], np.float32)

@@ -17,27 +17,26 @@ attack run.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
-from data import DATASETS, load_dataset, load_examples, padded_batches
+from data import DATASETS, load_dataset, load_examples
 from dynamics import Dynamics
 from evaluation import (
-    TEST_BATCH,
     Tally,
     add_robustness_flags,
-    attack_key,
     attack_settings,
+    attacked_batches,
     hits,
     load_transfer,
     make_attack_fn,
     make_components_fn,
 )
 from models import MODELS, get_model, init_model
-from parallel import replicate, shard_batch, to_host
+from parallel import replicate, to_host
 from utils import (
     Parser,
     UserError,
@@ -102,7 +101,9 @@ def main(argv=None) -> dict:
     if args.margin and not args.no_adv:
         attacks["margin"] = "margin"
     attack_fns = {
-        name: make_attack_fn(model, dynamics, args.restarts, **settings[kind])
+        name: functools.partial(
+            make_attack_fn(model, dynamics, args.restarts, **settings[kind]), w, theta_t, net_state
+        )
         for name, kind in attacks.items()
     }
     key = jax.random.PRNGKey(args.random_seed)
@@ -113,23 +114,9 @@ def main(argv=None) -> dict:
     outputs = {"clean": [], "dirty": []}
     adv_images = []
     tally = Tally()
-    if transfer is not None:
-        transfer_batches = padded_batches(transfer, y, TEST_BATCH)
-    bar = tqdm(
-        padded_batches(x, y, TEST_BATCH),
-        total=-(-len(x) // TEST_BATCH),
-        desc="evaluate",
-        disable=None,
-    )
-    for i, (xb, yb, n_real) in enumerate(bar):
-        xb, yb = shard_batch(xb, yb, pad=True)
-        inputs = {"clean": xb}
-        for j, (name, attack_fn) in enumerate(attack_fns.items()):
-            inputs[name] = attack_fn(w, theta_t, net_state, xb, yb, attack_key(key, i, j))
+    for inputs, yb, n_real in attacked_batches(x, y, key, attack_fns, transfer=transfer):
         if "dirty" in inputs:
             adv_images.append(to_host(inputs["dirty"])[:n_real])
-        if transfer is not None:
-            inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
         batch_hits = {}
         for name, x_in in inputs.items():
             f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
@@ -138,6 +125,7 @@ def main(argv=None) -> dict:
             batch_hits[name] = hits(logits_of(f, df), yb, n_real)
         tally.add(batch_hits)
 
+    accuracies = tally.accuracies()
     results = {}
     for name in ("clean", "dirty"):
         if not outputs[name]:
@@ -146,11 +134,9 @@ def main(argv=None) -> dict:
             continue
         f = np.concatenate([o[0] for o in outputs[name]])
         df = np.concatenate([o[1] for o in outputs[name]])
-        logits = logits_of(f, df)
-        results[f"acc_{name}"] = float(np.mean(np.argmax(logits, -1) == y))
-        results[f"predictions_{name}"] = logits
+        results[f"acc_{name}"] = accuracies[name]
+        results[f"predictions_{name}"] = logits_of(f, df)
         results[f"components_{name}"] = {"f": f, "df": df}
-    accuracies = tally.accuracies()
     for name in ("margin", "transfer", "worst"):
         results[f"acc_{name}"] = accuracies.get(name)
     results["restarts"] = args.restarts

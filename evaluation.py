@@ -9,7 +9,8 @@ classified correctly on the clean image and under every attack.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterator
 
 import haiku as hk
 import jax
@@ -62,6 +63,45 @@ def attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
     original's fold_in(key, batch), so adding attacks leaves its figure unchanged."""
     batch_key = jax.random.fold_in(key, batch)
     return jax.random.fold_in(batch_key, attack) if attack else batch_key
+
+
+def _nested_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
+    """evaluate()'s keys (run_exp.py's end-of-phase tests): fold_in(fold_in(key, batch), attack)
+    for every attack, as recorded figures were made with."""
+    return jax.random.fold_in(jax.random.fold_in(key, batch), attack)
+
+
+def attacked_batches(
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    attack_fns: dict[str, Callable],
+    *,
+    transfer: np.ndarray | None = None,
+    description: str = "evaluate",
+    key_fn: Callable[[jax.Array, int, int], jax.Array] = attack_key,
+) -> Iterator[tuple[dict[str, jax.Array], jax.Array, int]]:
+    """The test batches of (x, y) in order (padded to TEST_BATCH and to the device count, split
+    over the devices), each with its attacked versions: yields ({'clean': x, name: fn(x, y,
+    key_fn(key, batch, j)) for the j-th attack, 'transfer': the matching rows of `transfer`},
+    y, number of real rows), under a progress bar."""
+    transfer_batches = None if transfer is None else padded_batches(transfer, y, TEST_BATCH)
+    bar = tqdm(
+        padded_batches(x, y, TEST_BATCH),
+        total=-(-len(x) // TEST_BATCH),
+        desc=description,
+        leave=False,
+        disable=None,
+    )
+    for i, (xb, yb, n_real) in enumerate(bar):
+        xb, yb = shard_batch(xb, yb, pad=True)
+        inputs = {"clean": xb}
+        for j, (name, attack_fn) in enumerate(attack_fns.items()):
+            inputs[name] = attack_fn(xb, yb, key_fn(key, i, j))
+        if transfer_batches is not None:
+            inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
+        yield inputs, yb, n_real
+    bar.close()
 
 
 def load_transfer(path: str, x: np.ndarray, y: np.ndarray, image_shape, trust: bool) -> np.ndarray:
@@ -162,24 +202,13 @@ def evaluate(
     attack_fns = {
         name: make_attack_fn(model, dynamics, restarts, **settings[name]) for name in attacks
     }
+    attack_fns = {
+        name: functools.partial(fn, w, theta_t, net_state) for name, fn in attack_fns.items()
+    }
     tally = Tally()
-    n_batches = -(-len(x) // TEST_BATCH)
-    bar = tqdm(
-        padded_batches(x, y, TEST_BATCH),
-        total=n_batches,
-        desc=description,
-        leave=False,
-        disable=None,
-    )
-    for i, (xb, yb, n_real) in enumerate(bar):
-        batch_key = jax.random.fold_in(key, i)
-        xb, yb = shard_batch(xb, yb, pad=True)
-        inputs = {"clean": xb}
-        for j, (name, attack_fn) in enumerate(attack_fns.items()):
-            inputs[name] = attack_fn(
-                w, theta_t, net_state, xb, yb, jax.random.fold_in(batch_key, j)
-            )
+    for inputs, yb, n_real in attacked_batches(
+        x, y, key, attack_fns, description=description, key_fn=_nested_key
+    ):
         predictions = {name: logits_fn(w, theta_t, net_state, z) for name, z in inputs.items()}
         tally.add({name: hits(p, yb, n_real) for name, p in predictions.items()})
-    bar.close()
     return tally.accuracies(worst=False)

@@ -27,14 +27,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from attacks import EVAL_PGD_STEPS, pgd_restarts
-from data import DATASETS, Dataset, class_balanced_subset, load_examples, padded_batches
-from evaluation import TEST_BATCH, Tally, attack_key, hits
+from data import DATASETS, Dataset, class_balanced_subset, examples_from_record
+from evaluation import Tally, attacked_batches, hits
 from models import MODELS, get_model, init_model
 from ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
-from parallel import replicate, shard_batch, to_host
+from parallel import replicate, to_host
 from utils import UserError, finite_float, load_checkpoint, load_pickle, positive_int
 
 KERNELS = ("empirical", "relu_ntk")
@@ -245,8 +244,8 @@ def support_kernel_from_args(args: argparse.Namespace, ds: Dataset) -> SupportKe
     if args.kernel_path and args.support_path:
         raise UserError("pass --kernel_path or --support_path, not both")
     if args.support_path:
-        images, labels = load_examples(args.support_path, ds.image_shape, args.trust_pickle)
         saved = load_pickle(args.support_path, "--support_path file", args.trust_pickle)
+        images, labels = examples_from_record(saved, args.support_path, ds.image_shape)
         indices = np.asarray(saved.get("indices", np.arange(len(images))))
     elif args.kernel_path:
         stored = load_pickle(args.kernel_path, "kernel pickle", args.trust_pickle)
@@ -327,16 +326,19 @@ def kernel_from_args(args: argparse.Namespace, ds: Dataset) -> KernelChoice:
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(apply: Callable, n_steps: int, loss: str, restarts: int) -> tuple[Callable, Callable]:
-    """predict(operand, P, z) = apply(z, operand) P and the PGD-Linf attack on it, jitted once
-    per kernel (new coefficient shapes retrace, new values do not)."""
+def _predict_fn(apply: Callable) -> Callable:
+    """Jitted predict(operand, P, z) = apply(z, operand) P, once per kernel (new coefficient
+    shapes retrace, new values do not)."""
+    return jax.jit(lambda operand, projection, z: apply(z, operand) @ projection)
 
-    def predict(operand, projection, z):
-        return apply(z, operand) @ projection
+
+@functools.lru_cache(maxsize=8)
+def _attack_fn(apply: Callable, n_steps: int, loss: str, restarts: int) -> Callable:
+    """Jitted PGD-Linf (on `loss`) against the predictor: attack(operand, P, x, y, key, eps)."""
 
     def attack(operand, projection, x, y, key, eps):
         return pgd_restarts(
-            lambda z: predict(operand, projection, z),
+            lambda z: apply(z, operand) @ projection,
             x,
             y,
             key,
@@ -347,7 +349,7 @@ def _jitted(apply: Callable, n_steps: int, loss: str, restarts: int) -> tuple[Ca
             loss=loss,
         )
 
-    return jax.jit(predict), jax.jit(attack)
+    return jax.jit(attack)
 
 
 def evaluate_predictor(
@@ -373,29 +375,24 @@ def evaluate_predictor(
     images (None without attacks)."""
     apply, operand = support.operator(coefficients)
     operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
-    predict = _jitted(apply, n_steps, "ce", restarts)[0]
+    predict = _predict_fn(apply)
     attack_fns = {
-        name: _jitted(apply, n_steps, "ce" if name == "linf" else name, restarts)[1]
+        name: functools.partial(
+            _attack_fn(apply, n_steps, "ce" if name == "linf" else name, restarts),
+            operand,
+            projection,
+            eps=eps_linf,
+        )
         for name in attacks
     }
     tally = Tally()
     adversarial = []
-    batches = padded_batches(x, y, TEST_BATCH)
-    transfer_batches = padded_batches(transfer, y, TEST_BATCH) if transfer is not None else None
-    bar = tqdm(batches, total=-(-len(x) // TEST_BATCH), desc=description, leave=False, disable=None)
-    for i, (xb, yb, n_real) in enumerate(bar):
-        xb, yb = shard_batch(xb, yb, pad=True)
-        inputs = {"clean": xb}
-        for j, (name, attack_fn) in enumerate(attack_fns.items()):
-            inputs[name] = attack_fn(
-                operand, projection, inputs["clean"], yb, attack_key(key, i, j), eps_linf
-            )
+    for inputs, yb, n_real in attacked_batches(
+        x, y, key, attack_fns, transfer=transfer, description=description
+    ):
         if attacks:
             adversarial.append(to_host(inputs[attacks[0]])[:n_real])
-        if transfer_batches is not None:
-            inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
         tally.add(
             {name: hits(predict(operand, projection, z), yb, n_real) for name, z in inputs.items()}
         )
-    bar.close()
     return tally.accuracies(), (np.concatenate(adversarial) if attacks else None)

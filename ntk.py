@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
-from parallel import AXIS, mesh, replicate, shard_batch, to_host
+from parallel import AXIS, mesh, padded_size, replicate, shard_batch, to_host
 from utils import tree_size
 
 
@@ -170,22 +170,20 @@ def empirical_ntk(
     chunk = chunk_size or plan.chunk_size
     longest = max(len(x1), len(x2))
     chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
+    chunk = padded_size(chunk)  # each chunk is split evenly over the devices
     jacobian_fn = make_sharded_jacobian_fn(model, class_index, mesh())
     params, net_state = replicate((params, net_state))
     gram = _gram_host if jax.default_backend() == "cpu" else contract
 
     def jacobian(x: np.ndarray, start: int) -> hk.Params:
-        """Jacobian of images start..start+chunk; a short last chunk is padded to the chunk size
-        (one compiled shape) and the padding sliced off."""
+        """Jacobian of images start..start+chunk, split over the devices; a short last chunk is
+        padded to the chunk size (one compiled shape) and the padding sliced off."""
         images = x[start : start + chunk]
         n_real = len(images)
         if n_real < chunk:
             images = np.concatenate([images, np.repeat(images[:1], chunk - n_real, axis=0)])
-        (images,) = shard_batch(images, pad=True)  # the chunk is split over the devices
-        jac = jacobian_fn(params, net_state, images)
-        if images.shape[0] == n_real:
-            return jac
-        return jax.tree.map(lambda leaf: leaf[:n_real], jac)
+        jac = jacobian_fn(params, net_state, *shard_batch(images))
+        return jac if n_real == chunk else jax.tree.map(lambda leaf: leaf[:n_real], jac)
 
     columns: dict[int, hk.Params] = {}
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)

@@ -54,7 +54,7 @@ FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
     p.add_argument("--data_path", default="./X_nothing", help="accepted for compatibility; unused")
     p.add_argument("--standard_epochs", type=non_negative_int, default=100)
@@ -101,6 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="adversarial step = one update on PGD examples (default: clean step, then PGD step)",
     )
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if not re.fullmatch(r"[CAF]{2}", args.loaders):
         p.error(f"--loaders {args.loaders!r} must be two letters of C, A, F (e.g. CC, AC, CA)")
@@ -149,8 +154,9 @@ def load_resume_state(args) -> dict | None:
         print(f"--resume: no {RESUME_FILE} in {args.save_path}; starting from the beginning")
         return None
     record = load_pickle(path, "resume state")
-    for name in RESUME_CONFIG:
-        value = record["config"].get(name, "" if name == "train_path" else None)
+    parser = build_parser()
+    for name in RESUME_CONFIG:  # a flag added since the file was written: its default
+        value = record["config"].get(name, parser.get_default(name))
         if getattr(args, name) != value:
             raise UserError(
                 f"--resume: {path} was written with --{name} {value!r}, not "

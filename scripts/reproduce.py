@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
-from study import call, table  # noqa: E402
+from study import call, open_log, table  # noqa: E402
 
 import analyze_kernels  # noqa: E402
 import calculate_kernel  # noqa: E402
@@ -75,8 +75,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     start = time.time()
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "log.txt"), "w")
+    log = open_log(out)
     common = f"--dataset {args.dataset} --model {args.model} --random_seed 0"
     kernel_epochs = [e for e in epochs_list(args.kernel_epochs) if e <= args.epochs]
     phase2_from = [e for e in epochs_list(args.phase2_from) if e <= args.epochs]

@@ -29,7 +29,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from study import call, table  # noqa: E402
+from study import call, open_log, table  # noqa: E402
 
 import eval_and_make_adv  # noqa: E402
 import ntk_attack  # noqa: E402
@@ -63,8 +63,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
     out = args.out
-    os.makedirs(out, exist_ok=True)
-    log = open(os.path.join(out, "log.txt"), "w")
+    log = open_log(out)
     eps = f"--dataset {args.dataset} --eps {args.eps:g} --random_seed 0"
     n_test = f"--n_test {args.n_test}" if args.n_test else ""
     timings = {}

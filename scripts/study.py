@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shlex
+
+
+def open_log(out: str):
+    """Create the study's output folder and its log.txt (the entry scripts' output)."""
+    os.makedirs(out, exist_ok=True)
+    return open(os.path.join(out, "log.txt"), "w")
 
 
 def call(script, command: str, log):
