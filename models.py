@@ -9,6 +9,7 @@ transformed with state (BatchNorm running statistics live in `net_state`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 
@@ -43,32 +44,52 @@ class ReLU(hk.Module):
 CONV_IMPL = os.environ.get("NTK_CONV_IMPL", "xla")
 
 
+_override: list[str] = []  # set while tracing under use_conv_impl
+
+
 def conv_impl() -> str:
-    if CONV_IMPL not in ("auto", "matmul", "xla"):
-        raise UserError(f"NTK_CONV_IMPL={CONV_IMPL!r}: use auto, matmul or xla")
-    if CONV_IMPL == "auto":
+    impl = _override[-1] if _override else CONV_IMPL
+    if impl not in ("auto", "matmul", "xla"):
+        raise UserError(f"NTK_CONV_IMPL={impl!r}: use auto, matmul or xla")
+    if impl == "auto":
         return "matmul" if jax.default_backend() == "cpu" else "xla"
-    return CONV_IMPL
+    return impl
 
 
-def conv_as_matmul(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
-    """The convolution of x (N, H, W, C) with w (k, k, C, O) (stride, symmetric zero padding) as
-    one matrix product: the k*k strided views of the padded input concatenated along channels
-    in (row, column, channel) order, which is w's HWIO order reshaped to (k*k*C, O)."""
-    k, _, c, _ = w.shape
+@contextlib.contextmanager
+def use_conv_impl(impl: str):
+    """Convolutions traced inside this context use `impl` (auto, matmul or xla), whatever
+    NTK_CONV_IMPL says; ntk.py uses it inside the functions it jits."""
+    _override.append(impl)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def conv_patches(x: jax.Array, kernel: int, stride: int, pad: int) -> jax.Array:
+    """(N, H', W', k*k*C): the k*k strided views of x (N, H, W, C), zero-padded by `pad` on each
+    side, concatenated along channels in (row, column, channel) order, which is the HWIO order of
+    a (k, k, C, O) kernel reshaped to (k*k*C, O). A convolution is patches @ that matrix."""
     n, h, width, _ = x.shape
     padded = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    h_out = (h + 2 * pad - k) // stride + 1
-    w_out = (width + 2 * pad - k) // stride + 1
+    h_out = (h + 2 * pad - kernel) // stride + 1
+    w_out = (width + 2 * pad - kernel) // stride + 1
     views = [
         padded[
             :, i : i + stride * (h_out - 1) + 1 : stride, j : j + stride * (w_out - 1) + 1 : stride
         ]
-        for i in range(k)
-        for j in range(k)
+        for i in range(kernel)
+        for j in range(kernel)
     ]
-    columns = views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
-    return columns @ w.reshape(k * k * c, -1)
+    return views[0] if len(views) == 1 else jnp.concatenate(views, axis=-1)
+
+
+def conv_as_matmul(x: jax.Array, w: jax.Array, stride: int, pad: int) -> jax.Array:
+    """The convolution of x (N, H, W, C) with w (k, k, C, O) (stride, symmetric zero padding) as
+    one matrix product of conv_patches with w reshaped to (k*k*C, O)."""
+    k, _, c, _ = w.shape
+    return conv_patches(x, k, stride, pad) @ w.reshape(k * k * c, -1)
 
 
 class Conv(hk.Module):

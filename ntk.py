@@ -7,13 +7,17 @@ all P parameters):
     K(x1, x2)   = (1 / C) sum_c J_c(x1) J_c(x2)^T         (class_index = -1)
 
 the second being neural-tangents' `trace_axes=(-1,)` convention (trace over the logits divided
-by their number C). BatchNorm runs in inference mode (running statistics), so each example's
-output depends only on that example. Products accumulate in float32 at full matmul precision;
-the result is returned as float64 like the original.
+by their number C). A convolution whose output has few positions enters K through the factors
+of its weight Jacobian (input patches and output gradients, see Factors) rather than the
+Jacobian itself, when that is cheaper (factored_layers). BatchNorm runs in inference mode
+(running statistics), so each example's output depends only on that example. Products
+accumulate in float32 at full matmul precision; the result is returned as float64 like the
+original.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 from collections.abc import Callable
@@ -27,8 +31,145 @@ import numpy as np
 from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
+from models import Conv, conv_patches, use_conv_impl
 from parallel import AXIS, mesh, padded_size, replicate, shard_batch, to_host
 from utils import tree_size
+
+
+class ConvLayer(NamedTuple):
+    """One models.Conv call: its parameter bundle, kernel size and stride, output positions
+    S = H' W', patch length D = k * k * C_in and output channels C, and output shape."""
+
+    name: str
+    kernel: int
+    stride: int
+    positions: int
+    patch: int
+    channels: int
+    out_shape: tuple[int, ...]
+
+
+def conv_layers(
+    model: hk.TransformedWithState, params: hk.Params, net_state: hk.State, image_shape
+) -> list[ConvLayer]:
+    """The models.Conv layers each called once in a forward pass of one image (traced only)."""
+    calls: list[ConvLayer] = []
+
+    def record(next_f, args, kwargs, context):
+        out = next_f(*args, **kwargs)
+        module = context.module
+        if context.method_name == "__call__" and isinstance(module, Conv):
+            calls.append(
+                ConvLayer(
+                    module.module_name, module.kernel, module.stride,
+                    out.shape[1] * out.shape[2], module.kernel**2 * args[0].shape[-1],
+                    out.shape[-1], tuple(out.shape),
+                )
+            )  # fmt: skip
+        return out
+
+    def forward(params, net_state, x):
+        with hk.experimental.intercept_methods(record):
+            return model.apply(params, net_state, x, False)[0]
+
+    jax.eval_shape(forward, params, net_state, jax.ShapeDtypeStruct((1, *image_shape), jnp.float32))
+    counts = collections.Counter(layer.name for layer in calls)
+    return [layer for layer in calls if counts[layer.name] == 1]
+
+
+FACTOR_MODES = ("auto", "all", "none")
+
+
+def factored_layers(layers: list[ConvLayer], n_outputs: int, mode: str) -> tuple[ConvLayer, ...]:
+    """The convolutions whose weight enters the kernel through its factors (see Factors).
+
+    Per pair of images and traced logit, the explicit Jacobian of a weight costs D * C
+    multiply-adds (and D * C floats per image); the factors cost S^2 (D + C) (and S (D + C)
+    floats). "auto" factors a layer when that is cheaper: ResNet-18's 4x4 last stage (75% of
+    its parameters), none of cnn_small's. "all" and "none" are for tests and comparisons."""
+    if mode not in FACTOR_MODES:
+        raise ValueError(f"factor_convs={mode!r}: use one of {FACTOR_MODES}")
+    if mode == "none":
+        return ()
+    if mode == "all":
+        return tuple(layers)
+    k = n_outputs
+    return tuple(
+        layer
+        for layer in layers
+        if layer.positions**2 * (layer.patch + k * layer.channels)
+        < k * layer.patch * layer.channels
+    )
+
+
+class Factors(NamedTuple):
+    """The Jacobian of a chunk of n images, with factored convolutions kept as factors.
+
+    `jac`: per-example Jacobians of every other parameter, leaves (n, K, *param_shape).
+    For a factored convolution y[s] = P[s] W (P the (S, D) patches of its input, see
+    models.conv_patches), d f_k / d W = sum_s P[s]^T g_k[s] with g_k = d f_k / d y, so
+
+        J_k(x1)_W . J_k(x2)_W = sum_{s, t} (P1 P2^T)[s, t] (g1_k g2_k^T)[s, t]
+
+    and `patches[name]` (n, S, D) and `grads[name]` (n, K, S, C) are all that is stored."""
+
+    jac: hk.Params
+    patches: dict[str, jax.Array]
+    grads: dict[str, jax.Array]
+
+
+# Convolutions inside Jacobians: "auto" is one matrix product on CPUs, where vmapped
+# per-example weight gradients of XLA's convolution ran ~1.5x slower (benchmarks/RESULTS.md).
+JACOBIAN_CONV_IMPL = "auto"
+
+
+@functools.lru_cache(maxsize=16)
+def make_factor_fn(
+    model: hk.TransformedWithState, class_index: int, factored: tuple[ConvLayer, ...] = ()
+) -> Callable[[hk.Params, hk.State, jax.Array], Factors]:
+    """Jitted fn(params, net_state, x (n, H, W, C)) -> Factors of the n images: K = 1 for one
+    logit, K = C for all logits. Cached, so that repeated kernels of one model compile once."""
+    names = {layer.name for layer in factored}
+
+    def outputs(explicit, deltas, fixed, net_state, x_single):
+        patches = {}
+
+        def tap(next_f, args, kwargs, context):
+            out = next_f(*args, **kwargs)
+            module = context.module
+            if context.method_name != "__call__" or not isinstance(module, Conv):
+                return out
+            name = module.module_name
+            if name not in deltas:
+                return out
+            patches[name] = conv_patches(args[0], module.kernel, module.stride, module.kernel // 2)
+            return out + deltas[name]  # deltas are zeros: d f / d delta = d f / d y
+
+        with hk.experimental.intercept_methods(tap), use_conv_impl(JACOBIAN_CONV_IMPL):
+            params = hk.data_structures.merge(explicit, fixed)
+            logits, _ = model.apply(params, net_state, x_single[None], False)
+        logits = logits[0]
+        logits = logits[class_index : class_index + 1] if class_index >= 0 else logits
+        return logits, patches
+
+    def one(params, net_state, x_single):
+        fixed, explicit = hk.data_structures.partition(
+            lambda module, name, _: module in names and name == "w", params
+        )
+        deltas = {layer.name: jnp.zeros(layer.out_shape, x_single.dtype) for layer in factored}
+        (jac, grads), patches = jax.jacrev(outputs, argnums=(0, 1), has_aux=True)(
+            explicit, deltas, fixed, net_state, x_single
+        )
+        return Factors(
+            jac,
+            {lay.name: patches[lay.name].reshape(lay.positions, lay.patch) for lay in factored},
+            {
+                lay.name: grads[lay.name].reshape(-1, lay.positions, lay.channels)
+                for lay in factored
+            },
+        )
+
+    return jax.jit(jax.vmap(one, in_axes=(None, None, 0)))
 
 
 @functools.lru_cache(maxsize=16)
@@ -36,28 +177,22 @@ def make_jacobian_fn(
     model: hk.TransformedWithState, class_index: int
 ) -> Callable[[hk.Params, hk.State, jax.Array], hk.Params]:
     """Jitted fn(params, net_state, x (n, H, W, C)) -> per-example Jacobian pytree with leaves
-    shaped (n, K, *param_shape): K = 1 for one logit, K = C for all logits. Cached, so that
-    repeated kernels of one model compile once."""
-
-    def logits_one(params, net_state, x_single):
-        logits, _ = model.apply(params, net_state, x_single[None], False)
-        logits = logits[0]
-        return logits[class_index : class_index + 1] if class_index >= 0 else logits
-
-    jac = jax.vmap(jax.jacrev(logits_one), in_axes=(None, None, 0))
-    return jax.jit(jac)
+    shaped (n, K, *param_shape): K = 1 for one logit, K = C for all logits."""
+    factor_fn = make_factor_fn(model, class_index)
+    return jax.jit(lambda params, net_state, x: factor_fn(params, net_state, x).jac)
 
 
 @functools.lru_cache(maxsize=16)
-def make_sharded_jacobian_fn(model: hk.TransformedWithState, class_index: int, mesh) -> Callable:
-    """make_jacobian_fn with the images split over the devices of `mesh` (leading size a
+def make_sharded_factor_fn(
+    model: hk.TransformedWithState, class_index: int, factored: tuple[ConvLayer, ...], mesh
+) -> Callable:
+    """make_factor_fn with the images split over the devices of `mesh` (leading size a
     multiple of the device count): each device computes the Jacobians of its own rows
     (shard_map, without cross-device sums: each row's Jacobian is per-example). Left to jit's
     automatic partitioning instead, XLA (jax 0.10, CPU) returned wrong conv-weight Jacobians for
     the rows of every device but the first (tests/test_parallel.py caught it)."""
-    jacobian_fn = make_jacobian_fn(model, class_index)
     local = jax.shard_map(
-        jacobian_fn,
+        make_factor_fn(model, class_index, factored),
         mesh=mesh,
         in_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec(AXIS)),
         out_specs=PartitionSpec(AXIS),
@@ -98,6 +233,47 @@ def contract(jac1: hk.Params, jac2: hk.Params) -> jax.Array:
     return block / k
 
 
+FACTOR_BLOCK = 2**24  # entries of one (rows * S, cols * S) product of a factored layer
+
+
+def _factored_block(p1, g1, p2, g2, matmul, concatenate):
+    """sum_k sum_{s, t} (P1 P2^T)[s, t] (g1_k g2_k^T)[s, t] (n1, n2) for patches p (n, S, D) and
+    output gradients g (n, K, S, C) (Factors), in row slices of at most FACTOR_BLOCK entries."""
+    n1, s, d = p1.shape
+    n2 = p2.shape[0]
+    # (n S, K C): the sum over logits joins the sum over channels in one product
+    g1 = g1.transpose(0, 2, 1, 3).reshape(n1 * s, -1)
+    g2 = g2.transpose(0, 2, 1, 3).reshape(n2 * s, -1)
+    p2 = p2.reshape(n2 * s, d)
+    rows = max(1, FACTOR_BLOCK // (s * n2 * s))
+    parts = []
+    for start in range(0, n1, rows):
+        stop = min(n1, start + rows)
+        patch_gram = matmul(p1[start:stop].reshape(-1, d), p2.T)
+        grad_gram = matmul(g1[start * s : stop * s], g2.T)
+        parts.append((patch_gram * grad_gram).reshape(stop - start, s, n2, s).sum(axis=(1, 3)))
+    return parts[0] if len(parts) == 1 else concatenate(parts)
+
+
+def _n_traced(factors: Factors) -> int:
+    return jax.tree.leaves(factors.jac)[0].shape[1]
+
+
+@jax.jit
+def contract_factors(f1: Factors, f2: Factors) -> jax.Array:
+    """The kernel block between two chunks' Factors with XLA (off the CPU): contract() of the
+    Jacobians plus each factored layer's term, averaged over the K logits."""
+    matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    block = contract(f1.jac, f2.jac)
+    for name in f1.patches:
+        term = _factored_block(
+            f1.patches[name], f1.grads[name], f2.patches[name], f2.grads[name], matmul,
+            jnp.concatenate,
+        )  # fmt: skip
+        block = block + term / _n_traced(f1)
+    return block
+
+
 def default_memory_gb() -> float:
     """40% of the default device's memory (of the machine's RAM on a CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -113,22 +289,33 @@ class ChunkPlan(NamedTuple):
     cache_columns: bool
 
 
-def plan_chunks(n_rows: int, n_cols: int, bytes_per_image: int, max_memory_gb: float) -> ChunkPlan:
-    """Largest chunks that fit the budget. When all column Jacobians plus one row chunk and its
-    working memory fit, every chunk is computed once; otherwise a row chunk is held while column
-    chunks are recomputed (row, column and working memory: three chunks)."""
+MIN_CACHED_CHUNK = 32  # smaller chunks than this: recompute columns in bigger ones instead
+
+
+def plan_chunks(
+    n_rows: int,
+    n_cols: int,
+    bytes_per_image: int,
+    max_memory_gb: float,
+    working_bytes_per_image: int = 0,
+) -> ChunkPlan:
+    """Largest chunks that fit the budget. A chunk of c images takes c * b bytes (b per image)
+    and, while it is computed, c * w of working memory (w = max(b, working_bytes_per_image)).
+    When every column chunk plus one row chunk being computed fits with chunks of at least
+    MIN_CACHED_CHUNK images, every chunk is computed once; otherwise a row chunk is held while
+    column chunks are recomputed (c * (2 b + w))."""
     budget = max_memory_gb * 2**30
-    chunk = int(budget // (3 * bytes_per_image))
+    b, w = bytes_per_image, max(bytes_per_image, working_bytes_per_image)
+    chunk = int(budget // (2 * b + w))
     if chunk < 1:
-        need = 3 * bytes_per_image / 2**30
+        need = (2 * b + w) / 2**30
         raise ValueError(
             f"one image's Jacobian needs about {need:.2f} GB of a {max_memory_gb:g} "
             f"GB budget with working memory; raise --max_memory_gb above {need:.2f}"
         )
-    all_columns = n_cols * bytes_per_image
-    if all_columns <= 0.5 * budget:  # the rest: one row chunk and the working memory
-        chunk = max(1, int((budget - all_columns) // (2 * bytes_per_image)))
-        return ChunkPlan(min(chunk, max(n_rows, n_cols)), True)
+    cached_chunk = int((budget - n_cols * b) // (b + w))
+    if cached_chunk >= min(MIN_CACHED_CHUNK, n_rows, n_cols):
+        return ChunkPlan(min(cached_chunk, max(n_rows, n_cols)), True)
     return ChunkPlan(min(chunk, max(n_rows, n_cols)), False)
 
 
@@ -144,6 +331,65 @@ def _gram_host(jac1: hk.Params, jac2: hk.Params) -> np.ndarray:
     return block / k
 
 
+def _factor_gram_host(f1: Factors, f2: Factors) -> np.ndarray:
+    """contract_factors() with the host's BLAS."""
+    block = _gram_host(f1.jac, f2.jac)
+    for name in f1.patches:
+        term = _factored_block(
+            *(to_host(a) for a in (f1.patches[name], f1.grads[name])),
+            *(to_host(a) for a in (f2.patches[name], f2.grads[name])),
+            np.matmul, np.concatenate,
+        )  # fmt: skip
+        block += term / _n_traced(f1)
+    return block
+
+
+class KernelPlan(NamedTuple):
+    """How empirical_ntk computes a kernel: images per chunk, whether column chunks stay
+    cached, the factored convolutions, and the bytes one image's Factors take."""
+
+    chunk_size: int
+    cache_columns: bool
+    factored: tuple[ConvLayer, ...]
+    bytes_per_image: int
+
+
+def plan_kernel(
+    model: hk.TransformedWithState,
+    params: hk.Params,
+    net_state: hk.State,
+    x1: np.ndarray,
+    x2: np.ndarray,
+    class_index: int = -1,
+    chunk_size: int | None = None,
+    max_memory_gb: float | None = None,
+    factor_convs: str = "auto",
+) -> KernelPlan:
+    """The KernelPlan of empirical_ntk(x1, x2) (pass x2 = x1 for the square kernel)."""
+    n_outputs = 1 if class_index >= 0 else _n_logits(model, params, net_state, x1[:1])
+    layers = conv_layers(model, params, net_state, x1.shape[1:])
+    factored = factored_layers(layers, n_outputs, factor_convs)
+    floats = n_outputs * tree_size(params) + sum(
+        layer.positions * (layer.patch + n_outputs * layer.channels)
+        - n_outputs * layer.patch * layer.channels
+        for layer in factored
+    )
+    # working memory, roughly: each convolution's patches and output, and the other activations
+    # as large as its output, per traced logit
+    working = (
+        4
+        * n_outputs
+        * sum(layer.positions * (layer.patch + 2 * layer.channels) for layer in layers)
+    )
+    budget = max_memory_gb or default_memory_gb()
+    chunks = plan_chunks(len(x1), len(x2), 4 * floats, budget, working)
+    chunk = chunk_size or chunks.chunk_size
+    longest = max(len(x1), len(x2))
+    chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
+    chunk = padded_size(chunk)  # each chunk is split evenly over the devices
+    return KernelPlan(chunk, chunks.cache_columns, factored, 4 * floats)
+
+
 def empirical_ntk(
     model: hk.TransformedWithState,
     params: hk.Params,
@@ -156,27 +402,27 @@ def empirical_ntk(
     max_memory_gb: float | None = None,
     progress: bool = True,
     describe: Callable[[str], None] | None = None,
+    factor_convs: str = "auto",
 ) -> np.ndarray:
     """K(x1, x2) (N1, N2) float64 as defined in the module docstring; K(x1, x1) when x2 is None.
 
     Each row chunk's Jacobian is computed once; column chunks are computed once and kept when
     they fit in `max_memory_gb` (default: default_memory_gb()), else recomputed per row chunk.
-    The square kernel computes only blocks (i, j) with j >= i and mirrors them."""
+    The square kernel computes only blocks (i, j) with j >= i and mirrors them. Convolutions
+    chosen by factored_layers(factor_convs) enter through their factors (Factors), not their
+    Jacobians: the same kernel, with less memory and arithmetic."""
     square = x2 is None
     x2 = x1 if square else x2
-    n_outputs = 1 if class_index >= 0 else _n_logits(model, params, net_state, x1[:1])
-    bytes_per_image = 4 * tree_size(params) * n_outputs
-    plan = plan_chunks(len(x1), len(x2), bytes_per_image, max_memory_gb or default_memory_gb())
-    chunk = chunk_size or plan.chunk_size
-    longest = max(len(x1), len(x2))
-    chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
-    chunk = padded_size(chunk)  # each chunk is split evenly over the devices
-    jacobian_fn = make_sharded_jacobian_fn(model, class_index, mesh())
+    plan = plan_kernel(
+        model, params, net_state, x1, x2, class_index, chunk_size, max_memory_gb, factor_convs
+    )
+    chunk, factored = plan.chunk_size, plan.factored
+    jacobian_fn = make_sharded_factor_fn(model, class_index, factored, mesh())
     params, net_state = replicate((params, net_state))
-    gram = _gram_host if jax.default_backend() == "cpu" else contract
+    gram = _factor_gram_host if jax.default_backend() == "cpu" else contract_factors
 
-    def jacobian(x: np.ndarray, start: int) -> hk.Params:
-        """Jacobian of images start..start+chunk, split over the devices; a short last chunk is
+    def jacobian(x: np.ndarray, start: int) -> Factors:
+        """Factors of images start..start+chunk, split over the devices; a short last chunk is
         padded to the chunk size (one compiled shape) and the padding sliced off."""
         images = x[start : start + chunk]
         n_real = len(images)
@@ -185,7 +431,7 @@ def empirical_ntk(
         jac = jacobian_fn(params, net_state, *shard_batch(images))
         return jac if n_real == chunk else jax.tree.map(lambda leaf: leaf[:n_real], jac)
 
-    columns: dict[int, hk.Params] = {}
+    columns: dict[int, Factors] = {}
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
     n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
     kernel = np.zeros((len(x1), len(x2)), np.float64)

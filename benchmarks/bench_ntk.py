@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from models import get_model, init_model  # noqa: E402
-from ntk import default_memory_gb, empirical_ntk, plan_chunks  # noqa: E402
+from ntk import default_memory_gb, empirical_ntk, plan_chunks, plan_kernel  # noqa: E402
 from utils import tree_size  # noqa: E402
 
 
@@ -129,14 +129,23 @@ def torch_ntk(net: torch.nn.Module, x: torch.Tensor, class_index: int, plan) -> 
     return kernel
 
 
-def timed(fn, repeats: int) -> tuple[float, object]:
-    result = fn()  # warm-up (compilation)
+def timed(fn, warm_up, repeats: int) -> tuple[float, object]:
+    """Median seconds of `repeats` calls of fn after one call of warm_up (compilation, on one
+    chunk: the shapes the timed calls use)."""
+    warm_up()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times), result
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far (ours runs first, so its row is ours)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def main() -> None:
@@ -146,6 +155,7 @@ def main() -> None:
     p.add_argument("--class_index", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max_memory_gb", type=float, default=None, help="budget, for both")
+    p.add_argument("--factor_convs", default="auto", choices=("auto", "all", "none"))
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
     shape = (32, 32, 3)
@@ -167,25 +177,51 @@ def main() -> None:
     )
 
     budget = args.max_memory_gb or default_memory_gb()
-    plan = plan_chunks(args.n, args.n, 4 * n_params * k_out, budget)
-    print(f"chunk plan (both): {plan.chunk_size} images, columns cached: {plan.cache_columns}")
-    ours_s, ours = timed(
-        lambda: empirical_ntk(
-            model, params, net_state, x, class_index=args.class_index, max_memory_gb=budget,
-            progress=False,
-        ),
-        args.repeats,
+    plan = plan_kernel(
+        model, params, net_state, x, x, args.class_index, max_memory_gb=budget,
+        factor_convs=args.factor_convs,
     )  # fmt: skip
+    factored = sum(layer.patch * layer.channels for layer in plan.factored)
+    print(
+        f"ours: {len(plan.factored)} convolutions ({factored / n_params:.0%} of the parameters) "
+        f"factored, {plan.bytes_per_image / 2**20:.1f} MB per image, chunks of "
+        f"{plan.chunk_size}, columns cached: {plan.cache_columns}"
+    )
+
+    def ours_kernel(images):
+        return empirical_ntk(
+            model, params, net_state, images, class_index=args.class_index,
+            chunk_size=plan.chunk_size, max_memory_gb=budget, factor_convs=args.factor_convs,
+            progress=False,
+        )  # fmt: skip
+
+    ours_s, ours = timed(
+        lambda: ours_kernel(x), lambda: ours_kernel(x[: plan.chunk_size]), args.repeats
+    )
+    ours_gb = peak_rss_gb()
+    torch_plan = plan_chunks(args.n, args.n, 4 * n_params * k_out, budget)
+    print(
+        f"torch.func: {4 * n_params * k_out / 2**20:.1f} MB per image, chunks of "
+        f"{torch_plan.chunk_size}, columns cached: {torch_plan.cache_columns}"
+    )
     net = torch_model(args.model, 10)
     x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    torch_s, theirs = timed(lambda: torch_ntk(net, x_torch, args.class_index, plan), args.repeats)
-    print("\n| implementation | seconds | FLOP bound s | x bound | ratio ours/torch |")
-    print("|---|---|---|---|---|")
-    print(
-        f"| ours (ntk.py)  | {ours_s:.1f} | {bound_s:.1f} | {ours_s / bound_s:.2f} | "
-        f"{ours_s / torch_s:.2f} |"
+    torch_s, theirs = timed(
+        lambda: torch_ntk(net, x_torch, args.class_index, torch_plan),
+        lambda: torch_ntk(net, x_torch[:8], args.class_index, torch_plan),
+        args.repeats,
     )
-    print(f"| torch.func     | {torch_s:.1f} | {bound_s:.1f} | {torch_s / bound_s:.2f} | 1.00 |")
+    torch_gb = peak_rss_gb()
+    print("\n| implementation | seconds | peak memory GB | FLOP bound s | x bound | ours/torch |")
+    print("|---|---|---|---|---|---|")
+    print(
+        f"| ours (ntk.py)  | {ours_s:.1f} | {ours_gb:.1f} | {bound_s:.1f} | {ours_s / bound_s:.2f} "
+        f"| {ours_s / torch_s:.2f} |"
+    )
+    print(
+        f"| torch.func     | {torch_s:.1f} | {torch_gb:.1f} (process) | {bound_s:.1f} | "
+        f"{torch_s / bound_s:.2f} | 1.00 |"
+    )
     for name, kernel in (("ours", ours), ("torch.func", theirs)):
         if not np.all(np.isfinite(kernel)):
             print(f"warning: {name}'s kernel has {np.sum(~np.isfinite(kernel))} non-finite entries")

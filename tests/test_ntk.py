@@ -88,3 +88,73 @@ def test_accelerator_contraction_matches_the_cpu_blas_path(setup):
         host = _gram_host(a, b)
         assert rel_err(np.asarray(contract(a, b)), host) < 1e-6
     assert jax.tree.leaves(rows)[0].shape[:2] == (7, 4)
+
+
+@pytest.fixture(scope="module")
+def conv_setup():
+    model, params, net_state = small_model("cnn_small", n_classes=4)
+    x1, x2 = random_images(7, seed=3), random_images(5, seed=4)
+    return model, params, warm_bn_state(model, params, net_state, x1), x1, x2
+
+
+@pytest.mark.parametrize("class_index", [-1, 1])
+def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, monkeypatch):
+    """Every convolution through its factors (patches and output gradients), in row slices of
+    the factor products (a tiny FACTOR_BLOCK) and odd chunks: still J J^T."""
+    import ntk
+
+    model, params, net_state, x1, x2 = conv_setup
+    monkeypatch.setattr(ntk, "FACTOR_BLOCK", 200)
+    plan = ntk.plan_kernel(model, params, net_state, x1, x1, class_index, factor_convs="all")
+    assert len(plan.factored) == 3
+    for chunk in (None, 3):
+        square = empirical_ntk(
+            model, params, net_state, x1, class_index=class_index, chunk_size=chunk,
+            factor_convs="all", progress=False,
+        )  # fmt: skip
+        cross = empirical_ntk(
+            model, params, net_state, x1, x2, class_index=class_index, chunk_size=chunk,
+            factor_convs="all", progress=False,
+        )  # fmt: skip
+        assert rel_err(square, explicit_ntk(model, params, net_state, x1, x1, class_index)) < 1e-5
+        assert rel_err(cross, explicit_ntk(model, params, net_state, x1, x2, class_index)) < 1e-5
+
+
+def test_factored_contraction_on_accelerators_matches_the_host(conv_setup):
+    """contract_factors() (XLA, used off the CPU) agrees with _factor_gram_host() (BLAS)."""
+    import ntk
+
+    model, params, net_state, x1, x2 = conv_setup
+    layers = ntk.conv_layers(model, params, net_state, x1.shape[1:])
+    factored = ntk.factored_layers(layers, 4, "all")
+    factor_fn = ntk.make_factor_fn(model, -1, factored)
+    rows, cols = factor_fn(params, net_state, x1), factor_fn(params, net_state, x2)
+    assert rows.patches["conv1"].shape == (7, 16, 9 * 32)  # 8x8 -> 4x4, 3x3 x 32 channels
+    assert rows.grads["conv1"].shape == (7, 4, 16, 64)
+    for a, b in ((rows, rows), (rows, cols)):
+        host = ntk._factor_gram_host(a, b)
+        assert rel_err(np.asarray(ntk.contract_factors(a, b)), host) < 1e-6
+
+
+def test_auto_factors_only_where_cheaper():
+    """ResNet-18 on 32x32: "auto" factors the 4x4 last stage (most parameters), where S^2 (D + C)
+    < D C; cnn_small on 8x8 digits: its last, 2x2 convolution only. The plan's memory per image
+    follows."""
+    import ntk
+
+    model, params, net_state = small_model("resnet18", 10, image_shape=(32, 32, 3))
+    x = random_images(2, image_shape=(32, 32, 3))
+    layers = ntk.conv_layers(model, params, net_state, x.shape[1:])
+    assert len(layers) == 20  # stem, 16 block convolutions, 3 shortcuts
+    factored = ntk.factored_layers(layers, 1, "auto")
+    assert factored and all(layer.name.startswith("stage3") for layer in factored)
+    for layer in factored:
+        assert layer.positions**2 * (layer.patch + layer.channels) < layer.patch * layer.channels
+    n_params = sum(p.size for p in __import__("jax").tree.leaves(params))
+    share = sum(layer.patch * layer.channels for layer in factored) / n_params
+    assert share > 0.7
+    plan = ntk.plan_kernel(model, params, net_state, x, x, class_index=0, max_memory_gb=8.0)
+    assert plan.bytes_per_image < 0.3 * 4 * n_params
+    cnn, cnn_params, cnn_state = small_model("cnn_small", 10)
+    cnn_layers = ntk.conv_layers(cnn, cnn_params, cnn_state, (8, 8, 1))
+    assert [layer.name for layer in ntk.factored_layers(cnn_layers, 10, "auto")] == ["conv2"]
