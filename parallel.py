@@ -30,7 +30,12 @@ AXIS = "batch"
 def mesh() -> Mesh:
     """The 1-D mesh over all devices of all processes, in jax.devices() order (each process's
     devices contiguous, so each process holds a contiguous block of rows of a batch)."""
-    return Mesh(np.array(jax.devices()), (AXIS,))
+    return _mesh(tuple(jax.devices()))
+
+
+@functools.lru_cache(maxsize=4)
+def _mesh(devices: tuple) -> Mesh:
+    return Mesh(np.array(devices), (AXIS,))
 
 
 def n_devices() -> int:
@@ -39,11 +44,16 @@ def n_devices() -> int:
 
 def batch_sharding() -> NamedSharding:
     """Leading axis split over the mesh, the rest whole."""
-    return NamedSharding(mesh(), PartitionSpec(AXIS))
+    return _sharding(mesh(), PartitionSpec(AXIS))
 
 
 def replicated() -> NamedSharding:
-    return NamedSharding(mesh(), PartitionSpec())
+    return _sharding(mesh(), PartitionSpec())
+
+
+@functools.lru_cache(maxsize=8)
+def _sharding(on: Mesh, spec: PartitionSpec) -> NamedSharding:
+    return NamedSharding(on, spec)
 
 
 def replicate(tree: Any) -> Any:
@@ -81,6 +91,8 @@ def shard_batch(*arrays: np.ndarray, pad: bool = False) -> tuple[jax.Array, ...]
         extra = padded_size(n) - n
         arrays = tuple(np.concatenate([a, np.repeat(a[:1], extra, axis=0)]) for a in arrays)
         n += extra
+    if jax.process_count() == 1:  # one call for all arrays: cheaper per training step
+        return tuple(jax.device_put(tuple(np.asarray(a) for a in arrays), batch_sharding()))
     per_process = n // jax.process_count()
     start = jax.process_index() * per_process
     return tuple(

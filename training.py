@@ -107,6 +107,22 @@ def is_adversarial_epoch(loader: str, epoch: int) -> bool:
     return loader == "A" or (loader == "F" and epoch > F_LOADER_CLEAN_EPOCHS)
 
 
+def _record(totals: dict, bar: tqdm, description: str, i: int, metrics: dict) -> None:
+    """Add step i's metrics to the running totals; stop on a non-finite loss. Called once step
+    i + 1 is dispatched, so that the host waits for a step while the next one is queued."""
+    metrics = jax.device_get(metrics)
+    if not np.isfinite(metrics["loss"]):
+        bar.close()
+        raise TrainingDiverged(
+            f"{description}: the training loss became {metrics['loss']} at step {i + 1}; "
+            "stopped, keeping the last good checkpoint and resume state (try a smaller "
+            "learning rate)"
+        )
+    for name in totals:
+        totals[name] += float(metrics[name])
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+
+
 def run_epoch(
     step_fn: Callable,
     state: TrainState,
@@ -133,21 +149,18 @@ def run_epoch(
         leave=False,
         disable=None,
     )
+    # one call for every step's key (the same keys as fold_in(key, i) step by step), on the host
+    keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, np.arange(n_steps)))
+    pending = None  # the previous step's metrics, read after the next step is dispatched
     for i, (xb, yb) in enumerate(bar):
         if on_step is not None:
             on_step(i, state)
         xb, yb = shard_batch(xb, yb)
-        state, metrics = step_fn(state, xb, yb, jax.random.fold_in(key, i))
-        metrics = jax.device_get(metrics)
-        if not np.isfinite(metrics["loss"]):
-            bar.close()
-            raise TrainingDiverged(
-                f"{description}: the training loss became {metrics['loss']} at step {i + 1}; "
-                "stopped, keeping the last good checkpoint and resume state (try a smaller "
-                "learning rate)"
-            )
-        for name in totals:
-            totals[name] += float(metrics[name])
-        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+        state, metrics = step_fn(state, xb, yb, keys[i])
+        if pending is not None:
+            _record(totals, bar, description, *pending)
+        pending = (i, metrics)
+    if pending is not None:
+        _record(totals, bar, description, *pending)
     bar.close()
     return state, {name: total / max(n_steps, 1) for name, total in totals.items()}

@@ -44,9 +44,10 @@ from dynamics import PHASE1, Dynamics  # noqa: E402
 from evaluation import attack_settings, make_attack_fn  # noqa: E402
 from models import get_model, init_model  # noqa: E402
 from parallel import replicate, shard_batch  # noqa: E402
-from training import init_train_state, make_optimizer, make_train_step  # noqa: E402
+from training import init_train_state, make_optimizer, make_train_step, run_epoch  # noqa: E402
 
 EPS = 8 / 255
+PIPELINE_STEPS = {"resnet18": 3, "cnn_small": 50}  # steps in the input-pipeline epoch
 SHAPES = {"resnet18": (32, 32, 3), "cnn_small": (8, 8, 1)}
 PHASE2 = Dynamics(linear=True, centering=True, bn_train=False)
 # FLOPs per image in units of the forward pass F
@@ -58,15 +59,48 @@ FLOP_MODEL = {
 }
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median seconds of fn() over `repeats` calls after one warm-up call (compilation)."""
+def timed(fn: Callable[[], object], repeats: int, min_seconds: float = 1.0) -> float:
+    """Median seconds of fn() after one warm-up call (compilation): over `repeats` calls, or
+    more for short calls, as many as fill about `min_seconds` (at most 50)."""
     fn()
-    times = []
-    for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    times = [time.perf_counter() - start]
+    for _ in range(max(repeats, min(50, int(min_seconds / max(times[0], 1e-6)))) - 1):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def pipeline_overhead(model, params, net_state, shape, batch: int, n_steps: int) -> dict:
+    """training.run_epoch over n_steps batches (the loop run_exp.py uses: batches drawn, sent to
+    the devices, keys, metrics) against n_steps times the median step on a batch already on the
+    device: the share of the epoch's wall time spent outside the steps."""
+    optimizer = make_optimizer(0.1)
+    step = make_train_step(model, optimizer, PHASE1, adversarial=False, eps=EPS)
+    copy = functools.partial(jax.tree.map, jnp.copy)
+    state = init_train_state(optimizer, copy(params), None, copy(net_state))
+    rng = np.random.default_rng(1)
+    x = rng.uniform(0, 1, (batch * n_steps, *shape)).astype(np.float32)
+    y = rng.integers(0, 10, batch * n_steps).astype(np.int32)
+    key = jax.random.PRNGKey(0)
+    box = {"state": state}
+
+    def epoch():
+        box["state"], _ = run_epoch(
+            step, box["state"], x, y, batch_size=batch, seed=0, key=key, description="epoch"
+        )
+
+    epoch_s = timed(epoch, 1)
+    xb, yb = shard_batch(x[:batch], y[:batch])
+
+    def one_step():
+        box["state"], metrics = step(box["state"], xb, yb, key)
+        jax.block_until_ready((box["state"], metrics))
+
+    steps_s = n_steps * timed(one_step, 3)
+    return {"epoch_s": epoch_s, "steps_s": steps_s, "overhead": 1 - steps_s / epoch_s}
 
 
 # ----------------------------------------------------------------------------- ours
@@ -238,6 +272,18 @@ def main(argv=None) -> list[dict]:
                 f"{ours_s / torch_s:10.2f} | {batch / ours_s:10.1f} | {share:14.1%} |",
                 flush=True,
             )
+    print("\n| model | input pipeline: epoch s | its steps s | outside the steps |")
+    print("|---|---|---|---|")
+    for name in args.models.split(","):
+        model = get_model(name, 10)
+        params, net_state = init_model(model, jax.random.PRNGKey(0), SHAPES[name])
+        n_steps = PIPELINE_STEPS[name]
+        result = pipeline_overhead(model, params, net_state, SHAPES[name], args.batch, n_steps)
+        print(
+            f"| {name} ({n_steps} steps of {args.batch}) | {result['epoch_s']:.3f} | "
+            f"{result['steps_s']:.3f} | {result['overhead']:.1%} |",
+            flush=True,
+        )
     return table
 
 
