@@ -30,12 +30,7 @@ AXIS = "batch"
 def mesh() -> Mesh:
     """The 1-D mesh over all devices of all processes, in jax.devices() order (each process's
     devices contiguous, so each process holds a contiguous block of rows of a batch)."""
-    return _mesh(tuple(jax.devices()))
-
-
-@functools.lru_cache(maxsize=4)
-def _mesh(devices: tuple) -> Mesh:
-    return Mesh(np.array(devices), (AXIS,))
+    return Mesh(np.array(jax.devices()), (AXIS,))
 
 
 def n_devices() -> int:

@@ -202,7 +202,7 @@ def train_phase(
                 model, optimizer, dynamics, adversarial=adversarial, eps=eps, pure_pgd=args.pure_pgd
             )
         set_learning_rate(state, lr_for_epoch(epoch))
-        save_hook(epoch, None, state)
+        save_hook(epoch, None, lambda state=state: state)
         start = time.time()
         state, metrics = run_epoch(
             steps[adversarial],
@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
     elif resume is None or resume["phase"] == 1:
         fractions = fractional_saves(steps_per_epoch)
 
-        def save_phase1(epoch, step, state):
+        def save_phase1(epoch, step, get_state):
             if not args.constant_save:
                 return
             if step is None:
@@ -278,6 +278,7 @@ def main(argv=None) -> dict:
             else:
                 names = [checkpoint_name(f) for f in fractions.get((epoch, step), [])]
             for name in names:
+                state = get_state()
                 save_checkpoint(os.path.join(save_path, name), state.w, state.w, state.net_state)
 
         state = train_phase(
@@ -322,8 +323,9 @@ def main(argv=None) -> dict:
         bn_train=args.loose_bn_second,
     )
 
-    def save_phase2(epoch, step, state):
+    def save_phase2(epoch, step, get_state):
         if args.constant_save_linear and step is None:
+            state = get_state()
             path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
             save_checkpoint(path, state.theta_t, state.w, state.net_state)
 

@@ -133,11 +133,14 @@ def run_epoch(
     seed: Any,
     key: jax.Array,
     description: str,
-    on_step: Callable[[int, TrainState], None] | None = None,
+    on_step: Callable[[int, Callable[[], TrainState]], None] | None = None,
 ) -> tuple[TrainState, dict]:
-    """One pass over (x, y) in an order drawn from `seed`; `on_step(i, state)` is called before
-    step i (for fractional-epoch checkpoints). Each batch is split over the devices and the
-    state replicated (parallel.py). Returns the state and mean loss/accuracy."""
+    """One pass over (x, y) in an order drawn from `seed`; `on_step(i, get_state)` is called
+    before step i (for fractional-epoch checkpoints): get_state() returns the state once the
+    previous step's loss has been checked, so a hook that saves never saves a diverged state,
+    and a hook that does not call it lets the host queue steps ahead. Each batch is split over
+    the devices and the state replicated (parallel.py). Returns the state and mean
+    loss/accuracy."""
     rng = np.random.default_rng(seed)
     state = replicate(state)
     totals = {"loss": 0.0, "accuracy": 0.0}
@@ -151,16 +154,23 @@ def run_epoch(
     )
     # one call for every step's key (the same keys as fold_in(key, i) step by step), on the host
     keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, np.arange(n_steps)))
-    pending = None  # the previous step's metrics, read after the next step is dispatched
+    pending = []  # the previous step's (index, metrics), read after the next step is dispatched
+
+    def flush() -> None:
+        while pending:
+            _record(totals, bar, description, *pending.pop())
+
+    def checked_state() -> TrainState:
+        flush()
+        return state
+
     for i, (xb, yb) in enumerate(bar):
         if on_step is not None:
-            on_step(i, state)
+            on_step(i, checked_state)
         xb, yb = shard_batch(xb, yb)
         state, metrics = step_fn(state, xb, yb, keys[i])
-        if pending is not None:
-            _record(totals, bar, description, *pending)
-        pending = (i, metrics)
-    if pending is not None:
-        _record(totals, bar, description, *pending)
+        flush()
+        pending.append((i, metrics))
+    flush()
     bar.close()
     return state, {name: total / max(n_steps, 1) for name, total in totals.items()}

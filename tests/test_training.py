@@ -91,3 +91,30 @@ def test_chain_script_runs_phase1_phase2_eval_and_kernel(tmp_path):
     assert (out / "phase_2_centered" / "parameters_final.pkl").is_file()
     assert (out / "phase_2_centered" / "test_results" / "adv_examples_default.pkl").is_file()
     assert (out / "phase_1" / "bonus_dir" / "kernel_class_0_500.pkl").is_file()
+
+
+def test_a_hook_reading_the_state_never_sees_an_unchecked_diverged_step():
+    """run_epoch reads each step's loss one step late, but on_step's get_state() checks the
+    previous step first: a checkpoint hook raises TrainingDiverged instead of saving the
+    state after a non-finite loss. A hook that does not read the state does not stop it."""
+    from training import TrainingDiverged, run_epoch
+
+    def step_fn(state, x, y, key):
+        loss = jnp.where(state["n"] >= 1, jnp.nan, 1.0)  # step 1 diverges
+        return {"n": state["n"] + 1}, {"loss": loss, "accuracy": jnp.float32(0)}
+
+    x, y = random_images(8), np.zeros(8, np.int32)
+    seen = []
+
+    def saving_hook(i, get_state):
+        seen.append((i, int(get_state()["n"])))
+
+    def epoch(hook):
+        kwargs = {"batch_size": 2, "seed": 0, "key": jax.random.PRNGKey(0), "description": "t"}
+        run_epoch(step_fn, {"n": jnp.int32(0)}, x, y, on_step=hook, **kwargs)
+
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        epoch(saving_hook)
+    assert seen == [(0, 0), (1, 1)]  # step 2's hook never got the diverged state
+    with pytest.raises(TrainingDiverged, match="at step 2"):
+        epoch(lambda i, get_state: None)
