@@ -3,11 +3,13 @@
 Each step ascends a loss of `logits_fn` summed over the batch, the cross-entropy (`loss="ce"`)
 or the Carlini-Wagner margin max_{j != y} z_j - z_y (`loss="margin"`, which does not saturate
 when the softmax does):
-    L-inf: x <- Proj(x + step * sign(grad)),   ball {|x - x0|_inf <= eps}
-    L2:    x <- Proj(x + step * grad / |grad|_2), ball {|x - x0|_2 <= eps} (per example)
-then clips to the image range [0, 1]. The start is random in the ball. The whole loop runs
-inside one `lax.fori_loop`, so it compiles into the caller's jitted function. With random
-restarts (`pgd_restarts`) an example counts as robust only if every restart fails.
+    L-inf: x <- Proj(clip(x + step * sign(grad))),   ball {|x - x0|_inf <= eps}
+    L2:    x <- Proj(clip(x + step * grad / |grad|_2)), ball {|x - x0|_2 <= eps} (per example)
+where clip is to the image range [0, 1], applied before the projection as in the original
+(the result stays in [0, 1]: the ball's centre x0 is in it). The start is random in the ball.
+The whole loop runs inside one `lax.fori_loop`, so it compiles into the caller's jitted
+function. With random restarts (`pgd_restarts`) an example counts as robust only if every
+restart fails.
 """
 
 from __future__ import annotations
@@ -91,7 +93,8 @@ def pgd(
 
     def step(_, x_adv):
         grad = jax.grad(objective)(x_adv)
-        x_adv = x_adv + step_size * _ascent_direction(grad, norm)
+        x_adv = jnp.clip(x_adv + step_size * _ascent_direction(grad, norm), 0.0, 1.0)
+        # the outer clip only removes rounding error: x + project(...) is in [0, 1] already
         return jnp.clip(x + project(x_adv - x, eps, norm), 0.0, 1.0)
 
     x_start = jnp.clip(x + _random_start(key, x.shape, eps, norm), 0.0, 1.0)

@@ -134,7 +134,9 @@ def class_balanced_subset(
             f"classes ({n_classes})"
         )
     per_class = dataset_size // n_classes
-    rng = np.random.default_rng(seed)
+    # the original's draw (np.random.seed(seed), then np.random.choice per class): the same
+    # images for the same seed
+    rng = np.random.RandomState(seed)
     chosen = []
     for c in range(n_classes):
         members = np.flatnonzero(labels == c)
@@ -144,7 +146,7 @@ def class_balanced_subset(
                 f"training set has only {len(members)}; the largest possible is "
                 f"{n_classes * min(np.bincount(labels, minlength=n_classes))}"
             )
-        chosen.append(rng.choice(members, per_class, replace=False))
+        chosen.append(members[rng.choice(len(members), per_class, replace=False)])
     return np.concatenate(chosen)
 
 

@@ -63,11 +63,16 @@ def components(
     net_state: hk.State,
     x: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """(f, df) with f = f(x; theta_t) and df the trained part: J(x; theta_t) (w - theta_t) when
-    linearized, f(x; w) - f(x; theta_t) otherwise. The logits are f + df, or df when centered."""
+    """(f, df), the logits being f + df, or df when centered: linearized, f = f(x; theta_t) and
+    df = J(x; theta_t) (w - theta_t); standard dynamics, as the original, f = f(x; w) and df = 0,
+    or when centered f = f(x; theta_t) and df = f(x; w) - f(x; theta_t) (the original stores 0
+    there, which loses the logits)."""
     if dynamics.linear:
         f_theta_t, df, _ = _linearize(model, dynamics, w, theta_t, net_state, x)
         return f_theta_t, df
+    if not dynamics.centering:
+        logits, _ = model.apply(w, net_state, x, dynamics.bn_train)
+        return logits, jnp.zeros_like(logits)
     f_theta_t, _ = model.apply(theta_t, net_state, x, dynamics.bn_train)
     f_w, _ = model.apply(w, net_state, x, dynamics.bn_train)
     return f_theta_t, f_w - f_theta_t

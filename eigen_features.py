@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data import load_dataset
+from evaluation import autoattack_threat, masking_warnings
 from kernel_regression import (
     add_kernel_flags,
     component_factors,
@@ -109,8 +110,13 @@ def main(argv=None) -> dict:
                 eps_linf=args.eps / 255.0,
                 n_steps=args.pgd_steps,
                 description=f"{kind} {k}",
+                autoattack=autoattack_threat(args),
             )
             row["linf"] = accuracies["linf"]
+            if args.autoattack:
+                row["autoattack"] = accuracies["autoattack"]
+                for warning in masking_warnings(accuracies):
+                    print(f"warning: {kind} {k}: {warning}")
         rows.append(row)
 
     result = {
@@ -130,13 +136,15 @@ def main(argv=None) -> dict:
     with open(path + ".json", "w") as f:
         json.dump(result, f, indent=2)
     with open(path + ".csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["kind", "k", "eigenvalue", "clean", "linf"])
+        fields = ["kind", "k", "eigenvalue", "clean", "linf"] + (["autoattack"] * args.autoattack)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
     plot_eigen_features(result, path + ".png")
     print(f"{support.description}: full kernel regression clean {clean_cumulative[-1]:.4f}")
     for row in rows:
         robust = f", PGD-Linf {row['linf']:.4f}" if "linf" in row else ""
+        robust += f", AutoAttack {row['autoattack']:.4f}" if "autoattack" in row else ""
         print(f"  {row['kind']:<9} {row['k']:>4}: clean {row['clean']:.4f}{robust}")
     print(f"wrote {path}.json, .csv and .png")
     return result

@@ -10,8 +10,11 @@ Writes into dirname(model_path)/<bonus_dir>/:
 "dirty" is L-inf PGD on the cross-entropy. Added for an honest robustness figure: --margin
 (the same PGD on the Carlini-Wagner margin loss), --restarts (random restarts of each attack; an
 example is robust only if every restart fails), --transfer_path (another model's adversarial
-examples of the same test images), and acc_worst: correct on the clean image and under every
-attack run.
+examples of the same test images), --autoattack (AutoAttack's standard attacks: acc_apgd_ce,
+acc_apgd_t, acc_fab_t, acc_square and acc_autoattack, robust to all four), --eps_sweep (the
+worst-case accuracy at several radii, eps_sweep), and acc_worst: correct on the clean image and
+under every attack run. A warning names gradient masking when the gradient-free attack beats the
+gradient attacks, or when robust accuracy does not fall towards zero as eps grows.
 """
 
 from __future__ import annotations
@@ -23,20 +26,29 @@ import os
 import jax
 import numpy as np
 
+from autoattack import AUTOATTACK
 from data import DATASETS, load_dataset, load_examples
 from dynamics import Dynamics
 from evaluation import (
+    NAMES,
     Tally,
+    add_autoattack_flags,
     add_robustness_flags,
     attack_settings,
     attacked_batches,
+    autoattack_eps,
+    autoattack_threat,
     hits,
     load_transfer,
     make_attack_fn,
+    make_autoattack_fns,
     make_components_fn,
+    masking_warnings,
+    print_warnings,
+    sweep_warnings,
 )
 from models import MODELS, get_model, init_model
-from parallel import replicate, to_host
+from parallel import replicate, shard_batch, to_host
 from utils import (
     Parser,
     UserError,
@@ -54,11 +66,11 @@ SHORT_N_TEST = 1000
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(__doc__)
     p.add_argument("--model_path", required=True)
-    p.add_argument("--save_name", default="default")
+    p.add_argument("--save_name", default="test_results")
     p.add_argument("--linear", action="store_true", help="evaluate the linearized model")
     p.add_argument("--centering", action="store_true", help="drop f(x; theta_t)")
     p.add_argument("--test_path", default="", help="adv_examples pickle to evaluate on")
-    p.add_argument("--bonus_dir", default="bonus_dir")
+    p.add_argument("--bonus_dir", default=".", help="folder under the model's folder")
     p.add_argument("--no_adv", action="store_true", help="clean evaluation only")
     p.add_argument("--save_examples", action="store_true")
     p.add_argument("--short", action="store_true", help=f"first {SHORT_N_TEST} test images")
@@ -70,7 +82,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_shared_flags(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
     add_robustness_flags(p)
+    add_autoattack_flags(p)
     return p.parse_args(argv)
+
+
+def to_8_bits(images: np.ndarray) -> np.ndarray:
+    """floor(255 x) / 255 in float32, as the original's ToPILImage/ToTensor round trip of
+    --test_path images does (torch's float-to-byte conversion truncates)."""
+    scaled = images.astype(np.float32) * np.float32(255)
+    return scaled.astype(np.uint8).astype(np.float32) / np.float32(255)
+
+
+def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):
+    """(f, df) of one image (1, H, W, C), padded to the device count."""
+    (xb,) = shard_batch(image, pad=True)
+    return tuple(to_host(v)[:1] for v in components_fn(w, theta_t, net_state, xb))
 
 
 def main(argv=None) -> dict:
@@ -79,10 +105,15 @@ def main(argv=None) -> dict:
     model = get_model(args.model, ds.n_classes)
     like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
     ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
-    theta_t, w, net_state = replicate((ckpt["params"], ckpt["lin_params"], ckpt["net_state"]))
+    # As in the original: the linearized model is around params (theta_t) with weights
+    # lin_params (w); without --linear the network is params, centered on lin_params.
+    params, lin_params = ckpt["params"], ckpt["lin_params"]
+    w, theta_t = (lin_params, params) if args.linear else (params, lin_params)
+    w, theta_t, net_state = replicate((w, theta_t, ckpt["net_state"]))
 
     if args.test_path:
         x, y = load_examples(args.test_path, ds.image_shape, args.trust_pickle)
+        x = to_8_bits(x)
     else:
         x, y = ds.x_test, ds.y_test
     n_test = args.n_test or (SHORT_N_TEST if args.short else None)
@@ -96,34 +127,46 @@ def main(argv=None) -> dict:
 
     dynamics = Dynamics(linear=args.linear, centering=args.centering)
     components_fn = make_components_fn(model, dynamics)
-    settings = attack_settings(args.eps / 255.0)
-    attacks = {} if args.no_adv else {"dirty": "linf"}
-    if args.margin and not args.no_adv:
-        attacks["margin"] = "margin"
-    attack_fns = {
-        name: functools.partial(
-            make_attack_fn(model, dynamics, args.restarts, **settings[kind]), w, theta_t, net_state
-        )
-        for name, kind in attacks.items()
-    }
     key = jax.random.PRNGKey(args.random_seed)
 
     def logits_of(f, df):
         return df if args.centering else f + df
 
+    def attack_fns(eps_linf: float, autoattack: bool) -> dict:
+        """{result name: attack(x, y, key)}: PGD-Linf ('dirty'), with --margin PGD-margin, with
+        `autoattack` AutoAttack's four."""
+        settings = attack_settings(eps_linf)
+        kinds = {"dirty": "linf", **({"margin": "margin"} if args.margin else {})}
+        fns = {
+            name: make_attack_fn(model, dynamics, args.restarts, **settings[kind])
+            for name, kind in kinds.items()
+        }
+        if autoattack:
+            eps = eps_linf if args.autoattack_norm == "linf" else args.eps_l2
+            fns.update(
+                make_autoattack_fns(
+                    model, dynamics, eps=eps, norm=args.autoattack_norm, n_classes=ds.n_classes
+                )
+            )
+        return {name: functools.partial(fn, w, theta_t, net_state) for name, fn in fns.items()}
+
+    def batch_hits(x_in, yb, n_real):
+        f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
+        return f[:n_real], df[:n_real], hits(logits_of(f, df), yb, n_real)
+
+    fns = {} if args.no_adv else attack_fns(args.eps / 255.0, args.autoattack)
     outputs = {"clean": [], "dirty": []}
     adv_images = []
     tally = Tally()
-    for inputs, yb, n_real in attacked_batches(x, y, key, attack_fns, transfer=transfer):
+    for inputs, yb, n_real in attacked_batches(x, y, key, fns, transfer=transfer):
         if "dirty" in inputs:
             adv_images.append(to_host(inputs["dirty"])[:n_real])
-        batch_hits = {}
+        correct = {}
         for name, x_in in inputs.items():
-            f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
+            f, df, correct[name] = batch_hits(x_in, yb, n_real)
             if name in outputs:
-                outputs[name].append((f[:n_real], df[:n_real]))
-            batch_hits[name] = hits(logits_of(f, df), yb, n_real)
-        tally.add(batch_hits)
+                outputs[name].append((f, df))
+        tally.add(correct)
 
     accuracies = tally.accuracies()
     results = {}
@@ -135,11 +178,33 @@ def main(argv=None) -> dict:
         f = np.concatenate([o[0] for o in outputs[name]])
         df = np.concatenate([o[1] for o in outputs[name]])
         results[f"acc_{name}"] = accuracies[name]
-        results[f"predictions_{name}"] = logits_of(f, df)
+        # predicted labels, as the original stores them (the logits are in the components)
+        results[f"predictions_{name}"] = np.argmax(logits_of(f, df), axis=1)
         results[f"components_{name}"] = {"f": f, "df": df}
-    for name in ("margin", "transfer", "worst"):
+    for name in ("margin", "transfer", *AUTOATTACK, "autoattack", "worst"):
         results[f"acc_{name}"] = accuracies.get(name)
     results["restarts"] = args.restarts
+    results["autoattack"] = autoattack_threat(args)  # (norm, eps)
+    warnings = masking_warnings(accuracies)
+    results["eps_sweep"] = None
+    if args.eps_sweep and not args.no_adv:
+        sweep = {}
+        for eps in args.eps_sweep:
+            sweep_tally = Tally()
+            sweep_fns = attack_fns(eps / 255.0, args.autoattack and args.autoattack_norm == "linf")
+            for inputs, yb, n_real in attacked_batches(
+                x, y, key, sweep_fns, description=f"eps {eps:g}/255"
+            ):
+                sweep_tally.add({k: batch_hits(v, yb, n_real)[2] for k, v in inputs.items()})
+            sweep[eps] = sweep_tally.accuracies()["worst"]
+            print(f"eps {eps:g}/255: worst-case accuracy {sweep[eps]:.4f}")
+        results["eps_sweep"] = sweep
+        grey = np.full((1, *ds.image_shape), 0.5, np.float32)
+        grey_label = int(
+            np.argmax(logits_of(*batch_hits_grey(components_fn, w, theta_t, net_state, grey)))
+        )
+        warnings += sweep_warnings(sweep, float(np.mean(y == grey_label)))
+    results["warnings"] = warnings
 
     out_dir = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
@@ -149,11 +214,15 @@ def main(argv=None) -> dict:
         "acc_clean": "clean accuracy",
         "acc_dirty": f"PGD-Linf (eps {args.eps:g}/255{restarts}) accuracy",
         "acc_margin": "PGD-margin accuracy",
+        **{f"acc_{name}": NAMES[name] for name in AUTOATTACK},
+        "acc_autoattack": f"AutoAttack ({args.autoattack_norm}, eps {autoattack_eps(args):.4g})",
         "acc_transfer": "transfer accuracy",
         "acc_worst": "worst case over all",
     }
     shown = [f"{text} {results[k]:.4f}" for k, text in labels.items() if results[k] is not None]
-    print(", ".join(shown) + f" on {len(x)} images\nwrote {results_path}")
+    print(", ".join(shown) + f" on {len(x)} images")
+    print_warnings(warnings)
+    print(f"wrote {results_path}")
     if args.save_examples and adv_images:
         examples_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
         images = np.concatenate(adv_images).transpose(0, 3, 1, 2)

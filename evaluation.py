@@ -3,12 +3,14 @@ L-inf PGD, 100 steps of 2*eps/100, random start; L2 PGD, eps 0.25, 100 steps of 
 BatchNorm runs in inference mode. Test batches of 100.
 
 Added: `margin`, the L-inf PGD above on the Carlini-Wagner margin loss instead of the
-cross-entropy; random restarts for every attack; and the worst case, the fraction of examples
-classified correctly on the clean image and under every attack.
+cross-entropy; random restarts for every attack; AutoAttack's four attacks (autoattack.py);
+the worst case, the fraction of examples classified correctly on the clean image and under
+every attack; and warnings that name gradient masking when the figures show its signs.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
 from collections.abc import Callable, Iterator
 
@@ -19,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from attacks import EVAL_PGD_STEPS, L2_EPS, L2_STEP, pgd_restarts
+from autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
 from data import load_examples, padded_batches
 from dynamics import Dynamics, components, forward
 from parallel import replicate, shard_batch, to_host
@@ -56,6 +59,108 @@ def add_robustness_flags(p) -> None:
         default="",
         help="adv_examples pickle of the same test images (another model's) to transfer",
     )
+
+
+def add_autoattack_flags(p) -> None:
+    """--autoattack and its threat model, and --eps_sweep (every attacking script)."""
+    p.add_argument(
+        "--autoattack",
+        action="store_true",
+        help="also AutoAttack's standard attacks (APGD-CE, APGD-T, FAB-T, Square 5000)",
+    )
+    p.add_argument(
+        "--autoattack_norm",
+        default="linf",
+        choices=("linf", "l2"),
+        help="threat model of --autoattack: linf (radius --eps/255) or l2 (radius --eps_l2)",
+    )
+    p.add_argument("--eps_l2", type=float, default=L2_EPS, help="L2 radius of --autoattack_norm l2")
+    p.add_argument(
+        "--eps_sweep",
+        type=eps_list,
+        default=None,
+        help="also the worst-case L-inf accuracy at these radii in 1/255 (e.g. 8,16,32,64,128): "
+        "it must fall towards zero, else gradients are masked",
+    )
+
+
+def eps_list(text: str) -> list[float]:
+    """argparse type: comma-separated positive radii."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not values or any(not np.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: radii must be positive numbers")
+    return sorted(values)
+
+
+def autoattack_eps(args) -> float:
+    """The radius of --autoattack in image units."""
+    return args.eps / 255.0 if args.autoattack_norm == "linf" else args.eps_l2
+
+
+def autoattack_threat(args) -> tuple[str, float] | None:
+    """(norm, radius) of --autoattack, or None without it."""
+    return (args.autoattack_norm, autoattack_eps(args)) if args.autoattack else None
+
+
+GRADIENT_ATTACKS = ("dirty", "linf", "margin", "apgd_ce", "apgd_t", "fab_t")
+NAMES = {
+    "dirty": "PGD-Linf",
+    "linf": "PGD-Linf",
+    "margin": "PGD-margin",
+    "apgd_ce": "APGD-CE",
+    "apgd_t": "APGD-T",
+    "fab_t": "FAB-T",
+    "square": "Square",
+}
+
+
+def masking_warnings(accuracies: dict[str, float]) -> list[str]:
+    """Warnings naming gradient masking where a gradient-free attack got a lower accuracy than
+    every gradient attack run (its figure is then the one to trust)."""
+    gradient = {k: v for k, v in accuracies.items() if k in GRADIENT_ATTACKS and v is not None}
+    warnings = []
+    for name in GRADIENT_FREE:
+        if accuracies.get(name) is None or not gradient:
+            continue
+        best = min(gradient, key=gradient.get)
+        if accuracies[name] < gradient[best]:
+            warnings.append(
+                f"possible gradient masking: the gradient-free {NAMES[name]} attack leaves "
+                f"{accuracies[name]:.4f} robust accuracy, below the strongest gradient attack "
+                f"({NAMES[best]}, {gradient[best]:.4f}); trust the worst case, not PGD"
+            )
+    return warnings
+
+
+def sweep_warnings(sweep: dict[float, float], grey_bound: float | None) -> list[str]:
+    """Warnings naming gradient masking where robust accuracy does not fall towards zero as the
+    L-inf radius grows: it rises with eps (more than one point), or at eps >= 0.5 (where the
+    all-grey image lies in every ball, so a perfect attack leaves at most `grey_bound`, the
+    share of examples whose label is the grey image's prediction) it exceeds that bound."""
+    warnings = []
+    radii = sorted(sweep)
+    for small, large in zip(radii, radii[1:], strict=False):
+        if sweep[large] > sweep[small] + 0.01:
+            warnings.append(
+                f"possible gradient masking: robust accuracy rises from {sweep[small]:.4f} at "
+                f"eps {small:g}/255 to {sweep[large]:.4f} at eps {large:g}/255"
+            )
+    if grey_bound is not None and radii and radii[-1] >= 127.5:
+        if sweep[radii[-1]] > grey_bound + 0.01:
+            warnings.append(
+                f"possible gradient masking: at eps {radii[-1]:g}/255 the all-grey image is in "
+                f"every ball, yet {sweep[radii[-1]]:.4f} stays robust (at most {grey_bound:.4f} "
+                "can be)"
+            )
+    return warnings
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for text in warnings:
+        print(f"warning: {text}")
 
 
 def attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
@@ -126,11 +231,13 @@ def hits(logits: jax.Array, y: np.ndarray, n_real: int) -> np.ndarray:
 
 class Tally:
     """Correct counts per input kind over batches, plus `worst`: examples correct on every
-    kind at once (clean and each attack)."""
+    kind at once (clean and each attack), and `autoattack`: correct on the clean image and
+    under all four AutoAttack attacks, when they were run."""
 
     def __init__(self):
         self.correct: dict[str, int] = {}
         self.worst = 0
+        self.autoattack = 0
         self.total = 0
 
     def add(self, hits: dict[str, np.ndarray]) -> None:
@@ -138,29 +245,62 @@ class Tally:
         for name, h in hits.items():
             self.correct[name] = self.correct.get(name, 0) + int(np.sum(h))
         self.worst += int(np.sum(np.logical_and.reduce(list(hits.values()))))
+        if set(AUTOATTACK) <= set(hits):
+            group = [hits["clean"], *(hits[name] for name in AUTOATTACK)]
+            self.autoattack += int(np.sum(np.logical_and.reduce(group)))
         self.total += len(next(iter(hits.values())))
 
     def accuracies(self, worst: bool = True) -> dict[str, float]:
-        """Accuracy per kind, and (`worst`) 'worst' when there was more than one kind."""
+        """Accuracy per kind, 'autoattack' when its four attacks ran, and (`worst`) 'worst'
+        when there was more than one kind."""
         result = {name: count / self.total for name, count in self.correct.items()}
+        if set(AUTOATTACK) <= set(self.correct):
+            result["autoattack"] = self.autoattack / self.total
         if worst and len(self.correct) > 1:
             result["worst"] = self.worst / self.total
         return result
+
+
+def _jit_attack(model: hk.TransformedWithState, dynamics: Dynamics, attack: Callable) -> Callable:
+    """Jitted fn(w, theta_t, net_state, x, y, key) -> attack(logits_fn, x, y, key), the logits
+    those of the model under `dynamics` with BatchNorm in inference mode."""
+    dynamics = dynamics._replace(bn_train=False)
+
+    def run(w, theta_t, net_state, x, y, key):
+        def logits_fn(x_in):
+            return forward(model, dynamics, w, theta_t, net_state, x_in)[0]
+
+        return attack(logits_fn, x, y, key)
+
+    return jax.jit(run)
 
 
 def make_attack_fn(
     model: hk.TransformedWithState, dynamics: Dynamics, restarts: int = 1, **pgd_kwargs
 ) -> Callable:
     """Jitted attack(w, theta_t, net_state, x, y, key) -> adversarial x (attacks.pgd_restarts)."""
-    dynamics = dynamics._replace(bn_train=False)
+    return _jit_attack(
+        model,
+        dynamics,
+        lambda logits_fn, x, y, key: pgd_restarts(
+            logits_fn, x, y, key, restarts=restarts, **pgd_kwargs
+        ),
+    )
 
-    def attack(w, theta_t, net_state, x, y, key):
-        def logits_fn(x_in):
-            return forward(model, dynamics, w, theta_t, net_state, x_in)[0]
 
-        return pgd_restarts(logits_fn, x, y, key, restarts=restarts, **pgd_kwargs)
-
-    return jax.jit(attack)
+def make_autoattack_fns(
+    model: hk.TransformedWithState, dynamics: Dynamics, *, eps: float, norm: str, n_classes: int
+) -> dict[str, Callable]:
+    """{name: jitted attack(w, theta_t, net_state, x, y, key)} for AutoAttack's four attacks
+    (autoattack.py) in the `norm` ball of radius eps."""
+    return {
+        name: _jit_attack(
+            model,
+            dynamics,
+            functools.partial(ATTACK_FNS[name], eps=eps, norm=norm, n_classes=n_classes),
+        )
+        for name in AUTOATTACK
+    }
 
 
 def make_components_fn(model: hk.TransformedWithState, dynamics: Dynamics) -> Callable:

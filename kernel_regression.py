@@ -29,8 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from attacks import EVAL_PGD_STEPS, pgd_restarts
+from autoattack import ATTACK_FNS, AUTOATTACK
 from data import DATASETS, Dataset, class_balanced_subset, examples_from_record
-from evaluation import Tally, attacked_batches, hits
+from evaluation import Tally, add_autoattack_flags, attacked_batches, hits
 from models import MODELS, get_model, init_model
 from ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
 from parallel import replicate, to_host
@@ -235,6 +236,7 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--ridge", type=finite_float(0.0), default=1e-4, help="ridge, times mean(diag K)"
     )
+    add_autoattack_flags(p)
 
 
 def support_kernel_from_args(args: argparse.Namespace, ds: Dataset) -> SupportKernel:
@@ -352,6 +354,25 @@ def _attack_fn(apply: Callable, n_steps: int, loss: str, restarts: int) -> Calla
     return jax.jit(attack)
 
 
+@functools.lru_cache(maxsize=16)
+def _autoattack_fn(apply: Callable, name: str, norm: str) -> Callable:
+    """Jitted AutoAttack attack `name` against the predictor: attack(operand, P, x, y, key,
+    eps)."""
+
+    def attack(operand, projection, x, y, key, eps):
+        return ATTACK_FNS[name](
+            lambda z: apply(z, operand) @ projection,
+            x,
+            y,
+            key,
+            eps=eps,
+            norm=norm,
+            n_classes=projection.shape[1],
+        )
+
+    return jax.jit(attack)
+
+
 def evaluate_predictor(
     support: SupportKernel,
     coefficients: np.ndarray,
@@ -366,13 +387,15 @@ def evaluate_predictor(
     restarts: int = 1,
     transfer: np.ndarray | None = None,
     description: str = "kernel predictor",
+    autoattack: tuple[str, float] | None = None,
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Accuracy of z -> K(z, X) B P on (x, y): clean, under each attack in `attacks` against
     this predictor itself (`linf`: PGD-Linf on the cross-entropy of its outputs; `margin`: on
     the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts), on
     `transfer` (adversarial images of x made elsewhere), and 'worst' (correct on all of them)
-    when there is more than one. Returns the accuracies and the first attack's adversarial
-    images (None without attacks)."""
+    when there is more than one; with `autoattack` = (norm, eps), also AutoAttack's four
+    attacks and 'autoattack' (robust to all four). Returns the accuracies and the first
+    attack's adversarial images (None without attacks)."""
     apply, operand = support.operator(coefficients)
     operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
     predict = _predict_fn(apply)
@@ -385,6 +408,16 @@ def evaluate_predictor(
         )
         for name in attacks
     }
+    if autoattack is not None:
+        norm, eps = autoattack
+        attack_fns.update(
+            {
+                name: functools.partial(
+                    _autoattack_fn(apply, name, norm), operand, projection, eps=eps
+                )
+                for name in AUTOATTACK
+            }
+        )
     tally = Tally()
     adversarial = []
     for inputs, yb, n_real in attacked_batches(

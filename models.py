@@ -153,7 +153,9 @@ def resnet18(n_classes: int) -> Callable:
                     out, is_training
                 )
         out = jnp.mean(out, axis=(1, 2))
-        return hk.Linear(n_classes, name="classifier")(out)
+        # zero output weights, as the original's ResNet (logits w_init=zeros): at initialisation
+        # the logits are 0 and the NTK is the kernel of the last layer's features alone
+        return hk.Linear(n_classes, w_init=jnp.zeros, name="classifier")(out)
 
     return forward
 

@@ -23,7 +23,14 @@ import jax
 import numpy as np
 
 from data import load_dataset
-from evaluation import add_robustness_flags, load_transfer
+from evaluation import (
+    NAMES,
+    add_robustness_flags,
+    autoattack_threat,
+    load_transfer,
+    masking_warnings,
+    print_warnings,
+)
 from kernel_regression import (
     add_kernel_flags,
     evaluate_predictor,
@@ -71,9 +78,10 @@ def main(argv=None) -> dict:
         restarts=args.restarts,
         transfer=transfer,
         description="NTK attack",
+        autoattack=autoattack_threat(args),
     )
-    names = {"linf": f"PGD-Linf (eps {args.eps:g}/255)", "margin": "PGD-margin"}
-    names.update(transfer="transfer", worst="worst case")
+    names = {**NAMES, "linf": f"PGD-Linf (eps {args.eps:g}/255)", "transfer": "transfer"}
+    names.update(autoattack=f"AutoAttack ({args.autoattack_norm})", worst="worst case")
     print(
         f"{support.description}, {len(support.images)} support images: kernel regression "
         f"clean {accuracies['clean']:.4f}, "
@@ -81,6 +89,8 @@ def main(argv=None) -> dict:
         + f" on {len(x)} test images"
         + (f" ({args.restarts} restarts)" if args.restarts > 1 else "")
     )
+    warnings = masking_warnings(accuracies)
+    print_warnings(warnings)
 
     examples_path = os.path.join(args.save_dir, f"adv_examples_{args.save_name}.pkl")
     save_pickle({"images": adversarial.transpose(0, 3, 1, 2), "labels": y}, examples_path)
@@ -93,6 +103,8 @@ def main(argv=None) -> dict:
         "ridge": args.ridge,
         "restarts": args.restarts,
         "transfer_path": args.transfer_path,
+        "autoattack": autoattack_threat(args),
+        "warnings": warnings,
         **{f"accuracy_{name}": value for name, value in accuracies.items()},
     }
     summary_path = os.path.join(args.save_dir, f"ntk_attack_{args.save_name}.json")

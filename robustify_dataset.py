@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from attacks import pgd
 from data import class_balanced_subset, load_dataset
+from evaluation import autoattack_threat, masking_warnings, print_warnings
 from kernel_regression import (
     add_kernel_flags,
     evaluate_predictor,
@@ -204,11 +205,16 @@ def main(argv=None) -> dict:
             support, coefficients, np.eye(ds.n_classes), x_test, y_test,
             jax.random.PRNGKey(args.random_seed), eps_linf=eps, n_steps=20,
             description=f"evaluate {name}",
+            autoattack=autoattack_threat(args),
         )  # fmt: skip
+        autoattack = summary[name].get("autoattack")
         print(
             f"kernel regression on the {name} set: clean {summary[name]['clean']:.4f}, "
-            f"PGD-Linf (20 steps) {summary[name]['linf']:.4f} on {len(x_test)} test images"
+            f"PGD-Linf (20 steps) {summary[name]['linf']:.4f}"
+            + (f", AutoAttack {autoattack:.4f}" if autoattack is not None else "")
+            + f" on {len(x_test)} test images"
         )
+        print_warnings(masking_warnings(summary[name]))
 
     path = os.path.join(args.save_dir, f"robust_{args.save_name}.pkl")
     record = {

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import re
 import time
@@ -113,13 +112,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
-    """{(epoch counted from 1, step index): [fractional epochs to save before that step]}: the
-    nearest step, kept inside the epoch (with few steps per epoch several names share a step)."""
+    """{(epoch counted from 1, step index): [fractional epoch to save before that step]}, by the
+    original's rule: before step i of epoch e (from 0), save the next pending fraction f once
+    e + i / n_steps > f, at most one per step (so with very few steps per epoch a save can
+    move into a later epoch)."""
+    pending = list(FRACTIONAL_EPOCHS)
     saves: dict[tuple[int, int], list[float]] = {}
-    for fraction in FRACTIONAL_EPOCHS:
-        whole = math.floor(fraction)
-        step = min(max(round((fraction - whole) * n_steps), 1), n_steps - 1)
-        saves.setdefault((whole + 1, max(step, 0)), []).append(fraction)
+    epoch = 0
+    while pending:
+        for i in range(n_steps):
+            if pending and epoch + i / n_steps > pending[0]:
+                saves[(epoch + 1, i)] = [pending.pop(0)]
+        epoch += 1
     return saves
 
 
@@ -186,7 +190,7 @@ def restore_train_state(record: dict) -> TrainState:
 
 def train_phase(
     args, model, ds, dynamics, state, *, phase, start_epoch, epochs, loader, lr_for_epoch, key,
-    save_hook, results,
+    save_hook, results, adversarial_dynamics=None,
 ):  # fmt: skip
     """Train epochs start_epoch + 1 .. epochs of `phase` with loader letter `loader`, saving the
     resume state after each; `state` is a TrainState or (w, theta_t, net_state) to start."""
@@ -199,7 +203,13 @@ def train_phase(
         adversarial = is_adversarial_epoch(loader, epoch)
         if adversarial not in steps:
             steps[adversarial] = make_train_step(
-                model, optimizer, dynamics, adversarial=adversarial, eps=eps, pure_pgd=args.pure_pgd
+                model,
+                optimizer,
+                dynamics,
+                adversarial=adversarial,
+                eps=eps,
+                pure_pgd=args.pure_pgd,
+                adversarial_dynamics=adversarial_dynamics,
             )
         set_learning_rate(state, lr_for_epoch(epoch))
         save_hook(epoch, None, lambda state=state: state)
@@ -261,6 +271,7 @@ def main(argv=None) -> dict:
 
     if resume is not None:
         results = resume["results"]
+    phase1_opt_state = None  # set when phase 1 runs in this process
     if args.base_model_path and (resume is None or resume["phase"] == 1):
         like = (params, net_state)
         ckpt = load_checkpoint(args.base_model_path, like=like, trust=args.trust_pickle)
@@ -269,6 +280,8 @@ def main(argv=None) -> dict:
         resume = None
     elif resume is None or resume["phase"] == 1:
         fractions = fractional_saves(steps_per_epoch)
+        # as in the original, phase-1 checkpoints keep lin_params at the initial parameters
+        init_params = jax.tree.map(np.asarray, params)
 
         def save_phase1(epoch, step, get_state):
             if not args.constant_save:
@@ -279,7 +292,9 @@ def main(argv=None) -> dict:
                 names = [checkpoint_name(f) for f in fractions.get((epoch, step), [])]
             for name in names:
                 state = get_state()
-                save_checkpoint(os.path.join(save_path, name), state.w, state.w, state.net_state)
+                save_checkpoint(
+                    os.path.join(save_path, name), state.w, init_params, state.net_state
+                )
 
         state = train_phase(
             args,
@@ -297,7 +312,20 @@ def main(argv=None) -> dict:
             results=results,
         )
         params, net_state = state.w, state.net_state
+        phase1_opt_state = state.opt_state
         resume = None
+
+    # As in the original, --do_standard_second after phase 1 continues phase 1's optimizer (its
+    # last learning rate, its momentum); after --base_model_path it is a fresh SGD(--second_lr).
+    continue_phase1_optimizer = args.do_standard_second and not args.base_model_path
+    if continue_phase1_optimizer:
+        second_lr = phase1_learning_rate(args.standard_epochs + 1, PHASE1_LR)
+        print(
+            f"--do_standard_second continues phase 1's optimizer (lr {second_lr:g}, momentum "
+            "kept), as the original does; --second_lr applies with --base_model_path"
+        )
+    else:
+        second_lr = args.second_lr
 
     if resume is None:  # phase 1 done (or loaded): test it, then start phase 2 afresh
         if not args.skip_first_test:
@@ -307,11 +335,13 @@ def main(argv=None) -> dict:
             )  # fmt: skip
         theta_t = jax.tree.map(jnp.asarray, params)
         w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
-        phase2_state = (w, theta_t, jax.tree.map(jnp.asarray, net_state))
-        start_epoch = 0
-        save_resume_state(
-            args, 2, 0, init_train_state(make_optimizer(args.second_lr), *phase2_state), results
+        phase2_state = init_train_state(
+            make_optimizer(second_lr), w, theta_t, jax.tree.map(jnp.asarray, net_state)
         )
+        if continue_phase1_optimizer:
+            phase2_state = phase2_state._replace(opt_state=phase1_opt_state)
+        start_epoch = 0
+        save_resume_state(args, 2, 0, phase2_state, results)
     else:
         phase2_state = restore_train_state(resume)
         start_epoch = resume["epoch"]
@@ -323,11 +353,20 @@ def main(argv=None) -> dict:
         bn_train=args.loose_bn_second,
     )
 
-    def save_phase2(epoch, step, get_state):
-        if args.constant_save_linear and step is None:
-            state = get_state()
-            path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
+    def save_phase2_checkpoint(path: str, state: TrainState) -> None:
+        # the original trains `params` under --do_standard_second (lin_params = theta_t, the
+        # centering reference) and `lin_params` under linearized dynamics (params = theta_t)
+        if args.do_standard_second:
+            save_checkpoint(path, state.w, state.theta_t, state.net_state)
+        else:
             save_checkpoint(path, state.theta_t, state.w, state.net_state)
+
+    def save_phase2(epoch, step, get_state):
+        # the original rewrites this file before every step of the epoch: what stays is the
+        # state before the epoch's last step
+        if args.constant_save_linear and step == steps_per_epoch - 1:
+            path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
+            save_phase2_checkpoint(path, get_state())
 
     state = train_phase(
         args,
@@ -339,10 +378,12 @@ def main(argv=None) -> dict:
         start_epoch=start_epoch,
         epochs=args.linear_epochs,
         loader=args.loaders[1],
-        lr_for_epoch=lambda e: args.second_lr,
+        lr_for_epoch=lambda e: second_lr,
         key=jax.random.fold_in(train_key, 2),
         save_hook=save_phase2,
         results=results,
+        # the original makes phase 2's update on PGD examples with BatchNorm in inference mode
+        adversarial_dynamics=dynamics2._replace(bn_train=False),
     )
     w, theta_t, net_state = state.w, state.theta_t, state.net_state
 
@@ -359,7 +400,7 @@ def main(argv=None) -> dict:
         print(format_results("phase 2 test accuracy", results["linear"]))
 
     if args.save_models:
-        save_checkpoint(os.path.join(save_path, "parameters_final.pkl"), theta_t, w, net_state)
+        save_phase2_checkpoint(os.path.join(save_path, "parameters_final.pkl"), state)
     save_pickle(results, os.path.join(save_path, "results.pkl"))
     print(f"wrote {os.path.join(save_path, 'results.pkl')}")
     return results

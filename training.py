@@ -2,7 +2,8 @@
 
 An adversarial step is, by default, the original's two updates per batch: an SGD step on the
 clean batch, then an SGD step on L-inf PGD examples made against the updated model. With
-`pure_pgd` it is a single update on PGD examples (Madry et al.).
+`pure_pgd` it is a single update on PGD examples (Madry et al.). As in the original, the PGD
+examples are made with BatchNorm in inference mode (running statistics), whatever the phase.
 """
 
 from __future__ import annotations
@@ -73,11 +74,17 @@ def make_train_step(
     adversarial: bool,
     eps: float,
     pure_pgd: bool = False,
+    adversarial_dynamics: Dynamics | None = None,
 ) -> Callable[[TrainState, jax.Array, jax.Array, jax.Array], tuple[TrainState, dict]]:
     """Jitted step(state, x, y, key) -> (state, {'loss', 'accuracy'}) of the last update.
+    The update on PGD examples uses `adversarial_dynamics` (default: `dynamics`); the original
+    makes it with BatchNorm in inference mode in phase 2, even with --loose_bn_second. The
+    PGD examples themselves always see BatchNorm in inference mode.
     The input state's buffers are donated: use only the returned state afterwards."""
+    attack_dynamics = dynamics._replace(bn_train=False)
+    adversarial_dynamics = adversarial_dynamics or dynamics
 
-    def update(state: TrainState, x, y):
+    def update(state: TrainState, x, y, dynamics=dynamics):
         (loss, (net_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.w, model, dynamics, state.theta_t, state.net_state, x, y
         )
@@ -93,10 +100,10 @@ def make_train_step(
             state, _ = update(state, x, y)
 
         def logits_fn(x_in):
-            return forward(model, dynamics, state.w, state.theta_t, state.net_state, x_in)[0]
+            return forward(model, attack_dynamics, state.w, state.theta_t, state.net_state, x_in)[0]
 
         x_adv = pgd_linf_train(logits_fn, x, y, key, eps)
-        return update(state, x_adv, y)
+        return update(state, x_adv, y, adversarial_dynamics)
 
     return jax.jit(step, donate_argnums=0)
 

@@ -106,9 +106,7 @@ def main(argv=None) -> None:
                 f"--dataset_size {args.kernel_size} --save_name {name}",
                 log,
             )
-            kernel_paths[kind][epoch] = (
-                f"{out}/phase1_{kind}/bonus_dir/{name}_{args.kernel_size}.pkl"
-            )
+            kernel_paths[kind][epoch] = f"{out}/phase1_{kind}/{name}_{args.kernel_size}.pkl"
     evolution = call(
         analyze_kernels,
         " ".join(p for kind, _ in KINDS for p in kernel_paths[kind].values())

@@ -99,7 +99,7 @@ def main(argv=None) -> dict:
         f"{n_test} --save_examples --save_name source",
         log,
     )
-    transfer = f"{source}/bonus_dir/adv_examples_source.pkl"
+    transfer = f"{source}/adv_examples_source.pkl"
     timings["transfer source"] = time.time() - t
 
     # 3. kernel regression and a network on each set

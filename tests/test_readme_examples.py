@@ -44,15 +44,30 @@ def load(path):
         return pickle.load(f)
 
 
+# The six example commands of the original README (yolky/adversarial_ntk_evolution), verbatim:
+# the contract our README must keep.
+ORIGINAL_EXAMPLES = [
+    "python3 run_exp.py --standard_epochs 101 --linear_epochs 0 --loaders CC --save_models "
+    "--save_path ./saved_model_path_phase_1 --constant_save --random_seed 0",
+    "python3 run_exp.py --standard_epochs 101 --linear_epochs 0 --loaders AC --save_models "
+    "--save_path ./saved_model_path_phase_1 --constant_save --random_seed 0",
+    "python3 run_exp.py --base_model_path ./saved_model_path_phase_1/parameters_checkpoint_20.pkl "
+    "--loaders CC --linear_epochs 100 --second_lr 0.01 --save_models --centering --save_path "
+    "./saved_model_loaded_centering_phase_2  --random_seed 0",
+    "python3 run_exp.py --base_model_path ./saved_model_path_phase_1/parameters_checkpoint_20.pkl "
+    "--loaders CA --linear_epochs 100 --second_lr 0.01 --save_models --centering --save_path "
+    "./saved_model_loaded_centering_phase_2  --random_seed 0",
+    "python3 eval_and_make_adv.py --model_path "
+    "./saved_model_loaded_centering_phase_2/parameters_final.pkl --linear --centering "
+    "--save_examples --bonus_dir test_results  --random_seed 0",
+    "python3 calculate_kernel.py --model_path "
+    "./saved_model_path_phase_1/parameters_checkpoint_20.pkl --dataset_size 500 --random_seed 0 "
+    "--class_index 0 --dataset cifar10",
+]
+
+
 def test_readme_has_the_six_original_examples():
-    examples = readme_examples()
-    assert len(examples) == 6
-    with open(
-        os.path.join(os.path.dirname(ROOT), "shared", "seeds", "ntk_evolution_readme.md")
-    ) as f:
-        original = f.read()
-    for command in examples:
-        assert f"`{command}`" in original
+    assert readme_examples() == ORIGINAL_EXAMPLES
 
 
 def check_outputs(data, n_test):
@@ -74,21 +89,21 @@ def check_outputs(data, n_test):
         for a, b in zip(_leaves(final["params"]), _leaves(final["lin_params"]), strict=True)
     ]
     assert any(moved)  # phase 2 trained w away from theta_t
-    test_results = load(f"{phase2}/test_results/test_results_default.pkl")
+    test_results = load(f"{phase2}/test_results/test_results_test_results.pkl")
     for key in ("acc_clean", "acc_dirty", "predictions_clean", "predictions_dirty"):
         assert key in test_results
-    assert test_results["predictions_dirty"].shape == (n_test, 10)
+    assert test_results["predictions_dirty"].shape == (n_test,)  # labels, as the original's
     assert set(test_results["components_clean"]) == {"f", "df"}
-    examples = load(f"{phase2}/test_results/adv_examples_default.pkl")
+    examples = load(f"{phase2}/test_results/adv_examples_test_results.pkl")
     h, w, c = data.image_shape
     assert examples["images"].shape == (n_test, c, h, w)
     clean = data.x_test[:n_test].transpose(0, 3, 1, 2)
     assert np.abs(examples["images"] - clean).max() <= 4 / 255 + 1e-6
     np.testing.assert_array_equal(examples["labels"], data.y_test[:n_test])
-    kernel = load(f"{phase1}/bonus_dir/kernel_class_0_500.pkl")
+    kernel = load(f"{phase1}/saved_kernel_class_0_500.pkl")
     assert kernel["kernel"].shape == (500, 500) and kernel["kernel"].dtype == np.float64
     np.testing.assert_array_equal(kernel["labels"], data.y_train[kernel["indices"]])
-    assert os.path.isfile(f"{phase1}/bonus_dir/kernel_class_0_500.png")
+    assert os.path.isfile(f"{phase1}/saved_kernel_class_0_500.png")
 
 
 def _leaves(tree):
@@ -121,16 +136,16 @@ def test_readme_examples_on_digits(tmp_path, monkeypatch):
         shlex.split(
             "--model_path saved_model_path_phase_1/parameters_final.pkl --no_adv "
             "--test_path "
-            "saved_model_loaded_centering_phase_2/test_results/adv_examples_default.pkl "
+            "saved_model_loaded_centering_phase_2/test_results/adv_examples_test_results.pkl "
             "--save_name transfer --dataset digits --model cnn_small"
         )
     )
-    assert transfer["predictions_clean"].shape == (100, 10) and transfer["acc_dirty"] is None
-    assert os.path.isfile("saved_model_path_phase_1/bonus_dir/test_results_transfer.pkl")
+    assert transfer["predictions_clean"].shape == (100,) and transfer["acc_dirty"] is None
+    assert os.path.isfile("saved_model_path_phase_1/test_results_transfer.pkl")
     record = visualize_ntk_features.main(
         shlex.split(
             "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl "
-            "--kernel_path saved_model_path_phase_1/bonus_dir/kernel_class_0_500.pkl "
+            "--kernel_path saved_model_path_phase_1/saved_kernel_class_0_500.pkl "
             "--dataset digits --model cnn_small --n_images 2"
         )
     )

@@ -147,13 +147,11 @@ def test_robust_data_study_writes_its_report(tmp_path):
     assert set(record["test_accuracy"]) == {"original", "optimised"}
     summary = json.loads((out / "ntk_optimised" / "ntk_attack_strong.json").read_text())
     assert summary["support_size"] == 50 and summary["restarts"] == 2
-    results = load_pickle(
-        str(out / "mlp_skinny_optimised" / "bonus_dir" / "test_results_strong.pkl")
-    )
+    results = load_pickle(str(out / "mlp_skinny_optimised" / "test_results_strong.pkl"))
     assert results["restarts"] == 2 and results["acc_worst"] <= results["acc_margin"]
 
     # transfer examples must be of the very test images evaluated
-    transfer = out / "source_cnn_small" / "bonus_dir" / "adv_examples_source.pkl"
+    transfer = out / "source_cnn_small" / "adv_examples_source.pkl"
     with pytest.raises(UserError, match="--n_test 40"):
         eval_and_make_adv.main(
             ["--dataset", "digits", "--model", "mlp_skinny", "--n_test", "30",

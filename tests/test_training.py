@@ -36,16 +36,21 @@ def test_loader_letters():
     assert [is_adversarial_epoch("F", e) for e in (1, 50, 51, 100)] == [False, False, True, True]
 
 
-@pytest.mark.parametrize("n_steps", [1, 4, 11, 391])
-def test_every_fractional_checkpoint_is_scheduled_once(n_steps):
+@pytest.mark.parametrize("n_steps", [1, 4, 11, 390, 391])
+def test_fractional_checkpoints_follow_the_original_rule(n_steps):
+    """The original saves the next pending fraction f before the first step i of epoch e (from
+    0) with e + i / n_steps > f, one per step."""
     saves = fractional_saves(n_steps)
-    names = sorted(f for fractions in saves.values() for f in fractions)
-    assert names == sorted(FRACTIONAL_EPOCHS)
-    for (epoch, step), fractions in saves.items():
+    names = [f for fractions in saves.values() for f in fractions]
+    assert sorted(names) == sorted(FRACTIONAL_EPOCHS) and len(saves) == len(names)
+    positions = sorted(saves)
+    for (epoch, step), f in zip(positions, names, strict=True):
         assert 0 <= step < n_steps
-        assert all(int(f) + 1 == epoch for f in fractions)
-    if n_steps == 391:  # CIFAR-10 at batch 128: exact to the nearest step
-        assert saves[(1, 49)] == [0.125] and saves[(2, 196)] == [1.5]
+        assert epoch - 1 + step / n_steps > f
+    if n_steps == 391:  # CIFAR-10 at batch 128 with the last partial batch, as the original
+        assert saves[(1, 49)] == [0.125] and saves[(1, 196)] == [0.5] and saves[(2, 196)] == [1.5]
+    if n_steps == 1:  # one step per epoch: the saves move into later epochs, one per step
+        assert saves == {(e + 2, 0): [f] for e, f in enumerate(FRACTIONAL_EPOCHS)}
 
 
 @pytest.mark.parametrize("pure_pgd,updates", [(False, 2), (True, 1)])
@@ -89,8 +94,8 @@ def test_chain_script_runs_phase1_phase2_eval_and_kernel(tmp_path):
     out = tmp_path / "run"
     assert (out / "phase_1" / "parameters_checkpoint_2.pkl").is_file()
     assert (out / "phase_2_centered" / "parameters_final.pkl").is_file()
-    assert (out / "phase_2_centered" / "test_results" / "adv_examples_default.pkl").is_file()
-    assert (out / "phase_1" / "bonus_dir" / "kernel_class_0_500.pkl").is_file()
+    assert (out / "phase_2_centered" / "test_results" / "adv_examples_test_results.pkl").is_file()
+    assert (out / "phase_1" / "saved_kernel_class_0_500.pkl").is_file()
 
 
 def test_a_hook_reading_the_state_never_sees_an_unchecked_diverged_step():
