@@ -4,7 +4,10 @@ Phase 1 trains cnn_small adversarially (--loaders AC) and, for contrast, benignl
 a checkpoint every epoch; phase 2 then trains with centered linearized dynamics on benign data
 from each run's epoch-10 checkpoint (the kernel is frozen; only w moves). L-inf eps is 32/255:
 two of the 16 grey levels of the 8x8 digits, enough to take a benignly trained net from ~98%
-to ~20% accuracy. Prints clean and PGD-Linf accuracy after each phase.
+to ~20% accuracy. Each final model is then evaluated by eval_and_make_adv.py --autoattack:
+the table gives clean accuracy, the original's PGD-Linf figure and the AutoAttack figure
+(robust to APGD-CE, APGD-T, FAB-T and Square); a warning names gradient masking where Square
+beats the gradient attacks.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import eval_and_make_adv  # noqa: E402
 import run_exp  # noqa: E402
 
 OUT = "demo_runs"
@@ -27,7 +31,17 @@ PHASE2_EPOCHS = 20
 
 def run(command: str) -> dict:
     print(f"\n$ python {command}", flush=True)
-    return run_exp.main(shlex.split(command)[1:])
+    script = {"run_exp.py": run_exp, "eval_and_make_adv.py": eval_and_make_adv}
+    argv = shlex.split(command)
+    return script[argv[0]].main(argv[1:])
+
+
+def autoattack(model_path: str, flags: str = "") -> dict:
+    """eval_and_make_adv.py --autoattack on a final model (results beside it)."""
+    return run(
+        f"eval_and_make_adv.py {COMMON} --model_path {model_path} {flags} --autoattack "
+        "--save_name autoattack"
+    )
 
 
 def main() -> None:
@@ -46,18 +60,27 @@ def main() -> None:
             f"--centering --second_lr 0.01 --save_models --skip_first_test "
             f"--save_path {OUT}/phase2_centered_from_{name}"
         )
-        rows.append((f"phase 1, {name} training, {PHASE1_EPOCHS} epochs", phase1["standard"]))
-        rows.append(
-            (
-                f"phase 2, benign centered linearized, from {name} epoch {PHASE2_FROM_EPOCH}",
-                phase2["linear"],
-            )
+        aa1 = autoattack(f"{phase1_dir}/parameters_final.pkl")
+        aa2 = autoattack(
+            f"{OUT}/phase2_centered_from_{name}/parameters_final.pkl", "--linear --centering"
         )
-    print("\n\ndigits (8x8), cnn_small, L-inf eps 32/255, PGD 100 steps, 360 test images\n")
-    print(f"| {'run':<62} | clean  | PGD-Linf |")
-    print(f"|{'-' * 64}|--------|----------|")
-    for label, result in rows:
-        print(f"| {label:<62} | {result['clean']:.4f} | {result['linf']:.4f}   |")
+        rows.append((f"phase 1, {name} training, {PHASE1_EPOCHS} epochs", phase1["standard"], aa1))
+        label = f"phase 2, benign centered linearized, from {name} epoch {PHASE2_FROM_EPOCH}"
+        rows.append((label, phase2["linear"], aa2))
+    print(
+        "\n\ndigits (8x8), cnn_small, L-inf eps 32/255, 360 test images; PGD-Linf: 100 steps "
+        "(run_exp.py's figure); AutoAttack: robust to all of APGD-CE, APGD-T, FAB-T, Square\n"
+    )
+    print(f"| {'run':<62} | clean  | PGD-Linf | AutoAttack |")
+    print(f"|{'-' * 64}|--------|----------|------------|")
+    for label, result, aa in rows:
+        print(
+            f"| {label:<62} | {result['clean']:.4f} | {result['linf']:.4f}   | "
+            f"{aa['acc_autoattack']:.4f}     |"
+        )
+    for label, _, aa in rows:
+        for warning in aa["warnings"]:
+            print(f"warning: {label}: {warning}")
     print(f"\noutputs in {OUT}/; wall time {time.time() - start:.0f}s")
 
 
