@@ -32,6 +32,7 @@ all four (evaluation.py's tally does that).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -41,6 +42,7 @@ import numpy as np
 import optax
 
 from attacks import margin
+from models import use_conv_impl
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
 GRADIENT_FREE = ("square",)
@@ -52,6 +54,19 @@ APGD_RHO = 0.75  # a period passes if more than this share of its steps raised t
 APGD_MOMENTUM = 0.75
 FAB_ALPHA_MAX, FAB_ETA, FAB_BETA = 0.1, 1.05, 0.9
 SQUARE_P_INIT = 0.8
+
+
+def _convs_as_matmul_on_cpu(attack: Callable) -> Callable:
+    """Trace `attack` with convolutions as one matrix product on CPUs (models.use_conv_impl
+    "auto"; the same function): 1.6-2x faster attack iterations on cnn_small on this project's
+    CPU; XLA's convolution on accelerators."""
+
+    @functools.wraps(attack)
+    def traced(*args, **kwargs):
+        with use_conv_impl("auto"):
+            return attack(*args, **kwargs)
+
+    return traced
 
 
 def _norm(v: jax.Array) -> jax.Array:
@@ -499,4 +514,12 @@ def _l2_candidate(x, x_best, keys, corner_h, corner_w, s, eps):
     return jnp.clip(x + delta / (_norm(delta) + 1e-12) * eps, 0.0, 1.0)
 
 
-ATTACK_FNS = {"apgd_ce": apgd_ce, "apgd_t": apgd_t, "fab_t": fab_t, "square": square}
+ATTACK_FNS = {
+    name: _convs_as_matmul_on_cpu(attack)
+    for name, attack in {
+        "apgd_ce": apgd_ce,
+        "apgd_t": apgd_t,
+        "fab_t": fab_t,
+        "square": square,
+    }.items()
+}

