@@ -56,15 +56,15 @@ def torch_twin(params, net_state) -> torch.nn.Module:
     with torch.no_grad():
         for i, (conv, bn) in enumerate(zip(convs, norms, strict=True)):
             conv.weight.copy_(
-                torch.from_numpy(np.asarray(params[f"conv{i}"]["w"])).permute(3, 2, 0, 1)
+                torch.from_numpy(np.array(params[f"conv{i}"]["w"])).permute(3, 2, 0, 1)
             )
-            bn.weight.copy_(torch.from_numpy(np.asarray(params[f"bn{i}"]["scale"]).reshape(-1)))
-            bn.bias.copy_(torch.from_numpy(np.asarray(params[f"bn{i}"]["offset"]).reshape(-1)))
+            bn.weight.copy_(torch.from_numpy(np.array(params[f"bn{i}"]["scale"]).reshape(-1)))
+            bn.bias.copy_(torch.from_numpy(np.array(params[f"bn{i}"]["offset"]).reshape(-1)))
             for name, buffer in (("mean", bn.running_mean), ("var", bn.running_var)):
                 state = np.asarray(net_state[f"bn{i}/~/{name}_ema"]["average"]).reshape(-1)
                 buffer.copy_(torch.from_numpy(state))
-        net[-1].weight.copy_(torch.from_numpy(np.asarray(params["classifier"]["w"]).T))
-        net[-1].bias.copy_(torch.from_numpy(np.asarray(params["classifier"]["b"])))
+        net[-1].weight.copy_(torch.from_numpy(np.array(params["classifier"]["w"]).T))
+        net[-1].bias.copy_(torch.from_numpy(np.array(params["classifier"]["b"])))
     return net.eval()
 
 
@@ -110,6 +110,7 @@ def compare(label, path, linear, x, y, eps, batch) -> dict:
     if linear:
         dynamics, w, theta_t = Dynamics(linear=True, centering=True), lin_params, params
         net = CenteredLinearized(torch_twin(params, net_state), torch_twin(lin_params, net_state))
+        net = net.eval()  # torchattacks restores the mode it finds: keep BatchNorm frozen
     else:
         dynamics, w, theta_t = Dynamics(), params, lin_params
         net = torch_twin(params, net_state)

@@ -17,6 +17,10 @@ Steps (every output under --out):
      networks (eval_and_make_adv.py --test_path);
   6. NTK eigen-features of the final benign and adversarial kernels (eigen_features.py);
   7. CKA between the final benign and adversarial networks (cka.py).
+Every model and kernel predictor whose robustness the report gives is attacked by PGD (the
+original's figure) and by AutoAttack (eval_and_make_adv.py / ntk_attack.py /
+eigen_features.py --autoattack); the claims are judged on both, and a gradient-masking warning
+is reported where the gradient-free Square attack beats the gradient attacks.
 """
 
 from __future__ import annotations
@@ -57,6 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phase2_from", default="0,1,5,20")
     p.add_argument("--attack_steps", type=int, default=20, help="PGD steps on kernel predictors")
     p.add_argument("--eigen_n_test", type=int, default=100)
+    p.add_argument(
+        "--aa_n_test", type=int, default=None, help="AutoAttack on the first N test images (all)"
+    )
     p.add_argument("--out", default="reproduce_runs")
     return p.parse_args(argv)
 
@@ -93,6 +100,9 @@ def main(argv=None) -> None:
             log,
         )["standard"]
     timings["phase 1 (2 runs)"] = time.time() - t
+    aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack" + (
+        f" --n_test {args.aa_n_test}" if args.aa_n_test else ""
+    )
 
     # 2-3. kernels and their evolution
     t = time.time()
@@ -134,7 +144,7 @@ def main(argv=None) -> None:
                 run_exp,
                 f"{common} --eps {args.eps} --loaders CC --linear_epochs {args.phase2_epochs} "
                 f"--base_model_path {path} --centering --second_lr 0.01 --skip_first_test "
-                f"--save_path {out}/phase2_benign_from_{kind}_{format_epoch(epoch)}",
+                f"--save_models --save_path {out}/phase2_benign_from_{kind}_{format_epoch(epoch)}",
                 log,
             )["linear"]
             phase2.append((kind, epoch, "benign", result))
@@ -144,11 +154,29 @@ def main(argv=None) -> None:
             run_exp,
             f"{common} --eps {args.eps} --loaders CA --linear_epochs {args.phase2_epochs} "
             f"--base_model_path {path} --centering --second_lr 0.01 --skip_first_test "
-            f"--save_path {out}/phase2_adversarial_from_benign_{format_epoch(epoch)}",
+            f"--save_models --save_path {out}/phase2_adversarial_from_benign_{format_epoch(epoch)}",
             log,
         )["linear"]
         phase2.append(("benign", epoch, "adversarial", result))
     timings["phase 2 runs"] = time.time() - t
+
+    # AutoAttack on every network and phase-2 model (the same test images for PGD and AA)
+    t = time.time()
+    for kind, _ in KINDS:
+        phase1[kind]["aa"] = call(
+            eval_and_make_adv,
+            f"{common} --model_path {out}/phase1_{kind}/parameters_final.pkl {aa_flags}",
+            log,
+        )
+    for kind, epoch, data, result in phase2:
+        folder = f"phase2_{data}_from_{kind}_{format_epoch(epoch)}"
+        result["aa"] = call(
+            eval_and_make_adv,
+            f"{common} --model_path {out}/{folder}/parameters_final.pkl --linear --centering "
+            f"{aa_flags}",
+            log,
+        )
+    timings["AutoAttack on the networks"] = time.time() - t
 
     # 5. NTK attack and transfer
     t = time.time()
@@ -165,11 +193,16 @@ def main(argv=None) -> None:
         summary = call(
             ntk_attack,
             f"--dataset {args.dataset} --dataset_size {args.kernel_size} --eps {args.eps} "
-            f"--pgd_steps {args.attack_steps} --save_dir {out}/ntk_attack {flags}",
+            f"--pgd_steps {args.attack_steps} --save_dir {out}/ntk_attack --autoattack {flags}",
             log,
         )
         name = flags.split("--save_name ")[1]
-        row = [label, summary["accuracy_clean"], summary["accuracy_linf"]]
+        row = [
+            label,
+            summary["accuracy_clean"],
+            summary["accuracy_linf"],
+            summary["accuracy_autoattack"],
+        ]
         for kind, _ in KINDS:
             evaluated = call(
                 eval_and_make_adv,
@@ -191,6 +224,7 @@ def main(argv=None) -> None:
             f"--kernel_path {kernel_paths[kind][kernel_epochs[-1]]} --eps {args.eps} "
             f"--pgd_steps {args.attack_steps} --n_test {args.eigen_n_test} --components 10 "
             f"--top_k 1,2,5,10,20,50,100,{args.kernel_size} --save_dir {out}/eigen_features "
+            "--autoattack "
             f"--save_name {kind}",
             log,
         )
@@ -223,6 +257,15 @@ def main(argv=None) -> None:
     print(f"\nwrote {out}/REPORT.md; wall time {time.time() - start:.0f}s")
 
 
+AA_COLUMNS = ["PGD (same images)", "AutoAttack", "Square", "masking"]
+
+
+def aa_cells(aa: dict) -> list:
+    """The AutoAttack columns of a row, from eval_and_make_adv.py --autoattack's results."""
+    masked = "**yes**" if aa["warnings"] else "no"
+    return [aa["acc_dirty"], aa["acc_autoattack"], aa["acc_square"], masked]
+
+
 def write_report(
     args, phase1, evolution, between_finals, initial_kernels, phase2, transfer, eigen, cka_results,
     timings, wall,
@@ -236,13 +279,20 @@ def write_report(
         f"phase 2 {args.phase2_epochs} epochs, kernels on {args.kernel_size} training images "
         f"(averaged over logits). Written by `scripts/reproduce.py` in {wall / 60:.1f} min; "
         "accuracies are fractions of the test set, PGD-Linf is 100 steps against the network "
-        f"(and {args.attack_steps} steps against kernel predictors).",
+        f"(and {args.attack_steps} steps against kernel predictors). AutoAttack: robust to all "
+        "of APGD-CE, APGD-T, FAB-T and Square (5000 queries), L-inf at the same eps, on "
+        + (f"the first {args.aa_n_test}" if args.aa_n_test else "all")
+        + " test images; 'PGD (same images)' is the 100-step PGD on those images, 'masking' "
+        "says whether gradient-free Square beat every gradient attack (gradient masking).",
         "",
         "## Phase 1",
         "",
         table(
-            ["run", "clean", "PGD-Linf", "PGD-L2"],
-            [[kind, r["clean"], r["linf"], r["l2"]] for kind, r in phase1.items()],
+            ["run", "clean", "PGD-Linf", "PGD-L2", *AA_COLUMNS],
+            [
+                [kind, r["clean"], r["linf"], r["l2"], *aa_cells(r["aa"])]
+                for kind, r in phase1.items()
+            ],
         ),
         "",
         "## Kernel evolution",
@@ -284,10 +334,14 @@ def write_report(
         "## Phase 2 on frozen kernels (centered linearized dynamics)",
         "",
         table(
-            ["kernel from", "at epoch", "phase-2 data", "clean", "PGD-Linf", "PGD-L2"],
-            [[kind, f"{e:g}", data, r["clean"], r["linf"], r["l2"]] for kind, e, data, r in phase2],
+            ["kernel from", "at epoch", "phase-2 data", "clean", "PGD-Linf", "PGD-L2", *AA_COLUMNS],
+            [
+                [kind, f"{e:g}", data, r["clean"], r["linf"], r["l2"], *aa_cells(r["aa"])]
+                for kind, e, data, r in phase2
+            ],
         ),
         "",
+        *masking_section(phase1, phase2),
         "## Training-free NTK adversarial examples and their transfer",
         "",
         table(
@@ -295,6 +349,7 @@ def write_report(
                 "kernel",
                 "kernel regression clean",
                 "kernel regression PGD",
+                "kernel regression AutoAttack",
                 "benign net on them",
                 "adversarial net on them",
             ],
@@ -314,9 +369,9 @@ def write_report(
             f"{kind}: {result['kernel']} ({result['n_test']} test images)",
             "",
             table(
-                ["kind", "k", "eigenvalue", "clean", "PGD-Linf"],
+                ["kind", "k", "eigenvalue", "clean", "PGD-Linf", "AutoAttack"],
                 [
-                    [r["kind"], r["k"], r["eigenvalue"], r["clean"], r["linf"]]
+                    [r["kind"], r["k"], r["eigenvalue"], r["clean"], r["linf"], r["autoattack"]]
                     for r in result["rows"]
                 ],
             ),
@@ -371,10 +426,13 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
     lazy = velocity_drop(benign) > 10 and velocity_drop(adversarial) > 10
     settle_b, settle_a = settle_epoch(benign), settle_epoch(adversarial)
     robust_kernel = from_adv["linf"] > from_benign["linf"] + 0.05
+    robust_kernel_aa = aa(from_adv) > aa(from_benign) + 0.05
     different = between_finals > 0.5 * min(
         r[-1]["distance_to_first"] for r in (benign, adversarial)
     )
     best_fixed_at = max(r["linf"] for r in fixed.values())
+    best_fixed_aa = max(aa(r) for r in fixed.values())
+    benign_aa = phase1["benign"]["aa"]["acc_autoattack"]
     lines = [
         "## The abstract's claims at this scale",
         "",
@@ -400,30 +458,33 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
         ),
         "3. *This kernel provides robustness even when non-robust (benign) training is done on "
         f"top of it.* Benign phase 2 on the adversarial kernel of epoch {late:g}: PGD-Linf "
-        f"{from_adv['linf']:.4f} (clean {from_adv['clean']:.4f}); on the benign kernel: "
-        f"{from_benign['linf']:.4f} (clean {from_benign['clean']:.4f}). "
-        + ("**Holds.**" if robust_kernel else "**Does not hold here.**"),
+        f"{from_adv['linf']:.4f}, AutoAttack {aa(from_adv):.4f} (clean {from_adv['clean']:.4f}); "
+        f"on the benign kernel: PGD-Linf {from_benign['linf']:.4f}, AutoAttack "
+        f"{aa(from_benign):.4f} (clean {from_benign['clean']:.4f}). "
+        + verdict(robust_kernel, robust_kernel_aa)
+        + masking_note([from_adv, from_benign]),
         "4. *Adversarial training on a fixed kernel can yield a robust classifier (76.1% PGD "
         "accuracy at eps 4/255 on CIFAR-10).* Adversarial phase 2 on the frozen benign kernel of "
-        + ", ".join(f"epoch {e:g}: PGD-Linf {r['linf']:.4f}" for e, r in fixed.items())
-        + f"; vs {phase1['adversarial']['linf']:.4f} for full "
-        f"adversarial training and {phase1['benign']['linf']:.4f} for benign training. "
-        + (
-            "**Holds** (well above benign training)."
-            if best_fixed_at > phase1["benign"]["linf"] + 0.1
-            else "**Does not hold here.**"
-        ),
+        + ", ".join(
+            f"epoch {e:g}: PGD-Linf {r['linf']:.4f}, AutoAttack {aa(r):.4f}"
+            for e, r in fixed.items()
+        )
+        + f"; vs {phase1['adversarial']['linf']:.4f} (AutoAttack "
+        f"{phase1['adversarial']['aa']['acc_autoattack']:.4f}) for full adversarial training and "
+        f"{phase1['benign']['linf']:.4f} (AutoAttack {benign_aa:.4f}) for benign training. "
+        + verdict(best_fixed_at > phase1["benign"]["linf"] + 0.1, best_fixed_aa > benign_aa + 0.1)
+        + masking_note(list(fixed.values())),
         "",
         "Tsilivis & Kempe (NeurIPS 2022):",
         "",
     ]
     relu_row = transfer[0]
-    fooled = relu_row[3] < phase1["benign"]["clean"] - 0.05
+    fooled = relu_row[4] < phase1["benign"]["clean"] - 0.05
     lines.append(
         "5. *NTK adversarial examples, made without training, transfer to networks.* The "
         f"infinite-width kernel's examples take the benign network from "
-        f"{phase1['benign']['clean']:.4f} to {relu_row[3]:.4f} and the adversarial one to "
-        f"{relu_row[4]:.4f}. " + ("**Holds.**" if fooled else "**Does not hold here.**")
+        f"{phase1['benign']['clean']:.4f} to {relu_row[4]:.4f} and the adversarial one to "
+        f"{relu_row[5]:.4f}. " + ("**Holds.**" if fooled else "**Does not hold here.**")
     )
     # component 1 is the near-constant mode (one class for almost every input, so PGD cannot
     # move it): compare components 2-5 with 6-10
@@ -431,19 +492,30 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
     for kind, result in eigen.items():
         single = {r["k"]: r for r in result["rows"] if r["kind"] == "component"}
 
-        def ratio(ks, single=single):
+        def ratio(ks, attack, single=single):
             values = [
-                single[k]["linf"] / single[k]["clean"] for k in ks if single.get(k, {}).get("clean")
+                single[k][attack] / single[k]["clean"] for k in ks if single.get(k, {}).get("clean")
             ]
             return float(np.mean(values)) if values else float("nan")
 
-        ratios[kind] = (ratio(range(2, 6)), ratio(range(6, 11)))
-    holds = all(a > b for a, b in ratios.values())
+        ratios[kind] = {
+            attack: (ratio(range(2, 6), attack), ratio(range(6, 11), attack))
+            for attack in ("linf", "autoattack")
+        }
     lines.append(
-        "6. *Robust features correspond to the largest eigenvalues.* PGD/clean accuracy ratio "
-        "of single eigen-components 2-5 vs 6-10 (component 1 is the near-constant mode): "
-        + "; ".join(f"{k} kernel {a:.2f} vs {b:.2f}" for k, (a, b) in ratios.items())
-        + (". **Holds.**" if holds else ". **Does not hold here.**")
+        "6. *Robust features correspond to the largest eigenvalues.* Robust/clean accuracy "
+        "ratio of single eigen-components 2-5 vs 6-10 (component 1 is the near-constant mode), "
+        "PGD and AutoAttack: "
+        + "; ".join(
+            f"{k} kernel {r['linf'][0]:.2f} vs {r['linf'][1]:.2f} (AutoAttack "
+            f"{r['autoattack'][0]:.2f} vs {r['autoattack'][1]:.2f})"
+            for k, r in ratios.items()
+        )
+        + ". "
+        + verdict(
+            all(a > b for a, b in (r["linf"] for r in ratios.values())),
+            all(a > b for a, b in (r["autoattack"] for r in ratios.values())),
+        )
     )
     top = {
         kind: max((r for r in result["rows"] if r["kind"] == "top_k"), key=lambda r: r["k"])
@@ -451,11 +523,16 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
     }
     sooner = settle_a < settle_b
     more_robust = "adversarial" in top and top["adversarial"]["linf"] > top["benign"]["linf"]
+    more_robust_aa = top["adversarial"]["autoattack"] > top["benign"]["autoattack"]
     lines.append(
         "7. *Adversarial training's NTK falls into the lazy regime much earlier and relies more "
         "on its top eigenspaces.* Settling epoch (claim 2): adversarial "
-        f"{settle_a:g} vs benign {settle_b:g}; PGD accuracy of the full kernel predictor: "
-        + "; ".join(f"{k} kernel {r['linf']:.2f} (clean {r['clean']:.2f})" for k, r in top.items())
+        f"{settle_a:g} vs benign {settle_b:g}; PGD (AutoAttack) accuracy of the full kernel "
+        "predictor: "
+        + "; ".join(
+            f"{k} kernel {r['linf']:.2f} ({r['autoattack']:.2f}, clean {r['clean']:.2f})"
+            for k, r in top.items()
+        )
         + (
             ". **Holds.**"
             if sooner and more_robust
@@ -469,8 +546,47 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
             if sooner or more_robust
             else ". **Does not hold here.**"
         )
+        + " On AutoAttack the predictor of the adversarial kernel is "
+        + ("more" if more_robust_aa else "not more")
+        + " robust."
     )
     return lines
+
+
+def masking_section(phase1, phase2) -> list[str]:
+    """The gradient-masking warnings of the networks and phase-2 models, one line each."""
+    named = [(f"phase 1 {kind}", r["aa"]) for kind, r in phase1.items()]
+    named += [
+        (f"phase 2 ({data} data) on the {kind} kernel of epoch {e:g}", r["aa"])
+        for kind, e, data, r in phase2
+    ]
+    lines = [f"- {name}: {w}" for name, result in named for w in result["warnings"]]
+    if not lines:
+        return ["No gradient masking detected: Square never beat the gradient attacks.", ""]
+    return ["Gradient masking (Square beat every gradient attack):", "", *lines, ""]
+
+
+def aa(result: dict) -> float:
+    """The AutoAttack accuracy of a phase-1 or phase-2 row."""
+    return result["aa"]["acc_autoattack"]
+
+
+def verdict(on_pgd: bool, on_autoattack: bool) -> str:
+    def word(holds):
+        return "**holds**" if holds else "**does not hold**"
+
+    return f"On PGD: {word(on_pgd)}; on AutoAttack: {word(on_autoattack)}."
+
+
+def masking_note(rows: list[dict]) -> str:
+    """Names gradient masking where Square beat the gradient attacks on one of these models."""
+    masked = [r for r in rows if r["aa"]["warnings"]]
+    if not masked:
+        return ""
+    return (
+        f" Gradient masking: on {len(masked)} of these {len(rows)} models the gradient-free "
+        "Square attack beat every gradient attack, so their PGD figures overstate robustness."
+    )
 
 
 if __name__ == "__main__":
