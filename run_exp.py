@@ -281,7 +281,7 @@ def main(argv=None) -> dict:
     elif resume is None or resume["phase"] == 1:
         fractions = fractional_saves(steps_per_epoch)
         # as in the original, phase-1 checkpoints keep lin_params at the initial parameters
-        init_params = jax.tree.map(np.asarray, params)
+        init_params = jax.tree.map(np.array, params)  # a copy: params' buffers are donated
 
         def save_phase1(epoch, step, get_state):
             if not args.constant_save:

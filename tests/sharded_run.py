@@ -16,7 +16,13 @@ import numpy as np  # noqa: E402
 
 from data import load_dataset  # noqa: E402
 from dynamics import PHASE1  # noqa: E402
-from evaluation import attack_settings, evaluate, make_attack_fn  # noqa: E402
+from evaluation import (  # noqa: E402
+    attack_settings,
+    evaluate,
+    make_attack_fn,
+    make_autoattack_fns,
+    make_logits_fn,
+)
 from models import get_model, init_model  # noqa: E402
 from ntk import empirical_ntk  # noqa: E402
 from parallel import initialize, is_writer, replicate, shard_batch, to_host  # noqa: E402
@@ -56,6 +62,14 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
     xb, yb = shard_batch(ds.x_test[:100], ds.y_test[:100])
     w, net = replicate((state.w, state.net_state))
     adversarial_images = to_host(attack(w, None, net, xb, yb, jax.random.PRNGKey(3)))
+    # AutoAttack's four on the same sharded batch: each one's accuracy
+    autoattack = make_autoattack_fns(model, PHASE1, eps=EPS, norm="linf", n_classes=10)
+    logits = make_logits_fn(model, PHASE1)
+    autoattack_accuracy = []
+    for fn in autoattack.values():
+        x_aa = fn(w, None, net, xb, yb, jax.random.PRNGKey(4))
+        correct = jax.numpy.argmax(logits(w, None, net, x_aa), -1) == yb
+        autoattack_accuracy.append(float(np.mean(to_host(correct))))
     kernel = empirical_ntk(model, state.w, state.net_state, ds.x_train[:30], chunk_size=10)
     flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.w)])
     bn = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.net_state)])
@@ -76,6 +90,7 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
         bn=bn,
         accuracy=np.array([accuracy["clean"], accuracy["linf"]]),
         adversarial=adversarial_images,
+        autoattack=np.array(autoattack_accuracy),
         kernel=kernel,
         error=np.array(error),
     )

@@ -245,3 +245,51 @@ def test_sweep_warning_when_accuracy_rises_or_exceeds_the_grey_bound():
     assert "rises" in rising
     (grey,) = sweep_warnings({8: 0.6, 128: 0.5}, grey_bound=0.1)
     assert "all-grey image" in grey
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    import run_exp
+
+    folder = tmp_path_factory.mktemp("aa_run")
+    run_exp.main(
+        f"--dataset digits --model cnn_small --standard_epochs 2 --linear_epochs 0 --save_models "
+        f"--skip_first_test --skip_second_test --save_path {folder}".split()
+    )
+    return folder / "parameters_final.pkl"
+
+
+def test_eval_script_reports_autoattack_beside_pgd_and_sweeps_eps(digits_checkpoint):
+    """eval_and_make_adv.py --autoattack --eps_sweep: each attack's accuracy, AutoAttack no
+    higher than any of its four attacks, the worst case no higher than anything, the sweep's
+    radii, everything stored in test_results_autoattack.pkl."""
+    import pickle
+
+    import eval_and_make_adv
+
+    result = eval_and_make_adv.main(
+        f"--dataset digits --model cnn_small --model_path {digits_checkpoint} --n_test 30 "
+        "--eps 32 --autoattack --eps_sweep 16,128 --save_name autoattack".split()
+    )
+    four = [result[f"acc_{name}"] for name in ATTACK_FNS]
+    assert result["acc_autoattack"] <= min(four + [result["acc_clean"]])
+    assert result["acc_worst"] <= min(result["acc_autoattack"], result["acc_dirty"])
+    assert sorted(result["eps_sweep"]) == [16.0, 128.0]
+    assert result["eps_sweep"][128.0] <= result["eps_sweep"][16.0]
+    assert result["autoattack"] == ("linf", 32 / 255)
+    with open(digits_checkpoint.parent / "test_results_autoattack.pkl", "rb") as f:
+        stored = pickle.load(f)
+    assert stored["acc_autoattack"] == result["acc_autoattack"]
+    assert isinstance(stored["warnings"], list)
+
+
+def test_kernel_predictor_scripts_take_autoattack(tmp_path):
+    import ntk_attack
+
+    summary = ntk_attack.main(
+        "--dataset digits --kernel relu_ntk --dataset_size 50 --n_test 20 --eps 32 --pgd_steps 10 "
+        f"--autoattack --autoattack_norm l2 --eps_l2 1.0 --save_dir {tmp_path}".split()
+    )
+    four = [summary[f"accuracy_{name}"] for name in ATTACK_FNS]
+    assert summary["accuracy_autoattack"] <= min(four + [summary["accuracy_clean"]])
+    assert tuple(summary["autoattack"]) == ("l2", 1.0)

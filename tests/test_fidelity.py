@@ -67,7 +67,7 @@ def test_training_pgd_sees_batchnorm_in_inference_mode(monkeypatch, dynamics):
     step = make_train_step(model, optimizer, dynamics, adversarial=True, eps=0.1)
     with jax.disable_jit():
         step(state, x, y, jax.random.PRNGKey(0))
-    (in_batch, alone), = seen
+    ((in_batch, alone),) = seen
     np.testing.assert_allclose(in_batch, alone, rtol=1e-5, atol=1e-6)
 
 
@@ -84,7 +84,11 @@ def test_l2_pgd_clips_to_the_image_then_projects():
     out = pgd(logits_fn, x, y, key, eps=eps, step_size=step, n_steps=1, norm="l2")
     start = jnp.clip(x + _random_start(key, x.shape, eps, "l2"), 0, 1)
     grad = jax.grad(lambda z: jnp.sum(-jax.nn.log_softmax(logits_fn(z))[:, 0]))(start)
-    moved = jnp.clip(start + step * grad / jnp.linalg.norm(grad.reshape(4, -1), axis=1)[:, None, None, None], 0, 1)  # noqa: E501
+    moved = jnp.clip(
+        start + step * grad / jnp.linalg.norm(grad.reshape(4, -1), axis=1)[:, None, None, None],
+        0,
+        1,
+    )  # noqa: E501
     delta = moved - x
     size = jnp.linalg.norm(delta.reshape(4, -1), axis=1)[:, None, None, None]
     expected = x + delta * jnp.minimum(1.0, eps / size)
@@ -94,11 +98,11 @@ def test_l2_pgd_clips_to_the_image_then_projects():
 def test_kernel_subset_is_the_originals_draw():
     """np.random.seed(seed), then np.random.choice(len(members), n, replace=False) per class."""
     labels = np.random.default_rng(1).integers(0, 10, 400)
-    np.random.seed(7)
+    np.random.seed(7)  # noqa: NPY002 (the original's legacy global draw, on purpose)
     expected = []
     for c in range(10):
         members = np.where(labels == c)[0]
-        expected.extend(members[np.random.choice(len(members), 5, replace=False)])
+        expected.extend(members[np.random.choice(len(members), 5, replace=False)])  # noqa: NPY002
     np.testing.assert_array_equal(class_balanced_subset(labels, 50, 10, 7), expected)
 
 
