@@ -91,7 +91,9 @@ def main(argv=None) -> dict:
         raise UserError(str(err)) from None
     print(f"kernel {kernel.shape} in {time.time() - start:.1f}s")
 
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
+    out_dir = os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
+    )
     path = os.path.join(
         out_dir, kernel_file_name(args.save_name, args.class_index, args.dataset_size)
     )

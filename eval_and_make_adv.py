@@ -206,7 +206,9 @@ def main(argv=None) -> dict:
         warnings += sweep_warnings(sweep, float(np.mean(y == grey_label)))
     results["warnings"] = warnings
 
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
+    out_dir = os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
+    )
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
     save_pickle(results, results_path)
     restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""

@@ -134,9 +134,10 @@ def test_robust_data_study_writes_its_report(tmp_path):
          "--source_epochs", "1",
          "--restarts", "2", "--n_test", "40", "--out", str(out)]
     )  # fmt: skip
-    assert len(rows) == 4 and all(len(v) == 6 for v in rows.values())
-    for values in rows.values():  # the worst case is below every single attack
-        assert values[5] <= min(values[:5])
+    assert len(rows) == 4 and all(len(v) == 7 for v in rows.values())
+    for values in rows.values():  # the worst case is below every single attack and AutoAttack
+        assert values[6] <= min(values[:6])
+    assert "AutoAttack" in robust_data_study.COLUMNS
     report = (out / "REPORT.md").read_text()
     assert "| kernel regression, optimised set |" in report and "finding" in report
     assert (out / "robust_data_study.png").exists() and (out / "robust_optimised.png").exists()
