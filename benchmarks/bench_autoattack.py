@@ -34,7 +34,7 @@ from bench_ntk import torch_model  # noqa: E402
 
 import autoattack  # noqa: E402
 from autoattack import ATTACK_FNS, AUTOATTACK  # noqa: E402
-from data import load_dataset  # noqa: E402
+from data import load_dataset, padded_batches  # noqa: E402
 from dynamics import Dynamics, forward  # noqa: E402
 from models import get_model, init_model  # noqa: E402
 from utils import load_checkpoint  # noqa: E402
@@ -134,10 +134,9 @@ def compare(label, path, linear, x, y, eps, batch) -> dict:
         ).block_until_ready()
         first = time.perf_counter() - start
         start = time.perf_counter()
-        ours_adv = np.concatenate([
-            np.asarray(attack(jnp.asarray(x[i:i + batch]), jnp.asarray(y[i:i + batch]),
-                              jax.random.PRNGKey(i)))
-            for i in range(0, len(x), batch)
+        ours_adv = np.concatenate([  # batches padded to one shape, as the evaluation does
+            np.asarray(attack(jnp.asarray(xb), jnp.asarray(yb), jax.random.PRNGKey(i)))[:n]
+            for i, (xb, yb, n) in enumerate(padded_batches(x, y, batch))
         ])  # fmt: skip
         ours_time = time.perf_counter() - start
         ours_ok = np.asarray(jnp.argmax(logits_fn(jnp.asarray(ours_adv)), -1)) == y
