@@ -563,8 +563,9 @@ def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> 
         f"{settle_a:g} vs benign {settle_b:g}; PGD (AutoAttack) accuracy of the full kernel "
         "predictor: "
         + "; ".join(
-            f"{k} kernel {r['linf']:.2f} ({r.get('autoattack', float('nan')):.2f}, "
-            f"clean {r['clean']:.2f})"
+            f"{k} kernel {r['linf']:.2f} ("
+            + (f"{r['autoattack']:.2f}, " if "autoattack" in r else "")
+            + f"clean {r['clean']:.2f})"
             for k, r in top.items()
         )
         + (
