@@ -2,7 +2,8 @@
 REPORT.md with the tables, the pictures and each claim of the paper's abstract beside the number
 that supports or contradicts it at this scale.
 
-Default: digits (8x8) and cnn_small on a CPU, about 15-25 minutes on 2 cores. The paper's scale
+Default: digits (8x8) and cnn_small on a CPU: 15-25 minutes on 2 cores before AutoAttack, which
+adds an estimated 20-30 (12 models on 360 images; not timed in full). The paper's scale
 on a GPU: --dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100
 --kernel_size 500 --kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
 

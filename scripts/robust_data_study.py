@@ -2,7 +2,7 @@
 2207.11727) in miniature, then REPORT.md with the table, the pictures and the paper's finding
 beside the numbers.
 
-Default: digits (8x8), a 500-image support set, eps 32/255, on a CPU in about 5 minutes.
+Default: digits (8x8), a 500-image support set, eps 32/255, on a CPU in about 6 minutes.
 
 Steps (every output under --out):
   1. robustify_dataset.py optimises a class-balanced support set against PGD on the
