@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from attacks import margin
+from attacks import _per_example_norm, margin, project
 from models import use_conv_impl
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
@@ -69,19 +69,12 @@ def _convs_as_matmul_on_cpu(attack: Callable) -> Callable:
     return traced
 
 
-def _norm(v: jax.Array) -> jax.Array:
-    """Per-example L2 norm, shaped (N, 1, 1, 1)."""
-    return jnp.sqrt(jnp.sum(v * v, axis=(1, 2, 3), keepdims=True))
+_norm = _per_example_norm  # (N, 1, 1, 1)
 
 
 def _project(x: jax.Array, x_adv: jax.Array, eps: float, norm: str) -> jax.Array:
-    """x_adv moved into the eps-ball around x, then into [0, 1]."""
-    delta = x_adv - x
-    if norm == "linf":
-        delta = jnp.clip(delta, -eps, eps)
-    else:
-        delta = delta * jnp.minimum(1.0, eps / (_norm(delta) + 1e-12))
-    return jnp.clip(x + delta, 0.0, 1.0)
+    """x_adv moved into the eps-ball around x (attacks.project), then into [0, 1]."""
+    return jnp.clip(x + project(x_adv - x, eps, norm), 0.0, 1.0)
 
 
 def _expand(mask: jax.Array) -> jax.Array:
