@@ -15,25 +15,30 @@ the polar view (formulas in kernel_analysis.py). Writes into --out_dir:
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
-import json
 import os
 
 import numpy as np
 
-from kernel_analysis import evolution, spectrum, target_matrix
-from plots import plot_kernel_evolution, plot_kernel_spectra
-from utils import Parser, UserError, add_shared_flags, epoch_from_name, load_pickle, run_main
+from ntk_evolution.checkpoints import epoch_from_name, load_kernel
+from ntk_evolution.cli import Parser, add_out_dir_flag, add_shared_flags
+from ntk_evolution.kernel_analysis import evolution, spectrum, target_matrix
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_spectra
+from utils import UserError, run_main, write_csv, write_json
+
+
+def build_parser() -> Parser:
+    p = Parser(__doc__)
+    p.add_argument("kernels", nargs="+", help="Kernel pickles: paths or quoted globs.")
+    p.add_argument("--names", nargs="+", default=None, help="A label per run, in order.")
+    add_out_dir_flag(p, "./kernel_analysis")
+    add_shared_flags(p)
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(__doc__)
-    p.add_argument("kernels", nargs="+", help="kernel pickles: paths or quoted globs")
-    p.add_argument("--names", nargs="+", default=None, help="a label per run, in order")
-    p.add_argument("--out_dir", default="./kernel_analysis")
-    add_shared_flags(p)
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def expand(patterns: list[str]) -> list[str]:
@@ -46,10 +51,10 @@ def expand(patterns: list[str]) -> list[str]:
     return list(dict.fromkeys(paths))
 
 
-def load_kernel(path: str, trust: bool) -> dict:
-    record = load_pickle(path, "kernel pickle", trust)
-    if not isinstance(record, dict) or not {"kernel", "labels"} <= set(record):
-        raise UserError(f"{path} is not a kernel pickle of calculate_kernel.py")
+def read_kernel(path: str, trust: bool) -> dict:
+    """A kernel pickle with its epoch and the run it belongs to (the checkpoint's folder,
+    class, size)."""
+    record = load_kernel(path, trust)
     epoch = record.get("epoch")
     if epoch is None:
         epoch = epoch_from_name(record.get("model_path", "")) or epoch_from_name(path)
@@ -60,7 +65,7 @@ def load_kernel(path: str, trust: bool) -> dict:
         )
     model_path = record.get("model_path")
     run_dir = os.path.dirname(model_path) if model_path else os.path.dirname(os.path.dirname(path))
-    kernel = np.asarray(record["kernel"], np.float64)
+    kernel = record["kernel"]
     return {
         "path": path,
         "epoch": float(epoch),
@@ -108,7 +113,8 @@ def run_label(key: tuple, keys: list[tuple]) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    records = [load_kernel(path, args.trust_pickle) for path in expand(args.kernels)]
+    initialize(args)
+    records = [read_kernel(path, args.trust_pickle) for path in expand(args.kernels)]
     runs = group_runs(records)
     keys = list(runs)
     if args.names and len(args.names) != len(keys):
@@ -128,12 +134,8 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [{"run": label, **row} for label, run_rows in table.items() for row in run_rows]
     csv_path = os.path.join(args.out_dir, "kernel_evolution.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    with open(os.path.join(args.out_dir, "kernel_evolution.json"), "w") as f:
-        json.dump(table, f, indent=2)
+    write_csv(rows, csv_path)
+    write_json(table, os.path.join(args.out_dir, "kernel_evolution.json"))
     plot_kernel_evolution(table, os.path.join(args.out_dir, "kernel_evolution.png"))
     plot_kernel_spectra(spectra, os.path.join(args.out_dir, "kernel_spectra.png"))
     for label, run_rows in table.items():

@@ -3,7 +3,8 @@
 Writes dirname(model_path)/<bonus_dir>/<save_name>_<dataset_size>.pkl (averaged over logits,
 --class_index -1) or <save_name>_class_<c>_<dataset_size>.pkl (logit c), holding
 {'kernel': (N, N) float64, 'labels': (N,)} plus 'indices' (into the training set),
-'class_index', 'dataset', 'model', 'model_path', 'epoch' (from the checkpoint's name, or None)
+'class_index', 'dataset', 'model', 'model_path', 'epoch' (from the checkpoint's meta or
+name, or None)
 and 'use_linear_params', and a PNG of the kernel and its spectrum beside it.
 """
 
@@ -13,46 +14,57 @@ import argparse
 import os
 import time
 
-import jax
 from tqdm import tqdm
 
-from data import DATASETS, class_balanced_subset, load_dataset
-from models import MODELS, get_model, init_model
-from ntk import empirical_ntk
-from plots import plot_kernel
-from utils import (
+from data import class_balanced_subset, load_dataset
+from ntk_evolution.checkpoints import checkpoint_epoch, load_model_from_args
+from ntk_evolution.cli import (
     Parser,
-    UserError,
+    add_model_flags,
+    add_seed_flag,
     add_shared_flags,
-    epoch_from_name,
     finite_float,
-    load_checkpoint,
-    run_main,
-    save_pickle,
+    positive_int,
 )
+from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_kernel
+from utils import UserError, run_main, save_pickle
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--dataset_size", type=int, default=500)
-    p.add_argument("--save_name", default="saved_kernel")
-    p.add_argument("--class_index", type=int, default=-1, help="logit c, or -1: average")
-    p.add_argument("--show_progress", action="store_true", help="print every kernel block")
-    p.add_argument("--model", default="resnet18", choices=MODELS)
-    p.add_argument("--bonus_dir", default=".", help="folder under the model's folder")
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--use_linear_params", action="store_true", help="kernel at lin_params (w)")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
+    p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py.")
+    p.add_argument(
+        "--dataset_size", type=positive_int, default=500, help="Training images in the subset."
+    )
+    p.add_argument("--save_name", default="saved_kernel", help="Prefix of the output file.")
+    p.add_argument(
+        "--class_index",
+        type=int,
+        default=-1,
+        help="Kernel of logit c, or -1: averaged over logits.",
+    )
+    p.add_argument("--show_progress", action="store_true", help="Print every kernel block.")
+    add_model_flags(p)
+    p.add_argument("--bonus_dir", default=".", help="Output folder, under the model's folder.")
+    add_seed_flag(p, "class-balanced subset")
+    p.add_argument(
+        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
+    )
     # added
     add_shared_flags(p)
     p.add_argument(
         "--max_memory_gb",
         type=finite_float(0.0, inclusive=False),
         default=None,
-        help="memory budget for Jacobian chunks (default: 40%% of the device's memory)",
+        help="Memory budget for Jacobian chunks (None: 40%% of the device's memory).",
     )
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def kernel_file_name(save_name: str, class_index: int, dataset_size: int) -> str:
@@ -63,25 +75,24 @@ def kernel_file_name(save_name: str, class_index: int, dataset_size: int) -> str
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {args.dataset}: use -1 or "
             f"0..{ds.n_classes - 1}"
         )
-    model = get_model(args.model, ds.n_classes)
-    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
-    params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
+    params = loaded.lin_params if args.use_linear_params else loaded.params
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     images, labels = ds.x_train[indices], ds.y_train[indices]
 
     start = time.time()
     try:
         kernel = empirical_ntk(
-            model,
+            loaded.model,
             params,
-            ckpt["net_state"],
+            loaded.net_state,
             images,
             class_index=args.class_index,
             max_memory_gb=args.max_memory_gb,
@@ -105,7 +116,7 @@ def main(argv=None) -> dict:
         "dataset": args.dataset,
         "model": args.model,
         "model_path": os.path.abspath(args.model_path),
-        "epoch": epoch_from_name(args.model_path),
+        "epoch": checkpoint_epoch(loaded.meta, args.model_path),
         "use_linear_params": args.use_linear_params,
     }
     save_pickle(record, path)

@@ -17,41 +17,54 @@ import os
 import jax
 import numpy as np
 
-from data import DATASETS, load_dataset, padded_batches
-from dynamics import Dynamics
-from evaluation import TEST_BATCH, attack_settings, make_attack_fn
-from models import MODELS, get_model, init_model
-from plots import plot_cka
-from similarity import ESTIMATORS, cka_matrix, layer_grams
-from utils import (
-    Parser,
-    UserError,
-    add_shared_flags,
-    finite_float,
-    load_checkpoint,
-    positive_int,
-    run_main,
-    save_pickle,
-)
+from data import DATASETS, load_dataset
+from models import MODELS
+from ntk_evolution.attacks import attack_settings, eps_from_255
+from ntk_evolution.checkpoints import LoadedModel, load_model
+from ntk_evolution.cli import Parser, add_eps_flag, add_seed_flag, add_shared_flags, positive_int
+from ntk_evolution.dynamics import Dynamics
+from ntk_evolution.evaluation import attacked_batches, make_attack_fn
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_cka
+from ntk_evolution.similarity import ESTIMATORS, cka_matrix, layer_grams
+from utils import UserError, run_main, save_pickle, to_host
+
+
+def build_parser() -> Parser:
+    p = Parser(__doc__)
+    p.add_argument(
+        "--model",
+        nargs="+",
+        default=None,
+        choices=MODELS,
+        help="Network of each side (1 or 2); default: each checkpoint's, else resnet18.",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help="Dataset; default: the first checkpoint's, else cifar10.",
+    )
+    p.add_argument("--model_path", nargs="+", required=True, help="1 or 2 checkpoints.")
+    p.add_argument("--model0_layers", default="all", help="'all' or comma-separated indices.")
+    p.add_argument("--model1_layers", default="all", help="'all' or comma-separated indices.")
+    p.add_argument(
+        "--adv", type=int, nargs="+", default=[0], choices=(0, 1), help="PGD inputs, per side."
+    )
+    p.add_argument("--savedir", default="./results", help="Output folder.")
+    p.add_argument("--suffix", default="", help="Outputs are cka_<suffix>.pkl and .png.")
+    p.add_argument("--n_images", type=positive_int, default=500, help="First N test images.")
+    add_eps_flag(p)
+    add_seed_flag(p, "attacks")
+    add_shared_flags(p)
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(__doc__)
-    p.add_argument("--model", nargs="+", default=["resnet18"], choices=MODELS, help="1 or 2")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--model_path", nargs="+", required=True, help="1 or 2 checkpoints")
-    p.add_argument("--model0_layers", default="all", help="'all' or comma-separated indices")
-    p.add_argument("--model1_layers", default="all", help="'all' or comma-separated indices")
-    p.add_argument("--adv", type=int, nargs="+", default=[0], choices=(0, 1), help="per side")
-    p.add_argument("--savedir", default="./results")
-    p.add_argument("--suffix", default="")
-    p.add_argument("--n_images", type=positive_int, default=500, help="first N test images")
-    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
-    p.add_argument("--random_seed", type=int, default=0)
-    add_shared_flags(p)
+    p = build_parser()
     args = p.parse_args(argv)
     for name in ("model_path", "model", "adv"):
-        if len(getattr(args, name)) > 2:
+        if len(getattr(args, name) or []) > 2:
             p.error(f"--{name} takes one or two values")
     return args
 
@@ -68,38 +81,45 @@ def select_layers(spec: str, names: list[str], flag: str) -> list[int]:
     return chosen
 
 
-def side_grams(model_name, path, adversarial, ds, x, y, args):
-    """Layer names and Gram matrices of one side."""
-    model = get_model(model_name, ds.n_classes)
-    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(path, like=like, trust=args.trust_pickle)
-    params, net_state = ckpt["params"], ckpt["net_state"]
+def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
+    """Layer names and Gram matrices of one side: its checkpoint's network on x, or with
+    `adversarial` on L-inf PGD examples of x made against it (attacked_batches' keys)."""
+    model, params, net_state = loaded.model, loaded.params, loaded.net_state
     if adversarial:
-        attack = make_attack_fn(model, Dynamics(), **attack_settings(args.eps / 255.0)["linf"])
-        key = jax.random.PRNGKey(args.random_seed)
-        batches = []
-        for i, (xb, yb, n_real) in enumerate(padded_batches(x, y, TEST_BATCH)):
-            adv = attack(params, params, net_state, xb, yb, jax.random.fold_in(key, i))
-            batches.append(np.asarray(adv)[:n_real])
-        x = np.concatenate(batches)
+        settings = attack_settings(eps_from_255(args.eps))["linf"]
+        attack = make_attack_fn(model, Dynamics(), **settings)
+        batches = attacked_batches(
+            x,
+            y,
+            jax.random.PRNGKey(args.random_seed),
+            {"adv": lambda xb, yb, key: attack(params, params, net_state, xb, yb, key)},
+            description="PGD inputs",
+        )
+        x = np.concatenate([to_host(inputs["adv"])[:n_real] for inputs, _, n_real in batches])
     return layer_grams(model, params, net_state, x)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    ds = load_dataset(args.dataset, args.data_root)
+    initialize(args)
     paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
-    models = (args.model * 2)[:2]
+    models = (args.model * 2)[:2] if args.model else [None, None]
     adv = (args.adv * 2)[:2]
+    loaded0 = load_model(paths[0], models[0], args.dataset, args.trust_pickle)
+    args.dataset = loaded0.dataset
+    same = paths[1] == paths[0] and models[1] == models[0]
+    loaded1 = loaded0 if same else load_model(paths[1], models[1], args.dataset, args.trust_pickle)
+    args.model = [loaded0.model_name, loaded1.model_name]
+    ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
     if len(x) < 4:
         raise UserError("--n_images must be at least 4 for the debiased estimator")
 
-    names0, grams0 = side_grams(models[0], paths[0], adv[0], ds, x, y, args)
-    if paths[1] == paths[0] and models[1] == models[0] and adv[1] == adv[0]:
+    names0, grams0 = side_grams(loaded0, adv[0], x, y, args)
+    if same and adv[1] == adv[0]:
         names1, grams1 = names0, grams0
     else:
-        names1, grams1 = side_grams(models[1], paths[1], adv[1], ds, x, y, args)
+        names1, grams1 = side_grams(loaded1, adv[1], x, y, args)
     rows = select_layers(args.model0_layers, names0, "--model0_layers")
     cols = select_layers(args.model1_layers, names1, "--model1_layers")
     result = {

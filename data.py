@@ -16,6 +16,8 @@ import numpy as np
 from utils import UserError, load_pickle
 
 DATASETS = ("cifar10", "cifar100", "digits")
+# (image shape (H, W, C), number of classes) of each dataset, known without loading it
+SHAPES = {"cifar10": ((32, 32, 3), 10), "cifar100": ((32, 32, 3), 100), "digits": ((8, 8, 1), 10)}
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 

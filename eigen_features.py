@@ -12,8 +12,6 @@ k. Writes into --save_dir: eigen_features_<save_name>.json / .csv and a PNG.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 
 import jax
@@ -21,23 +19,22 @@ import numpy as np
 from tqdm import tqdm
 
 from data import load_dataset
-from evaluation import autoattack_threat, masking_warnings
-from kernel_regression import (
-    add_kernel_flags,
-    component_factors,
-    eigen_decomposition,
-    evaluate_predictor,
-    one_hot,
-    support_kernel_from_args,
-)
-from plots import plot_eigen_features
-from utils import (
+from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.cli import (
     Parser,
-    UserError,
+    add_kernel_flags,
+    add_out_dir_flag,
     add_shared_flags,
+    autoattack_threat,
     non_negative_int,
-    run_main,
 )
+from ntk_evolution.evaluation import masking_warnings
+from ntk_evolution.kernel_regression import component_factors, eigen_decomposition, one_hot
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_eigen_features
+from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
+from utils import UserError, run_main, write_csv, write_json
 
 
 def int_list(text: str) -> list[int]:
@@ -52,26 +49,41 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
     add_kernel_flags(p)
-    p.add_argument("--classes", type=int, nargs="+", default=None, help="restrict to classes")
-    p.add_argument("--components", type=non_negative_int, default=10, help="top components")
-    p.add_argument("--top_k", type=int_list, default=[1, 2, 5, 10, 20, 50, 100, 200, 500])
-    p.add_argument("--no_adv", action="store_true", help="clean accuracy only")
-    p.add_argument("--save_dir", default="./eigen_features")
-    p.add_argument("--save_name", default="ntk")
+    p.add_argument(
+        "--classes", type=int, nargs="+", default=None, help="Restrict to these classes."
+    )
+    p.add_argument(
+        "--components", type=non_negative_int, default=10, help="Top components, one at a time."
+    )
+    p.add_argument(
+        "--top_k",
+        type=int_list,
+        default=[1, 2, 5, 10, 20, 50, 100, 200, 500],
+        help="Sums of the top k components to evaluate (comma-separated).",
+    )
+    p.add_argument("--no_adv", action="store_true", help="Clean accuracy only.")
+    add_out_dir_flag(p, "./eigen_features", alias="--save_dir")
+    p.add_argument("--save_name", default="ntk", help="Outputs are eigen_features_<save_name>.*.")
     add_shared_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
     classes = sorted(set(args.classes)) if args.classes else list(range(ds.n_classes))
     if min(classes) < 0 or max(classes) >= ds.n_classes or len(classes) < 2:
         raise UserError(f"--classes needs at least two of 0..{ds.n_classes - 1}")
-    support = support_kernel_from_args(args, ds)
+    support = support_kernel_from_args(args, ds, loaded)
     relabel = np.full(ds.n_classes, -1)
     relabel[classes] = np.arange(len(classes))
     test = np.flatnonzero(np.isin(ds.y_test, classes))[: args.n_test]
@@ -107,7 +119,7 @@ def main(argv=None) -> dict:
                 x,
                 y,
                 jax.random.fold_in(key, len(rows)),
-                eps_linf=args.eps / 255.0,
+                eps_linf=eps_from_255(args.eps),
                 n_steps=args.pgd_steps,
                 description=f"{kind} {k}",
                 autoattack=autoattack_threat(args),
@@ -131,15 +143,11 @@ def main(argv=None) -> dict:
         "clean_cumulative": clean_cumulative.tolist(),
         "rows": rows,
     }
-    os.makedirs(args.save_dir, exist_ok=True)
-    path = os.path.join(args.save_dir, f"eigen_features_{args.save_name}")
-    with open(path + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(path + ".csv", "w", newline="") as f:
-        fields = ["kind", "k", "eigenvalue", "clean", "linf"] + (["autoattack"] * args.autoattack)
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    path = os.path.join(args.out_dir, f"eigen_features_{args.save_name}")
+    write_json(result, path + ".json")
+    fields = ["kind", "k", "eigenvalue", "clean", "linf"] + (["autoattack"] * args.autoattack)
+    write_csv(rows, path + ".csv", fields)
     plot_eigen_features(result, path + ".png")
     print(f"{support.description}: full kernel regression clean {clean_cumulative[-1]:.4f}")
     for row in rows:

@@ -26,18 +26,27 @@ import os
 import jax
 import numpy as np
 
-from autoattack import AUTOATTACK
-from data import DATASETS, load_dataset, load_examples
-from dynamics import Dynamics
-from evaluation import (
-    NAMES,
-    Tally,
+from data import load_dataset, load_examples
+from ntk_evolution.attacks import attack_settings, eps_from_255
+from ntk_evolution.autoattack import AUTOATTACK
+from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.cli import (
+    Parser,
     add_autoattack_flags,
+    add_eps_flag,
+    add_model_flags,
     add_robustness_flags,
-    attack_settings,
-    attacked_batches,
+    add_seed_flag,
+    add_shared_flags,
     autoattack_eps,
     autoattack_threat,
+    positive_int,
+)
+from ntk_evolution.dynamics import Dynamics
+from ntk_evolution.evaluation import (
+    NAMES,
+    Tally,
+    attacked_batches,
     hits,
     load_transfer,
     make_attack_fn,
@@ -47,43 +56,40 @@ from evaluation import (
     print_warnings,
     sweep_warnings,
 )
-from models import MODELS, get_model, init_model
-from parallel import replicate, shard_batch, to_host
-from utils import (
-    Parser,
-    UserError,
-    add_shared_flags,
-    finite_float,
-    load_checkpoint,
-    positive_int,
-    run_main,
-    save_pickle,
-)
+from ntk_evolution.parallel import initialize, replicate, shard_batch
+from utils import UserError, run_main, save_pickle, to_host
 
 SHORT_N_TEST = 1000
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--save_name", default="test_results")
-    p.add_argument("--linear", action="store_true", help="evaluate the linearized model")
-    p.add_argument("--centering", action="store_true", help="drop f(x; theta_t)")
-    p.add_argument("--test_path", default="", help="adv_examples pickle to evaluate on")
-    p.add_argument("--bonus_dir", default=".", help="folder under the model's folder")
-    p.add_argument("--no_adv", action="store_true", help="clean evaluation only")
-    p.add_argument("--save_examples", action="store_true")
-    p.add_argument("--short", action="store_true", help=f"first {SHORT_N_TEST} test images")
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--model", default="resnet18", choices=MODELS)
-    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
+    p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py to evaluate.")
+    p.add_argument(
+        "--save_name", default="test_results", help="Outputs are <kind>_<save_name>.pkl."
+    )
+    p.add_argument("--linear", action="store_true", help="Evaluate the linearized model.")
+    p.add_argument("--centering", action="store_true", help="Drop f(x; theta_t).")
+    p.add_argument("--test_path", default="", help="adv_examples pickle to evaluate on.")
+    p.add_argument("--bonus_dir", default=".", help="Output folder, under the model's folder.")
+    p.add_argument("--no_adv", action="store_true", help="Clean evaluation only.")
+    p.add_argument(
+        "--save_examples", action="store_true", help="Write adv_examples_<save_name>.pkl."
+    )
+    p.add_argument("--short", action="store_true", help=f"First {SHORT_N_TEST} test images.")
+    add_seed_flag(p, "attacks")
+    add_model_flags(p)
+    add_eps_flag(p)
     # added
     add_shared_flags(p)
-    p.add_argument("--n_test", type=positive_int, default=None, help="first N test images")
+    p.add_argument("--n_test", type=positive_int, default=None, help="First N test images.")
     add_robustness_flags(p)
     add_autoattack_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def to_8_bits(images: np.ndarray) -> np.ndarray:
@@ -101,15 +107,15 @@ def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
-    model = get_model(args.model, ds.n_classes)
-    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
+    model = loaded.model
     # As in the original: the linearized model is around params (theta_t) with weights
     # lin_params (w); without --linear the network is params, centered on lin_params.
-    params, lin_params = ckpt["params"], ckpt["lin_params"]
+    params, lin_params = loaded.params, loaded.lin_params
     w, theta_t = (lin_params, params) if args.linear else (params, lin_params)
-    w, theta_t, net_state = replicate((w, theta_t, ckpt["net_state"]))
+    w, theta_t, net_state = replicate((w, theta_t, loaded.net_state))
 
     if args.test_path:
         x, y = load_examples(args.test_path, ds.image_shape, args.trust_pickle)
@@ -154,7 +160,7 @@ def main(argv=None) -> dict:
         f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
         return f[:n_real], df[:n_real], hits(logits_of(f, df), yb, n_real)
 
-    fns = {} if args.no_adv else attack_fns(args.eps / 255.0, args.autoattack)
+    fns = {} if args.no_adv else attack_fns(eps_from_255(args.eps), args.autoattack)
     outputs = {"clean": [], "dirty": []}
     adv_images = []
     tally = Tally()
@@ -191,7 +197,9 @@ def main(argv=None) -> dict:
         sweep = {}
         for eps in args.eps_sweep:
             sweep_tally = Tally()
-            sweep_fns = attack_fns(eps / 255.0, args.autoattack and args.autoattack_norm == "linf")
+            sweep_fns = attack_fns(
+                eps_from_255(eps), args.autoattack and args.autoattack_norm == "linf"
+            )
             for inputs, yb, n_real in attacked_batches(
                 x, y, key, sweep_fns, description=f"eps {eps:g}/255"
             ):

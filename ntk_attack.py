@@ -16,48 +16,52 @@ Writes into --save_dir:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import jax
 import numpy as np
 
 from data import load_dataset
-from evaluation import (
-    NAMES,
-    add_robustness_flags,
-    autoattack_threat,
-    load_transfer,
-    masking_warnings,
-    print_warnings,
-)
-from kernel_regression import (
+from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.cli import (
+    Parser,
     add_kernel_flags,
-    evaluate_predictor,
-    one_hot,
-    regression_coefficients,
-    support_kernel_from_args,
+    add_out_dir_flag,
+    add_robustness_flags,
+    add_shared_flags,
+    autoattack_threat,
 )
-from plots import plot_image_grid
-from utils import Parser, add_shared_flags, run_main, save_pickle
+from ntk_evolution.evaluation import NAMES, load_transfer, masking_warnings, print_warnings
+from ntk_evolution.kernel_regression import one_hot, regression_coefficients
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_image_grid
+from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
+from utils import run_main, save_pickle, write_json
 
 N_SHOWN = 8
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
     add_kernel_flags(p)
-    p.add_argument("--save_dir", default="./ntk_attack")
-    p.add_argument("--save_name", default="ntk")
+    add_out_dir_flag(p, "./ntk_attack", alias="--save_dir")
+    p.add_argument("--save_name", default="ntk", help="Outputs are ntk_attack_<save_name>.*.")
     add_robustness_flags(p)
     add_shared_flags(p)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
-    support = support_kernel_from_args(args, ds)
+    support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     transfer = None
     if args.transfer_path:
@@ -72,7 +76,7 @@ def main(argv=None) -> dict:
         x,
         y,
         jax.random.PRNGKey(args.random_seed),
-        eps_linf=args.eps / 255.0,
+        eps_linf=eps_from_255(args.eps),
         n_steps=args.pgd_steps,
         attacks=("linf", "margin") if args.margin else ("linf",),
         restarts=args.restarts,
@@ -92,7 +96,7 @@ def main(argv=None) -> dict:
     warnings = masking_warnings(accuracies)
     print_warnings(warnings)
 
-    examples_path = os.path.join(args.save_dir, f"adv_examples_{args.save_name}.pkl")
+    examples_path = os.path.join(args.out_dir, f"adv_examples_{args.save_name}.pkl")
     save_pickle({"images": adversarial.transpose(0, 3, 1, 2), "labels": y}, examples_path)
     summary = {
         "kernel": support.description,
@@ -107,9 +111,8 @@ def main(argv=None) -> dict:
         "warnings": warnings,
         **{f"accuracy_{name}": value for name, value in accuracies.items()},
     }
-    summary_path = os.path.join(args.save_dir, f"ntk_attack_{args.save_name}.json")
-    with open(summary_path, "w") as f:
-        json.dump(summary, f, indent=2)
+    summary_path = os.path.join(args.out_dir, f"ntk_attack_{args.save_name}.json")
+    write_json(summary, summary_path)
     perturbation = 0.5 + (adversarial[:N_SHOWN] - x[:N_SHOWN]) * (0.5 * 255.0 / max(args.eps, 1e-9))
     plot_image_grid(
         {"clean": x[:N_SHOWN], "adversarial": adversarial[:N_SHOWN], "delta": perturbation},

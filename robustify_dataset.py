@@ -35,36 +35,48 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from attacks import pgd
 from data import class_balanced_subset, load_dataset
-from evaluation import autoattack_threat, masking_warnings, print_warnings
-from kernel_regression import (
+from ntk_evolution.attacks import eps_from_255, pgd, pgd_step_size
+from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.cli import (
+    Parser,
     add_kernel_flags,
-    evaluate_predictor,
-    kernel_from_args,
-    kernel_predictor,
-    one_hot,
-    regression_coefficients,
+    add_out_dir_flag,
+    add_shared_flags,
+    autoattack_threat,
+    finite_float,
+    positive_int,
 )
-from plots import plot_robustified
-from utils import Parser, add_shared_flags, finite_float, positive_int, run_main, save_pickle
+from ntk_evolution.evaluation import masking_warnings, print_warnings
+from ntk_evolution.kernel_regression import kernel_predictor, one_hot, regression_coefficients
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_robustified
+from ntk_evolution.predictors import evaluate_predictor, kernel_from_args
+from utils import run_main, save_pickle
 
 INNER_PGD_STEPS = 10
 LOSSES = ("mse", "ce")
 N_SHOWN = 10
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> Parser:
     p = Parser(__doc__)
     add_kernel_flags(p)
     p.set_defaults(kernel="relu_ntk", pgd_steps=INNER_PGD_STEPS, n_test=1000)
-    p.add_argument("--steps", type=positive_int, default=300, help="outer (Adam) steps")
-    p.add_argument("--lr", type=finite_float(0.0, inclusive=False), default=0.01)
-    p.add_argument("--target_batch", type=positive_int, default=256, help="targets per step")
-    p.add_argument("--loss", default="mse", choices=LOSSES, help="outer loss on the targets")
-    p.add_argument("--save_dir", default="./robust_data")
-    p.add_argument("--save_name", default="default")
+    p.add_argument("--steps", type=positive_int, default=300, help="Outer (Adam) steps.")
+    p.add_argument(
+        "--lr", type=finite_float(0.0, inclusive=False), default=0.01, help="Outer Adam step."
+    )
+    p.add_argument("--target_batch", type=positive_int, default=256, help="Targets per step.")
+    p.add_argument("--loss", default="mse", choices=LOSSES, help="Outer loss on the targets.")
+    add_out_dir_flag(p, "./robust_data", alias="--save_dir")
+    p.add_argument("--save_name", default="default", help="Outputs are robust_<save_name>.*.")
     add_shared_flags(p)
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.kernel_path or args.support_path:
         p.error("robustify_dataset.py draws its own support set: drop --kernel_path/--support_path")
@@ -104,7 +116,9 @@ def inner_attack(
 ) -> jax.Array:
     """L-inf PGD on the targets against the predictor of the (fixed) support set."""
     predictor = kernel_predictor(kernel_fn, jax.lax.stop_gradient(support), targets, ridge)
-    return pgd(predictor, z, t, key, eps=eps, step_size=2 * eps / n_steps, n_steps=n_steps)
+    return pgd(
+        predictor, z, t, key, eps=eps, step_size=pgd_step_size(eps, n_steps), n_steps=n_steps
+    )
 
 
 def adversarial_objective(kernel_fn, support, targets, z, t, key, *, eps, n_steps, ridge, loss):
@@ -176,11 +190,13 @@ def robustify(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
-    choice = kernel_from_args(args, ds)
+    choice = kernel_from_args(args, ds, loaded)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     original, labels = ds.x_train[indices], ds.y_train[indices]
-    eps = args.eps / 255.0
+    eps = eps_from_255(args.eps)
     start = time.time()
     images, history = robustify(
         choice.kernel_fn, original, labels, ds.x_train, ds.y_train, args.random_seed,
@@ -216,7 +232,7 @@ def main(argv=None) -> dict:
         )
         print_warnings(masking_warnings(summary[name]))
 
-    path = os.path.join(args.save_dir, f"robust_{args.save_name}.pkl")
+    path = os.path.join(args.out_dir, f"robust_{args.save_name}.pkl")
     record = {
         "images": images.transpose(0, 3, 1, 2),
         "labels": labels,

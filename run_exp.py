@@ -14,17 +14,37 @@ import dataclasses
 import os
 import re
 import time
+from typing import NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from data import DATASETS, load_dataset, load_examples, num_batches
-from dynamics import PHASE1, Dynamics
-from evaluation import evaluate
-from models import MODELS, get_model, init_model
-from training import (
+from data import Dataset, load_dataset, load_examples, num_batches
+from models import get_model, init_model
+from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.checkpoints import (
+    checkpoint_meta,
+    checkpoint_name,
+    load_model_from_args,
+    save_checkpoint,
+)
+from ntk_evolution.cli import (
+    Parser,
+    add_eps_flag,
+    add_model_flags,
+    add_seed_flag,
+    add_shared_flags,
+    finite_float,
+    non_negative_int,
+    positive_int,
+)
+from ntk_evolution.dynamics import PHASE1, Dynamics
+from ntk_evolution.evaluation import evaluate
+from ntk_evolution.parallel import initialize
+from ntk_evolution.training import (
     TrainState,
     init_train_state,
     is_adversarial_epoch,
@@ -34,20 +54,7 @@ from training import (
     run_epoch,
     set_learning_rate,
 )
-from utils import (
-    Parser,
-    UserError,
-    add_shared_flags,
-    checkpoint_name,
-    finite_float,
-    load_checkpoint,
-    load_pickle,
-    non_negative_int,
-    positive_int,
-    run_main,
-    save_checkpoint,
-    save_pickle,
-)
+from utils import UserError, load_pickle, run_main, save_pickle
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1
@@ -55,50 +62,64 @@ PHASE1_LR = 0.1
 
 def build_parser() -> Parser:
     p = Parser(__doc__)
-    p.add_argument("--data_path", default="./X_nothing", help="accepted for compatibility; unused")
-    p.add_argument("--standard_epochs", type=non_negative_int, default=100)
-    p.add_argument("--linear_epochs", type=non_negative_int, default=100)
-    p.add_argument("--centering", action="store_true", help="drop f(x; theta_t) in phase 2")
-    p.add_argument("--save_models", action="store_true", help="write parameters_final.pkl")
+    p.add_argument("--data_path", default="./X_nothing", help="Accepted for compatibility; unused.")
+    p.add_argument("--standard_epochs", type=non_negative_int, default=100, help="Phase-1 epochs.")
+    p.add_argument("--linear_epochs", type=non_negative_int, default=100, help="Phase-2 epochs.")
+    p.add_argument("--centering", action="store_true", help="Drop f(x; theta_t) in phase 2.")
     p.add_argument(
-        "--constant_save", action="store_true", help="checkpoint at the start of each phase-1 epoch"
+        "--save_models", action="store_true", help="Write parameters_final.pkl at the end."
+    )
+    p.add_argument(
+        "--constant_save",
+        action="store_true",
+        help="Checkpoint at the start of each phase-1 epoch.",
     )
     p.add_argument(
         "--constant_save_linear",
         action="store_true",
-        help="checkpoint at the start of each phase-2 epoch",
+        help="Checkpoint at the start of each phase-2 epoch.",
     )
-    p.add_argument("--loose_bn_second", action="store_true", help="BatchNorm trains in phase 2")
+    p.add_argument("--loose_bn_second", action="store_true", help="BatchNorm trains in phase 2.")
     p.add_argument(
-        "--do_standard_second", action="store_true", help="phase 2 with standard dynamics"
+        "--do_standard_second", action="store_true", help="Phase 2 with standard dynamics."
     )
-    p.add_argument("--skip_first_test", action="store_true")
-    p.add_argument("--skip_second_test", action="store_true")
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--base_model_path", default="", help="phase-1 checkpoint: go to phase 2")
-    p.add_argument("--model", default="resnet18", choices=MODELS)
-    p.add_argument("--loaders", default="CC", help="two letters of C/A/F: phase 1, phase 2")
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    p.add_argument("--second_lr", type=finite_float(0.0, inclusive=False), default=0.01)
-    p.add_argument("--eps", type=finite_float(0.0), default=4.0, help="L-inf radius in 1/255")
-    p.add_argument("--save_path", default="./saved_models/")
+    p.add_argument("--skip_first_test", action="store_true", help="Do not test after phase 1.")
+    p.add_argument("--skip_second_test", action="store_true", help="Do not test after phase 2.")
+    add_seed_flag(p, "initialisation, data order and attacks")
+    p.add_argument(
+        "--base_model_path", default="", help="Phase-1 checkpoint: skip phase 1, go to phase 2."
+    )
+    add_model_flags(p)
+    p.add_argument(
+        "--loaders", default="CC", help="Two letters of C/A/F: data of phase 1, of phase 2."
+    )
+    p.add_argument(
+        "--second_lr",
+        type=finite_float(0.0, inclusive=False),
+        default=0.01,
+        help="Phase-2 learning rate.",
+    )
+    add_eps_flag(p)
+    p.add_argument("--save_path", default="./saved_models/", help="Output folder.")
     # added
     add_shared_flags(p)
-    p.add_argument("--n_test", type=positive_int, default=None, help="evaluate on N test images")
-    p.add_argument("--batch_size", type=positive_int, default=128)
     p.add_argument(
-        "--resume", action="store_true", help=f"continue from --save_path/{'resume_state.pkl'}"
+        "--n_test", type=positive_int, default=None, help="Evaluate on the first N test images."
+    )
+    p.add_argument("--batch_size", type=positive_int, default=128, help="Training batch size.")
+    p.add_argument(
+        "--resume", action="store_true", help=f"Continue from --save_path/{'resume_state.pkl'}."
     )
     p.add_argument(
         "--train_path",
         default="",
-        help="train on this adv_examples pickle (e.g. robustify_dataset.py's) instead of the "
-        "dataset's training split; the test split stays",
+        help="Train on this adv_examples pickle (e.g. robustify_dataset.py's) instead of the "
+        "dataset's training split; the test split stays.",
     )
     p.add_argument(
         "--pure_pgd",
         action="store_true",
-        help="adversarial step = one update on PGD examples (default: clean step, then PGD step)",
+        help="Adversarial step = one update on PGD examples (default: clean step, then PGD step).",
     )
     return p
 
@@ -189,21 +210,19 @@ def restore_train_state(record: dict) -> TrainState:
 
 
 def train_phase(
-    args, model, ds, dynamics, state, *, phase, start_epoch, epochs, loader, lr_for_epoch, key,
+    args, run, dynamics, state, *, phase, start_epoch, epochs, loader, lr_for_epoch, key,
     save_hook, results, adversarial_dynamics=None,
 ):  # fmt: skip
-    """Train epochs start_epoch + 1 .. epochs of `phase` with loader letter `loader`, saving the
-    resume state after each; `state` is a TrainState or (w, theta_t, net_state) to start."""
+    """Train epochs start_epoch + 1 .. epochs of `phase` from the TrainState `state` with
+    loader letter `loader`, saving the resume state after each."""
     optimizer = make_optimizer(lr_for_epoch(1))
-    if not isinstance(state, TrainState):
-        state = init_train_state(optimizer, *state)
-    eps = args.eps / 255.0
+    eps = eps_from_255(args.eps)
     steps = {}
     for epoch in range(start_epoch + 1, epochs + 1):
         adversarial = is_adversarial_epoch(loader, epoch)
         if adversarial not in steps:
             steps[adversarial] = make_train_step(
-                model,
+                run.model,
                 optimizer,
                 dynamics,
                 adversarial=adversarial,
@@ -217,8 +236,8 @@ def train_phase(
         state, metrics = run_epoch(
             steps[adversarial],
             state,
-            ds.x_train,
-            ds.y_train,
+            run.ds.x_train,
+            run.ds.y_train,
             batch_size=args.batch_size,
             seed=(args.random_seed, phase, epoch),
             key=jax.random.fold_in(key, epoch),
@@ -240,8 +259,23 @@ def format_results(name: str, results: dict | None) -> str:
     return f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in results.items())
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+class Run(NamedTuple):
+    """What both phases share: the data, the network, the keys, the output folder."""
+
+    model: hk.TransformedWithState
+    ds: Dataset
+    x_test: np.ndarray
+    y_test: np.ndarray
+    train_key: jax.Array
+    eval_key: jax.Array
+    steps_per_epoch: int
+
+
+def setup(args) -> tuple[Run, dict | None]:
+    """Data (--train_path replacing the training split), the network (--model, or the one of
+    --base_model_path's checkpoint), the keys, the writable --save_path; and the
+    --base_model_path checkpoint when given."""
+    loaded = load_model_from_args(args, args.base_model_path)
     ds = load_dataset(args.dataset, args.data_root)
     if args.train_path:
         x_train, y_train = load_examples(args.train_path, ds.image_shape, args.trust_pickle)
@@ -253,140 +287,157 @@ def main(argv=None) -> dict:
         raise UserError(
             f"--batch_size {args.batch_size} exceeds the {len(ds.x_train)} training images"
         )
-    x_test, y_test = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
-    model = get_model(args.model, ds.n_classes)
-    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
-    params, net_state = init_model(model, init_key, ds.image_shape)
-    save_path = args.save_path
     try:
-        os.makedirs(save_path, exist_ok=True)
+        os.makedirs(args.save_path, exist_ok=True)
     except OSError as err:
-        raise UserError(f"cannot create --save_path {save_path}: {err.strerror}") from None
-    if not os.access(save_path, os.W_OK):
-        raise UserError(f"--save_path {save_path} is not writable")
-    eps = args.eps / 255.0
-    steps_per_epoch = num_batches(len(ds.x_train), args.batch_size)
-    resume = load_resume_state(args) if args.resume else None
-    results = {"standard": None, "linear": None, "standard_second": args.do_standard_second}
+        raise UserError(f"cannot create --save_path {args.save_path}: {err.strerror}") from None
+    if not os.access(args.save_path, os.W_OK):
+        raise UserError(f"--save_path {args.save_path} is not writable")
+    _, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
+    model = get_model(args.model, ds.n_classes) if loaded is None else loaded.model
+    run = Run(
+        model,
+        ds,
+        ds.x_test[: args.n_test],
+        ds.y_test[: args.n_test],
+        train_key,
+        eval_key,
+        num_batches(len(ds.x_train), args.batch_size),
+    )
+    return run, loaded
 
-    if resume is not None:
-        results = resume["results"]
-    phase1_opt_state = None  # set when phase 1 runs in this process
-    if args.base_model_path and (resume is None or resume["phase"] == 1):
-        like = (params, net_state)
-        ckpt = load_checkpoint(args.base_model_path, like=like, trust=args.trust_pickle)
-        params, net_state = ckpt["params"], ckpt["net_state"]
-        print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
-        resume = None
-    elif resume is None or resume["phase"] == 1:
-        fractions = fractional_saves(steps_per_epoch)
-        # as in the original, phase-1 checkpoints keep lin_params at the initial parameters
-        init_params = jax.tree.map(np.array, params)  # a copy: params' buffers are donated
 
-        def save_phase1(epoch, step, get_state):
-            if not args.constant_save:
-                return
-            if step is None:
-                names = [checkpoint_name(epoch - 1)]
-            else:
-                names = [checkpoint_name(f) for f in fractions.get((epoch, step), [])]
-            for name in names:
-                state = get_state()
-                save_checkpoint(
-                    os.path.join(save_path, name), state.w, init_params, state.net_state
-                )
+def phase1(args, run: Run, resume: dict | None, results: dict) -> TrainState:
+    """Phase 1: standard dynamics, SGD on the original's schedule, from the initialisation
+    drawn with --random_seed (or from an interrupted phase 1); with --constant_save a
+    checkpoint before each epoch and at the original's fractional epochs. Returns its final
+    state (w = theta_t, the network it ends at)."""
+    init_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)[0]
+    params, net_state = init_model(run.model, init_key, run.ds.image_shape)
+    fractions = fractional_saves(run.steps_per_epoch)
+    # as in the original, phase-1 checkpoints keep lin_params at the initial parameters
+    init_params = jax.tree.map(np.array, params)  # a copy: params' buffers are donated
 
-        state = train_phase(
-            args,
-            model,
-            ds,
-            PHASE1,
-            (params, None, net_state) if resume is None else restore_train_state(resume),
-            phase=1,
-            start_epoch=0 if resume is None else resume["epoch"],
-            epochs=args.standard_epochs,
-            loader=args.loaders[0],
-            lr_for_epoch=lambda e: phase1_learning_rate(e, PHASE1_LR),
-            key=jax.random.fold_in(train_key, 1),
-            save_hook=save_phase1,
-            results=results,
+    def save_phase1(epoch, step, get_state):
+        if not args.constant_save:
+            return
+        if step is None:
+            saves = [(epoch - 1, (epoch - 1) * run.steps_per_epoch)]
+        else:
+            saves = [
+                (f, (epoch - 1) * run.steps_per_epoch + step)
+                for f in fractions.get((epoch, step), [])
+            ]
+        for at_epoch, at_step in saves:
+            state = get_state()
+            save_checkpoint(
+                os.path.join(args.save_path, checkpoint_name(at_epoch)),
+                state.w,
+                init_params,
+                state.net_state,
+                checkpoint_meta(args, 1, at_epoch, at_step),
+            )
+
+    return train_phase(
+        args,
+        run,
+        PHASE1,
+        init_train_state(
+            make_optimizer(phase1_learning_rate(1, PHASE1_LR)), params, None, net_state
         )
-        params, net_state = state.w, state.net_state
-        phase1_opt_state = state.opt_state
-        resume = None
+        if resume is None
+        else restore_train_state(resume),
+        phase=1,
+        start_epoch=0 if resume is None else resume["epoch"],
+        epochs=args.standard_epochs,
+        loader=args.loaders[0],
+        lr_for_epoch=lambda e: phase1_learning_rate(e, PHASE1_LR),
+        key=jax.random.fold_in(run.train_key, 1),
+        save_hook=save_phase1,
+        results=results,
+    )
 
-    # As in the original, --do_standard_second after phase 1 continues phase 1's optimizer (its
-    # last learning rate, its momentum); after --base_model_path it is a fresh SGD(--second_lr).
-    continue_phase1_optimizer = args.do_standard_second and not args.base_model_path
-    if continue_phase1_optimizer:
-        second_lr = phase1_learning_rate(args.standard_epochs + 1, PHASE1_LR)
-        print(
-            f"--do_standard_second continues phase 1's optimizer (lr {second_lr:g}, momentum "
-            "kept), as the original does; --second_lr applies with --base_model_path"
-        )
-    else:
-        second_lr = args.second_lr
 
-    if resume is None:  # phase 1 done (or loaded): test it, then start phase 2 afresh
-        if not args.skip_first_test:
-            results["standard"] = evaluate(
-                model, PHASE1, params, None, net_state, x_test, y_test, eval_key,
-                eps_linf=eps, description="evaluate phase 1",
-            )  # fmt: skip
-        theta_t = jax.tree.map(jnp.asarray, params)
-        w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
-        phase2_state = init_train_state(
-            make_optimizer(second_lr), w, theta_t, jax.tree.map(jnp.asarray, net_state)
-        )
-        if continue_phase1_optimizer:
-            phase2_state = phase2_state._replace(opt_state=phase1_opt_state)
-        start_epoch = 0
-        save_resume_state(args, 2, 0, phase2_state, results)
-    else:
-        phase2_state = restore_train_state(resume)
-        start_epoch = resume["epoch"]
-    print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
-
-    dynamics2 = Dynamics(
+def phase2_dynamics(args) -> Dynamics:
+    """Linearized (--centering: centered) dynamics, or standard with --do_standard_second;
+    BatchNorm frozen unless --loose_bn_second."""
+    return Dynamics(
         linear=not args.do_standard_second,
         centering=args.centering,
         bn_train=args.loose_bn_second,
     )
 
-    def save_phase2_checkpoint(path: str, state: TrainState) -> None:
+
+def start_phase2(args, run: Run, params, net_state, phase1_opt_state, results: dict) -> TrainState:
+    """Test the phase-1 network (theta_t), then phase 2's starting state: w = theta_t, and
+    SGD(--second_lr), or, as in the original, with --do_standard_second after phase 1, phase
+    1's optimizer continued (its last learning rate and momentum)."""
+    if not args.skip_first_test:
+        results["standard"] = evaluate(
+            run.model, PHASE1, params, None, net_state, run.x_test, run.y_test, run.eval_key,
+            eps_linf=eps_from_255(args.eps), description="evaluate phase 1",
+        )  # fmt: skip
+    theta_t = jax.tree.map(jnp.asarray, params)
+    w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
+    state = init_train_state(
+        make_optimizer(phase2_learning_rate(args)), w, theta_t, jax.tree.map(jnp.asarray, net_state)
+    )
+    if continues_phase1_optimizer(args):
+        state = state._replace(opt_state=phase1_opt_state)
+    save_resume_state(args, 2, 0, state, results)
+    return state
+
+
+def continues_phase1_optimizer(args) -> bool:
+    """--do_standard_second after phase 1 continues phase 1's optimizer, as the original does;
+    after --base_model_path it is a fresh SGD(--second_lr)."""
+    return args.do_standard_second and not args.base_model_path
+
+
+def phase2_learning_rate(args) -> float:
+    if continues_phase1_optimizer(args):
+        return phase1_learning_rate(args.standard_epochs + 1, PHASE1_LR)
+    return args.second_lr
+
+
+def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -> TrainState:
+    """Phase 2: train w from theta_t under phase2_dynamics, lr phase2_learning_rate; with
+    --constant_save_linear a checkpoint per epoch, with --save_models parameters_final.pkl;
+    then test it."""
+    dynamics = phase2_dynamics(args)
+    spe = run.steps_per_epoch
+
+    def save(path: str, state: TrainState, epoch: float, step: int) -> None:
         # the original trains `params` under --do_standard_second (lin_params = theta_t, the
         # centering reference) and `lin_params` under linearized dynamics (params = theta_t)
-        if args.do_standard_second:
-            save_checkpoint(path, state.w, state.theta_t, state.net_state)
-        else:
-            save_checkpoint(path, state.theta_t, state.w, state.net_state)
+        trained, other = (state.w, state.theta_t)
+        params, lin_params = (trained, other) if args.do_standard_second else (other, trained)
+        meta = checkpoint_meta(args, 2, epoch, step)
+        save_checkpoint(path, params, lin_params, state.net_state, meta)
 
     def save_phase2(epoch, step, get_state):
         # the original rewrites this file before every step of the epoch: what stays is the
         # state before the epoch's last step
-        if args.constant_save_linear and step == steps_per_epoch - 1:
-            path = os.path.join(save_path, checkpoint_name(epoch - 1, linear=True))
-            save_phase2_checkpoint(path, get_state())
+        if args.constant_save_linear and step == spe - 1:
+            path = os.path.join(args.save_path, checkpoint_name(epoch - 1, linear=True))
+            save(path, get_state(), epoch - 1, (epoch - 1) * spe + step)
 
     state = train_phase(
         args,
-        model,
-        ds,
-        dynamics2,
-        phase2_state,
+        run,
+        dynamics,
+        state,
         phase=2,
         start_epoch=start_epoch,
         epochs=args.linear_epochs,
         loader=args.loaders[1],
-        lr_for_epoch=lambda e: second_lr,
-        key=jax.random.fold_in(train_key, 2),
+        lr_for_epoch=lambda e: phase2_learning_rate(args),
+        key=jax.random.fold_in(run.train_key, 2),
         save_hook=save_phase2,
         results=results,
         # the original makes phase 2's update on PGD examples with BatchNorm in inference mode
-        adversarial_dynamics=dynamics2._replace(bn_train=False),
+        adversarial_dynamics=dynamics._replace(bn_train=False),
     )
-    w, theta_t, net_state = state.w, state.theta_t, state.net_state
-
     if not args.skip_second_test:
         if args.linear_epochs == 0 and not args.centering and results["standard"] is not None:
             # w = theta_t: the phase-2 model is exactly the phase-1 model.
@@ -394,15 +445,47 @@ def main(argv=None) -> dict:
             results["linear"] = dict(results["standard"])
         else:
             results["linear"] = evaluate(
-                model, dynamics2, w, theta_t, net_state, x_test, y_test, eval_key,
-                eps_linf=eps, description="evaluate phase 2",
+                run.model, dynamics, state.w, state.theta_t, state.net_state, run.x_test,
+                run.y_test, run.eval_key, eps_linf=eps_from_255(args.eps),
+                description="evaluate phase 2",
             )  # fmt: skip
         print(format_results("phase 2 test accuracy", results["linear"]))
-
     if args.save_models:
-        save_phase2_checkpoint(os.path.join(save_path, "parameters_final.pkl"), state)
-    save_pickle(results, os.path.join(save_path, "results.pkl"))
-    print(f"wrote {os.path.join(save_path, 'results.pkl')}")
+        final = os.path.join(args.save_path, "parameters_final.pkl")
+        save(final, state, args.linear_epochs, args.linear_epochs * spe)
+    return state
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    initialize(args)
+    run, base = setup(args)
+    resume = load_resume_state(args) if args.resume else None
+    results = (
+        resume["results"]
+        if resume is not None
+        else {"standard": None, "linear": None, "standard_second": args.do_standard_second}
+    )
+    fresh_phase2 = resume is None or resume["phase"] == 1
+    if fresh_phase2 and base is not None:
+        params, net_state, opt_state = base.params, base.net_state, None
+        print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
+    elif fresh_phase2:
+        end = phase1(args, run, resume, results)
+        params, net_state, opt_state = end.w, end.net_state, end.opt_state
+    if continues_phase1_optimizer(args):
+        print(
+            f"--do_standard_second continues phase 1's optimizer (lr {phase2_learning_rate(args):g}"
+            ", momentum kept), as the original does; --second_lr applies with --base_model_path"
+        )
+    if fresh_phase2:  # phase 1 done (or loaded): test it, then start phase 2 afresh
+        state, start_epoch = start_phase2(args, run, params, net_state, opt_state, results), 0
+    else:
+        state, start_epoch = restore_train_state(resume), resume["epoch"]
+    print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
+    phase2(args, run, state, start_epoch, results)
+    save_pickle(results, os.path.join(args.save_path, "results.pkl"))
+    print(f"wrote {os.path.join(args.save_path, 'results.pkl')}")
     return results
 
 

@@ -17,65 +17,59 @@ from __future__ import annotations
 import argparse
 import os
 
-import jax
 import numpy as np
 
-from data import DATASETS, class_balanced_subset, load_dataset
-from models import MODELS, get_model, init_model
-from ntk import empirical_ntk
-from ntk_features import (
+from data import class_balanced_subset, load_dataset
+from ntk_evolution.checkpoints import load_kernel, load_model_from_args
+from ntk_evolution.cli import Parser, add_model_flags, add_seed_flag, add_shared_flags, positive_int
+from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.ntk_features import (
     optimise_feature_images,
     parameter_features,
     regression_weights,
     top_eigenvectors,
 )
-from plots import plot_image_grid
-from utils import (
-    Parser,
-    UserError,
-    add_shared_flags,
-    load_checkpoint,
-    load_pickle,
-    positive_int,
-    run_main,
-    save_pickle,
-)
+from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_image_grid
+from utils import UserError, run_main, save_pickle
+
+
+def build_parser() -> Parser:
+    p = Parser(__doc__)
+    p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py.")
+    p.add_argument(
+        "--dataset_size", type=positive_int, default=500, help="Training images in the subset."
+    )
+    p.add_argument("--save_name", default="ntk_eig_images", help="Prefix of the output files.")
+    p.add_argument(
+        "--class_index", type=int, default=-1, help="Class c, or -1: the kernel pickle's class."
+    )
+    p.add_argument("--kernel_path", default="", help="Class kernel from calculate_kernel.py.")
+    p.add_argument("--n_images", type=positive_int, default=3, help="Eigen-feature images to draw.")
+    # added
+    add_model_flags(p)
+    add_shared_flags(p)
+    add_seed_flag(p, "class-balanced subset (without --kernel_path)")
+    p.add_argument(
+        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
+    )
+    return p
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = Parser(__doc__)
-    p.add_argument("--model_path", required=True)
-    p.add_argument("--dataset_size", type=int, default=500)
-    p.add_argument("--save_name", default="ntk_eig_images")
-    p.add_argument("--class_index", type=int, default=-1, help="-1: the kernel pickle's class")
-    p.add_argument("--kernel_path", default="", help="class kernel from calculate_kernel.py")
-    p.add_argument("--n_images", type=positive_int, default=3)
-    # added
-    p.add_argument("--model", default="resnet18", choices=MODELS)
-    p.add_argument("--dataset", default="cifar10", choices=DATASETS)
-    add_shared_flags(p)
-    p.add_argument("--random_seed", type=int, default=0, help="subset seed without --kernel_path")
-    p.add_argument("--use_linear_params", action="store_true")
-    return p.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
     """(kernel, training-set indices, class) from --kernel_path, checked against the flags."""
-    record = load_pickle(args.kernel_path, "kernel pickle", trust=args.trust_pickle)
-    if not isinstance(record, dict) or "kernel" not in record:
-        raise UserError(f"{args.kernel_path} is not a kernel pickle (no 'kernel' key)")
+    expect = {"dataset": args.dataset, "model": args.model}
+    record = load_kernel(args.kernel_path, args.trust_pickle, expect)
     if "indices" not in record:
         raise UserError(
             f"{args.kernel_path} does not record which images it was computed on (no "
             "'indices'); recompute it with this project's calculate_kernel.py"
         )
-    kernel, indices = np.asarray(record["kernel"]), np.asarray(record["indices"])
-    for key in ("dataset", "model"):
-        if record.get(key, getattr(args, key)) != getattr(args, key):
-            raise UserError(
-                f"{args.kernel_path} was computed for --{key} {record[key]}, "
-                f"not {getattr(args, key)}"
-            )
+    kernel, indices = record["kernel"], np.asarray(record["indices"])
     kernel_class = int(record.get("class_index", -1))
     class_index = kernel_class if args.class_index == -1 else args.class_index
     if kernel_class != class_index or class_index < 0:
@@ -93,12 +87,12 @@ def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    initialize(args)
+    loaded = load_model_from_args(args)
     ds = load_dataset(args.dataset, args.data_root)
-    model = get_model(args.model, ds.n_classes)
-    like = init_model(model, jax.random.PRNGKey(0), ds.image_shape)
-    ckpt = load_checkpoint(args.model_path, like=like, trust=args.trust_pickle)
-    params = ckpt["lin_params"] if args.use_linear_params else ckpt["params"]
-    net_state = ckpt["net_state"]
+    model = loaded.model
+    params = loaded.lin_params if args.use_linear_params else loaded.params
+    net_state = loaded.net_state
 
     if args.kernel_path:
         kernel, indices, class_index = load_class_kernel(args, ds)

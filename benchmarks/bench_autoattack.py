@@ -20,24 +20,21 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from bench_ntk import torch_model
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from bench_ntk import torch_model  # noqa: E402
-
-import autoattack  # noqa: E402
-from autoattack import ATTACK_FNS, AUTOATTACK  # noqa: E402
-from data import load_dataset, padded_batches  # noqa: E402
-from dynamics import Dynamics, forward  # noqa: E402
-from models import get_model, init_model  # noqa: E402
-from utils import load_checkpoint  # noqa: E402
+from data import load_dataset, padded_batches
+from models import get_model, init_model
+from ntk_evolution import autoattack
+from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
+from ntk_evolution.checkpoints import load_checkpoint
+from ntk_evolution.dynamics import Dynamics, forward
 
 CHECKPOINTS = {
     "adversarially trained network": ("demo_runs/phase1_adversarial/parameters_final.pkl", False),
@@ -239,7 +236,7 @@ def main(argv=None) -> None:
     for label, (path, linear) in CHECKPOINTS.items():
         if not os.path.isfile(path):
             raise SystemExit(f"{path} not found: run `make demo` first")
-        compare(label, path, linear, x, y, args.eps / 255.0, args.batch)
+        compare(label, path, linear, x, y, eps_from_255(args.eps), args.batch)
     if args.resnet18:
         resnet18_cost(args.batch)
 

@@ -12,17 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models import conv_as_matmul  # noqa: E402
+from models import conv_as_matmul
 
 # (C_in, C_out, input side, kernel, stride, count in ResNet-18)
 RESNET18_CONVS = (

@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models import get_model, init_model  # noqa: E402
-from ntk import default_memory_gb, empirical_ntk, plan_chunks, plan_kernel  # noqa: E402
-from utils import tree_size  # noqa: E402
+from models import get_model, init_model
+from ntk_evolution.ntk import default_memory_gb, empirical_ntk, plan_chunks, plan_kernel
+from utils import tree_size
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

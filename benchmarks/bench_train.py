@@ -25,26 +25,25 @@ import argparse
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+from bench_ntk import forward_flops, matmul_gflops, torch_model
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from bench_ntk import forward_flops, matmul_gflops, torch_model  # noqa: E402
-
-from attacks import TRAIN_PGD_STEPS  # noqa: E402
-from dynamics import PHASE1, Dynamics  # noqa: E402
-from evaluation import attack_settings, make_attack_fn  # noqa: E402
-from models import get_model, init_model  # noqa: E402
-from parallel import replicate, shard_batch  # noqa: E402
-from training import init_train_state, make_optimizer, make_train_step, run_epoch  # noqa: E402
+from models import get_model, init_model
+from ntk_evolution.attacks import (
+    TRAIN_PGD_STEPS,
+    attack_settings,
+)
+from ntk_evolution.dynamics import PHASE1, Dynamics
+from ntk_evolution.evaluation import make_attack_fn
+from ntk_evolution.parallel import replicate, shard_batch
+from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
 
 EPS = 8 / 255
 PIPELINE_STEPS = {"resnet18": 3, "cnn_small": 50}  # steps in the input-pipeline epoch

@@ -12,15 +12,11 @@ beats the gradient attacks.
 
 from __future__ import annotations
 
-import os
 import shlex
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import eval_and_make_adv  # noqa: E402
-import run_exp  # noqa: E402
+import eval_and_make_adv
+import run_exp
 
 OUT = "demo_runs"
 COMMON = "--dataset digits --model cnn_small --eps 32 --random_seed 0"

@@ -29,24 +29,21 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import numpy as np
 
-import numpy as np  # noqa: E402
-from study import call, open_log, table  # noqa: E402
-
-import analyze_kernels  # noqa: E402
-import calculate_kernel  # noqa: E402
-import cka  # noqa: E402
-import eigen_features  # noqa: E402
-import eval_and_make_adv  # noqa: E402
-import ntk_attack  # noqa: E402
-import run_exp  # noqa: E402
-from kernel_analysis import kernel_distance  # noqa: E402
-from utils import format_epoch, load_pickle  # noqa: E402
+import analyze_kernels
+import calculate_kernel
+import cka
+import eigen_features
+import eval_and_make_adv
+import ntk_attack
+import run_exp
+from ntk_evolution.checkpoints import format_epoch
+from ntk_evolution.kernel_analysis import kernel_distance
+from ntk_evolution.reports import call, open_log, table
+from utils import load_pickle
 
 KINDS = (("benign", "C"), ("adversarial", "A"))
 

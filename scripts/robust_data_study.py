@@ -23,20 +23,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from study import call, open_log, table  # noqa: E402
-
-import eval_and_make_adv  # noqa: E402
-import ntk_attack  # noqa: E402
-import robustify_dataset  # noqa: E402
-import run_exp  # noqa: E402
-from plots import plot_attack_table  # noqa: E402
-from utils import save_pickle  # noqa: E402
+import eval_and_make_adv
+import ntk_attack
+import robustify_dataset
+import run_exp
+from ntk_evolution.plots import plot_attack_table
+from ntk_evolution.reports import call, open_log, table
+from utils import save_pickle
 
 COLUMNS = ("clean", "PGD-CE", "PGD-CE xR", "PGD-margin xR", "transfer", "AutoAttack", "worst case")
 

@@ -1,16 +1,14 @@
-"""Shared fixtures: the project root on sys.path, small models and a CIFAR-10 fixture."""
+"""Shared fixtures: the project root and a CIFAR-10 fixture in torchvision's layout."""
 
 from __future__ import annotations
 
 import os
 import pickle
-import sys
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 
 def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed: int = 0):

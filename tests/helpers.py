@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
@@ -31,3 +32,23 @@ def random_delta(params, scale: float = 0.05, seed: int = 1):
     keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
     noise = [scale * jax.random.normal(k, leaf.shape) for k, leaf in zip(keys, leaves, strict=True)]
     return jax.tree.unflatten(treedef, noise)
+
+
+def explicit_ntk(model, params, net_state, x1, x2, class_index: int = -1) -> np.ndarray:
+    """Reference K(x1, x2) from the definition: flatten jax.jacrev per example and multiply.
+    Slow: the test reference for ntk.py."""
+
+    def logits_flat(flat, x_single, unravel):
+        logits, _ = model.apply(unravel(flat), net_state, x_single[None], False)
+        return logits[0]
+
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def jac_matrix(x):
+        rows = [jax.jacrev(logits_flat)(flat, xi, unravel) for xi in jnp.asarray(x)]
+        return np.stack([np.asarray(r, np.float64) for r in rows])  # (n, C, P)
+
+    j1, j2 = jac_matrix(x1), jac_matrix(x2)
+    if class_index >= 0:
+        return j1[:, class_index] @ j2[:, class_index].T
+    return np.einsum("icp,jcp->ij", j1, j2) / j1.shape[1]

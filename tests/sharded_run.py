@@ -6,28 +6,20 @@ Writes what they produced to the .npz named on the command line."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from data import load_dataset  # noqa: E402
-from dynamics import PHASE1  # noqa: E402
-from evaluation import (  # noqa: E402
-    attack_settings,
-    evaluate,
-    make_attack_fn,
-    make_autoattack_fns,
-    make_logits_fn,
-)
-from models import get_model, init_model  # noqa: E402
-from ntk import empirical_ntk  # noqa: E402
-from parallel import initialize, is_writer, replicate, shard_batch, to_host  # noqa: E402
-from training import init_train_state, make_optimizer, make_train_step, run_epoch  # noqa: E402
-from utils import UserError  # noqa: E402
+from data import load_dataset
+from models import get_model, init_model
+from ntk_evolution.attacks import attack_settings
+from ntk_evolution.dynamics import PHASE1
+from ntk_evolution.evaluation import evaluate, make_attack_fn, make_autoattack_fns, make_logits_fn
+from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.parallel import initialize, replicate, shard_batch
+from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
+from utils import UserError, is_writer, to_host
 
 EPS = 32 / 255
 

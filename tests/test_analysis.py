@@ -21,28 +21,28 @@ import cka
 import eigen_features
 import eval_and_make_adv
 import ntk_attack
-from kernel_analysis import (
+from ntk_evolution.checkpoints import save_checkpoint
+from ntk_evolution.kernel_analysis import (
     centered_alignment,
     evolution,
     kernel_distance,
     spectral_energy,
     target_matrix,
 )
-from kernel_regression import (
+from ntk_evolution.kernel_regression import (
     RELU_B_STD,
     RELU_W_STD,
     component_factors,
     eigen_decomposition,
-    evaluate_predictor,
     one_hot,
     regression_coefficients,
     relu_ntk,
     relu_support_kernel,
 )
-from ntk import empirical_ntk, kernel_features, kernel_times
-from similarity import cka as cka_value
-from similarity import gram, hsic, make_layer_fn, unbiased_hsic
-from utils import save_checkpoint
+from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times
+from ntk_evolution.predictors import evaluate_predictor
+from ntk_evolution.similarity import cka as cka_value
+from ntk_evolution.similarity import gram, hsic, make_layer_fn, unbiased_hsic
 
 # ----------------------------------------------------------------------------- kernels
 

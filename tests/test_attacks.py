@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from helpers import small_model
 
-from attacks import pgd
 from data import load_dataset
-from dynamics import PHASE1, Dynamics
-from evaluation import attack_settings, evaluate, make_attack_fn
-from training import init_train_state, make_optimizer, make_train_step, run_epoch
+from ntk_evolution.attacks import attack_settings, pgd
+from ntk_evolution.dynamics import PHASE1, Dynamics
+from ntk_evolution.evaluation import evaluate, make_attack_fn
+from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
 
 EPS = 32 / 255
 

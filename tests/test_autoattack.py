@@ -13,8 +13,8 @@ import pytest
 from helpers import random_images
 from scipy.optimize import linprog
 
-from attacks import pgd
-from autoattack import (
+from ntk_evolution.attacks import pgd
+from ntk_evolution.autoattack import (
     ATTACK_FNS,
     apgd,
     apgd_checkpoints,
@@ -23,7 +23,7 @@ from autoattack import (
     min_norm_to_hyperplane,
     square,
 )
-from evaluation import Tally, masking_warnings, sweep_warnings
+from ntk_evolution.evaluation import Tally, masking_warnings, sweep_warnings
 
 N_CLASSES = 10
 

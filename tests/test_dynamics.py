@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from helpers import random_delta, random_images, small_model, warm_bn_state
 
-from dynamics import Dynamics, components, forward, loss_fn
-from training import init_train_state, make_optimizer, make_train_step
+from ntk_evolution.dynamics import Dynamics, components, forward, loss_fn
+from ntk_evolution.training import init_train_state, make_optimizer, make_train_step
 
 LINEAR = Dynamics(linear=True)
 CENTERED = Dynamics(linear=True, centering=True)

@@ -74,8 +74,7 @@ def test_everything_we_write_loads_safely(tmp_path):
 # ----------------------------------------------------------------------------- atomic writes
 
 SLOW_WRITER = """
-import os, sys, time
-sys.path.insert(0, {root!r})
+import os, time
 import numpy as np
 import utils
 real_fsync = os.fsync
@@ -91,7 +90,8 @@ def test_writer_killed_mid_save_leaves_the_previous_file_intact(tmp_path):
     path = str(tmp_path / "parameters_final.pkl")
     save_pickle({"params": np.full(1000, 1.0)}, path)
     writer = subprocess.Popen(
-        [sys.executable, "-c", SLOW_WRITER.format(root=ROOT, path=path)],
+        [sys.executable, "-c", SLOW_WRITER.format(path=path)],
+        cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -203,6 +203,8 @@ def test_bad_inputs_get_one_line_and_exit_code_2(digits_run, tmp_path, capsys):
     text_file.write_text("not a pickle")
     truncated = tmp_path / "truncated.pkl"
     truncated.write_bytes(open(ckpt, "rb").read()[:500])
+    legacy = str(tmp_path / "legacy.pkl")  # as written before checkpoints had a meta entry
+    save_pickle({k: v for k, v in load_pickle(ckpt).items() if k != "meta"}, legacy)
     cases = [
         (eval_and_make_adv.main, f"--model_path {tmp_path}/missing.pkl {DIGITS}", "not found"),
         (eval_and_make_adv.main, f"--model_path {tmp_path} {DIGITS}", "not found"),
@@ -211,13 +213,17 @@ def test_bad_inputs_get_one_line_and_exit_code_2(digits_run, tmp_path, capsys):
         (
             eval_and_make_adv.main,
             f"--model_path {ckpt} --dataset digits --model mlp_skinny",
-            "does not fit",
+            "its meta says so",
         ),
         (
-            calculate_kernel.main,
-            f"--model_path {ckpt} --dataset digits --model resnet18",
+            eval_and_make_adv.main,
+            f"--model_path {legacy} --dataset digits --model mlp_skinny",
             "does not fit",
         ),
+        (calculate_kernel.main, f"--model_path {ckpt} --model resnet18", "its meta says so"),
+        (calculate_kernel.main, f"--model_path {ckpt} --dataset cifar10", "its meta says so"),
+        # without meta, the defaults (resnet18 on cifar10) are checked before CIFAR is looked for
+        (calculate_kernel.main, f"--model_path {legacy} --data_root {tmp_path}", "does not fit"),
         (run_exp.main, f"{DIGITS} --loaders XY", "--loaders"),
         (run_exp.main, f"{DIGITS} --loaders C", "--loaders"),
         (run_exp.main, f"{DIGITS} --loaders CCA", "--loaders"),
@@ -234,7 +240,8 @@ def test_bad_inputs_get_one_line_and_exit_code_2(digits_run, tmp_path, capsys):
         (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --class_index -2", "--class_index"),
         (run_exp.main, f"--data_root {tmp_path}/nodata --model cnn_small", "cifar-10-batches-py"),
         (run_exp.main, f"{DIGITS} --save_path {text_file}/sub", "--save_path"),
-        (run_exp.main, f"{DIGITS} --base_model_path {ckpt} --model mlp_wide", "does not fit"),
+        (run_exp.main, f"{DIGITS} --base_model_path {ckpt} --model mlp_wide", "meta says"),
+        (run_exp.main, f"{DIGITS} --base_model_path {legacy} --model mlp_wide", "does not fit"),
     ]
     for main, command, match in cases:
         expect_one_line_error(capsys, main, command, match)

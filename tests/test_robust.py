@@ -5,20 +5,21 @@ restarts against a single restart, and the scripts end to end."""
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 from helpers import small_model
 
 import eval_and_make_adv
-from attacks import margin, pgd_restarts
 from data import load_dataset
-from kernel_regression import (
+from ntk_evolution.attacks import margin, pgd_restarts
+from ntk_evolution.kernel_regression import (
     jacobian_kernel_fn,
     kernel_predictor,
     one_hot,
@@ -125,8 +126,10 @@ def test_margin_restarts_never_report_higher_accuracy_than_one_restart(digits):
 
 
 def test_robust_data_study_writes_its_report(tmp_path):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts"))
-    import robust_data_study
+    path = os.path.join(ROOT, "scripts", "robust_data_study.py")
+    spec = importlib.util.spec_from_file_location("robust_data_study", path)
+    robust_data_study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(robust_data_study)
 
     out = tmp_path / "study"
     rows = robust_data_study.main(

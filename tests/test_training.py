@@ -12,15 +12,15 @@ import pytest
 from conftest import ROOT
 from helpers import random_images, small_model
 
-from dynamics import PHASE1
-from run_exp import FRACTIONAL_EPOCHS, fractional_saves
-from training import (
+from ntk_evolution.dynamics import PHASE1
+from ntk_evolution.training import (
     init_train_state,
     is_adversarial_epoch,
     make_optimizer,
     make_train_step,
     phase1_learning_rate,
 )
+from run_exp import FRACTIONAL_EPOCHS, fractional_saves
 
 
 def test_phase1_learning_rate_schedule_counts_epochs_from_one():
@@ -102,7 +102,7 @@ def test_a_hook_reading_the_state_never_sees_an_unchecked_diverged_step():
     """run_epoch reads each step's loss one step late, but on_step's get_state() checks the
     previous step first: a checkpoint hook raises TrainingDiverged instead of saving the
     state after a non-finite loss. A hook that does not read the state does not stop it."""
-    from training import TrainingDiverged, run_epoch
+    from ntk_evolution.training import TrainingDiverged, run_epoch
 
     def step_fn(state, x, y, key):
         loss = jnp.where(state["n"] >= 1, jnp.nan, 1.0)  # step 1 diverges

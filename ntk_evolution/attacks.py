@@ -31,6 +31,49 @@ L2_EPS = 0.25
 L2_STEP = 0.01
 
 
+def eps_from_255(eps: float) -> float:
+    """An L-inf radius given in 1/255 (the --eps flags) in image units, [0, 1] pixels."""
+    return eps / 255.0
+
+
+def pgd_step_size(eps: float, n_steps: int) -> float:
+    """The original's PGD step rule: 2 eps / n_steps, so n_steps steps can cross the ball."""
+    return 2 * eps / n_steps
+
+
+def attack_settings(eps_linf: float) -> dict[str, dict]:
+    """PGD settings of the evaluation attacks, by name."""
+    return {
+        "linf": {
+            "norm": "linf",
+            "eps": eps_linf,
+            "step_size": pgd_step_size(eps_linf, EVAL_PGD_STEPS),
+            "n_steps": EVAL_PGD_STEPS,
+        },
+        "l2": {"norm": "l2", "eps": L2_EPS, "step_size": L2_STEP, "n_steps": EVAL_PGD_STEPS},
+        "margin": {
+            "norm": "linf",
+            "eps": eps_linf,
+            "step_size": pgd_step_size(eps_linf, EVAL_PGD_STEPS),
+            "n_steps": EVAL_PGD_STEPS,
+            "loss": "margin",
+        },
+    }
+
+
+def attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
+    """The key of attack number `attack` on test batch `batch`: the first attack keeps the
+    original's fold_in(key, batch), so adding attacks leaves its figure unchanged."""
+    batch_key = jax.random.fold_in(key, batch)
+    return jax.random.fold_in(batch_key, attack) if attack else batch_key
+
+
+def nested_attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
+    """evaluate()'s keys (run_exp.py's end-of-phase tests): fold_in(fold_in(key, batch), attack)
+    for every attack, as recorded figures were made with."""
+    return jax.random.fold_in(jax.random.fold_in(key, batch), attack)
+
+
 def _per_example_norm(v: jax.Array) -> jax.Array:
     """L2 norm of each example, shaped (N, 1, 1, 1) for broadcasting."""
     return jnp.sqrt(jnp.sum(v * v, axis=tuple(range(1, v.ndim)), keepdims=True))
@@ -134,5 +177,11 @@ def pgd_restarts(
 def pgd_linf_train(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float):
     """The adversarial-training attack: L-inf PGD, 20 steps of 2*eps/20, random start."""
     return pgd(
-        logits_fn, x, y, key, eps=eps, step_size=2 * eps / TRAIN_PGD_STEPS, n_steps=TRAIN_PGD_STEPS
+        logits_fn,
+        x,
+        y,
+        key,
+        eps=eps,
+        step_size=pgd_step_size(eps, TRAIN_PGD_STEPS),
+        n_steps=TRAIN_PGD_STEPS,
     )

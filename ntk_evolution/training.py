@@ -18,10 +18,10 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from attacks import pgd_linf_train
 from data import iterate_batches, num_batches
-from dynamics import Dynamics, forward, loss_fn
-from parallel import replicate, shard_batch
+from ntk_evolution.attacks import pgd_linf_train
+from ntk_evolution.dynamics import Dynamics, forward, loss_fn
+from ntk_evolution.parallel import replicate, shard_batch
 from utils import UserError
 
 MOMENTUM = 0.9

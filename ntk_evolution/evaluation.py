@@ -10,7 +10,6 @@ every attack; and warnings that name gradient masking when the figures show its 
 
 from __future__ import annotations
 
-import argparse
 import functools
 from collections.abc import Callable, Iterator
 
@@ -20,89 +19,19 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from attacks import EVAL_PGD_STEPS, L2_EPS, L2_STEP, pgd_restarts
-from autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
 from data import load_examples, padded_batches
-from dynamics import Dynamics, components, forward
-from parallel import replicate, shard_batch, to_host
-from utils import UserError, positive_int
+from ntk_evolution.attacks import (
+    attack_key,
+    attack_settings,
+    nested_attack_key,
+    pgd_restarts,
+)
+from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
+from ntk_evolution.dynamics import Dynamics, components, forward
+from ntk_evolution.parallel import replicate, shard_batch
+from utils import UserError, to_host
 
 TEST_BATCH = 100
-
-
-def attack_settings(eps_linf: float) -> dict[str, dict]:
-    """PGD settings of the evaluation attacks, by name."""
-    return {
-        "linf": {
-            "norm": "linf",
-            "eps": eps_linf,
-            "step_size": 2 * eps_linf / EVAL_PGD_STEPS,
-            "n_steps": EVAL_PGD_STEPS,
-        },
-        "l2": {"norm": "l2", "eps": L2_EPS, "step_size": L2_STEP, "n_steps": EVAL_PGD_STEPS},
-        "margin": {
-            "norm": "linf",
-            "eps": eps_linf,
-            "step_size": 2 * eps_linf / EVAL_PGD_STEPS,
-            "n_steps": EVAL_PGD_STEPS,
-            "loss": "margin",
-        },
-    }
-
-
-def add_robustness_flags(p) -> None:
-    """Flags of the honest robustness evaluation (eval_and_make_adv.py, ntk_attack.py)."""
-    p.add_argument("--margin", action="store_true", help="also PGD on the margin (CW) loss")
-    p.add_argument("--restarts", type=positive_int, default=1, help="random restarts per attack")
-    p.add_argument(
-        "--transfer_path",
-        default="",
-        help="adv_examples pickle of the same test images (another model's) to transfer",
-    )
-
-
-def add_autoattack_flags(p) -> None:
-    """--autoattack and its threat model, and --eps_sweep (every attacking script)."""
-    p.add_argument(
-        "--autoattack",
-        action="store_true",
-        help="also AutoAttack's standard attacks (APGD-CE, APGD-T, FAB-T, Square 5000)",
-    )
-    p.add_argument(
-        "--autoattack_norm",
-        default="linf",
-        choices=("linf", "l2"),
-        help="threat model of --autoattack: linf (radius --eps/255) or l2 (radius --eps_l2)",
-    )
-    p.add_argument("--eps_l2", type=float, default=L2_EPS, help="L2 radius of --autoattack_norm l2")
-    p.add_argument(
-        "--eps_sweep",
-        type=eps_list,
-        default=None,
-        help="also the worst-case L-inf accuracy at these radii in 1/255 (e.g. 8,16,32,64,128): "
-        "it must fall towards zero, else gradients are masked",
-    )
-
-
-def eps_list(text: str) -> list[float]:
-    """argparse type: comma-separated positive radii."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
-    if not values or any(not np.isfinite(v) or v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"{text!r}: radii must be positive numbers")
-    return sorted(values)
-
-
-def autoattack_eps(args) -> float:
-    """The radius of --autoattack in image units."""
-    return args.eps / 255.0 if args.autoattack_norm == "linf" else args.eps_l2
-
-
-def autoattack_threat(args) -> tuple[str, float] | None:
-    """(norm, radius) of --autoattack, or None without it."""
-    return (args.autoattack_norm, autoattack_eps(args)) if args.autoattack else None
 
 
 GRADIENT_ATTACKS = ("dirty", "linf", "margin", "apgd_ce", "apgd_t", "fab_t")
@@ -161,19 +90,6 @@ def sweep_warnings(sweep: dict[float, float], grey_bound: float | None) -> list[
 def print_warnings(warnings: list[str]) -> None:
     for text in warnings:
         print(f"warning: {text}")
-
-
-def attack_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
-    """The key of attack number `attack` on test batch `batch`: the first attack keeps the
-    original's fold_in(key, batch), so adding attacks leaves its figure unchanged."""
-    batch_key = jax.random.fold_in(key, batch)
-    return jax.random.fold_in(batch_key, attack) if attack else batch_key
-
-
-def _nested_key(key: jax.Array, batch: int, attack: int) -> jax.Array:
-    """evaluate()'s keys (run_exp.py's end-of-phase tests): fold_in(fold_in(key, batch), attack)
-    for every attack, as recorded figures were made with."""
-    return jax.random.fold_in(jax.random.fold_in(key, batch), attack)
 
 
 def attacked_batches(
@@ -347,7 +263,7 @@ def evaluate(
     }
     tally = Tally()
     for inputs, yb, n_real in attacked_batches(
-        x, y, key, attack_fns, description=description, key_fn=_nested_key
+        x, y, key, attack_fns, description=description, key_fn=nested_attack_key
     ):
         predictions = {name: logits_fn(w, theta_t, net_state, z) for name, z in inputs.items()}
         tally.add({name: hits(p, yb, n_real) for name, p in predictions.items()})

@@ -32,8 +32,8 @@ from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from models import Conv, conv_patches, use_conv_impl
-from parallel import AXIS, mesh, padded_size, replicate, shard_batch, to_host
-from utils import tree_size
+from ntk_evolution.parallel import AXIS, mesh, padded_size, replicate, shard_batch
+from utils import to_host, tree_size
 
 
 class ConvLayer(NamedTuple):
@@ -547,23 +547,3 @@ def _n_logits(model, params, net_state, x) -> int:
     """The model's number of logits, from shapes only (no forward pass is run)."""
     logits, _ = jax.eval_shape(lambda x: model.apply(params, net_state, x, False), x)
     return int(logits.shape[-1])
-
-
-def explicit_ntk(model, params, net_state, x1, x2, class_index: int = -1) -> np.ndarray:
-    """Reference K(x1, x2) from the definition: flatten jax.jacrev per example and multiply.
-    Slow; for tests."""
-
-    def logits_flat(flat, x_single, unravel):
-        logits, _ = model.apply(unravel(flat), net_state, x_single[None], False)
-        return logits[0]
-
-    flat, unravel = jax.flatten_util.ravel_pytree(params)
-
-    def jac_matrix(x):
-        rows = [jax.jacrev(logits_flat)(flat, xi, unravel) for xi in jnp.asarray(x)]
-        return np.stack([np.asarray(r, np.float64) for r in rows])  # (n, C, P)
-
-    j1, j2 = jac_matrix(x1), jac_matrix(x2)
-    if class_index >= 0:
-        return j1[:, class_index] @ j2[:, class_index].T
-    return np.einsum("icp,jcp->ij", j1, j2) / j1.shape[1]

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from parallel import is_writer  # noqa: E402
+from utils import atomic_file, is_writer  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -19,10 +17,11 @@ def _save(fig, path: str) -> None:
     if not is_writer():
         plt.close(fig)
         return
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".tmp_{os.path.basename(path)}")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with atomic_file(path) as f:
+            fig.savefig(f, dpi=120, bbox_inches="tight", format="png")
+    finally:
+        plt.close(fig)
 
 
 def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -> None:

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 
 from data import padded_batches
-from kernel_analysis import center
 from models import ReLU
+from ntk_evolution.kernel_analysis import center
 
 ESTIMATORS = ("linear", "debiased")
 

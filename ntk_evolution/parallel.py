@@ -18,10 +18,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from utils import UserError
+from utils import UserError, to_host
 
 AXIS = "batch"
 
@@ -96,29 +95,6 @@ def shard_batch(*arrays: np.ndarray, pad: bool = False) -> tuple[jax.Array, ...]
         )
         for a in arrays
     )
-
-
-def to_host(x: Any) -> np.ndarray:
-    """A NumPy copy of a (possibly multi-host) array: gathered from every process when this
-    one does not hold all of it."""
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def is_writer() -> bool:
-    """Whether this process writes outputs: process 0 (the only one on a single host)."""
-    return jax.process_index() == 0
-
-
-def add_distributed_flags(parser) -> None:
-    parser.add_argument(
-        "--coordinator_address",
-        default="",
-        help="several hosts: host:port of process 0 (jax.distributed.initialize)",
-    )
-    parser.add_argument("--num_processes", type=int, default=None, help="several hosts: count")
-    parser.add_argument("--process_id", type=int, default=None, help="several hosts: this one")
 
 
 def initialize(args) -> None:

@@ -1,0 +1,228 @@
+"""The files the pipeline passes along: checkpoints (run_exp.py -> every later script) and
+kernel pickles (calculate_kernel.py -> analyze_kernels.py, visualize_ntk_features.py, ...).
+
+A checkpoint is the original's pickle {'params': theta (theta_t in phase 2), 'lin_params': w,
+'net_state'} plus a 'meta' entry describing it (model, dataset, n_classes, image_shape, phase,
+epoch, step, the run's flags, the project version), so later scripts need not be told
+--model and --dataset again. Checkpoints without 'meta' (earlier versions, the original code's
+with --trust_pickle) still load; the flags, or their defaults, then say what they are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import numpy as np
+
+from data import SHAPES
+from models import get_model, init_model
+from ntk_evolution import __version__
+from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL
+from utils import UserError, load_pickle, save_pickle
+
+# ----------------------------------------------------------------------------- names
+
+
+def format_epoch(epoch: float) -> str:
+    """Epoch as the original wrote it in file names: 20 -> '20', 0.125 -> '0.125'."""
+    return str(int(epoch)) if float(epoch).is_integer() else str(epoch)
+
+
+def checkpoint_name(epoch: float, linear: bool = False) -> str:
+    """`parameters_checkpoint_{epoch}.pkl` or `parameters_checkpoint_linear_{epoch}.pkl`."""
+    middle = "linear_" if linear else ""
+    return f"parameters_checkpoint_{middle}{format_epoch(epoch)}.pkl"
+
+
+def epoch_from_name(path: str) -> float | None:
+    """The epoch in a checkpoint or kernel file name: parameters_checkpoint_0.125.pkl -> 0.125,
+    kernel_epoch_5_500.pkl -> 5.0 (after 'checkpoint', 'epoch' or 'ep'); None when absent. Only
+    for files without 'meta' (written before it existed, or by the original code)."""
+    match = re.search(
+        r"(?:checkpoint|epoch|ep)_?(?:linear_)?(\d+(?:\.\d+)?)", os.path.basename(path)
+    )
+    return float(match.group(1)) if match else None
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_meta(
+    args: argparse.Namespace, phase: int, epoch: float, step: int | None = None
+) -> dict:
+    """What a checkpoint of this run is: model, dataset, n_classes, image_shape, phase (1, or 2
+    for the linearized / --do_standard_second phase), epoch (fractional for the early saves),
+    step (optimizer steps taken in this phase, when known), the run's flags, the version."""
+    image_shape, n_classes = SHAPES[args.dataset]
+    flags = {
+        name: value
+        for name, value in sorted(vars(args).items())
+        if value is None or isinstance(value, str | int | float | bool | list)
+    }
+    return {
+        "model": args.model,
+        "dataset": args.dataset,
+        "n_classes": n_classes,
+        "image_shape": image_shape,
+        "phase": phase,
+        "epoch": epoch,
+        "step": step,
+        "flags": flags,
+        "version": __version__,
+    }
+
+
+def save_checkpoint(
+    path: str, params: Any, lin_params: Any, net_state: Any, meta: dict | None = None
+) -> None:
+    """Checkpoint pickle: {'params': theta (theta_t in phase 2), 'lin_params': w, 'net_state',
+    'meta'}."""
+    record = {"params": params, "lin_params": lin_params, "net_state": net_state}
+    save_pickle(record if meta is None else {**record, "meta": meta}, path)
+
+
+def load_checkpoint(path: str, like: tuple | None = None, trust: bool = False) -> dict:
+    """Load a checkpoint dict (meta None when it has none); with `like` = (params, net_state)
+    of the model the user asked for, check that params, lin_params and net_state have the
+    expected names and shapes."""
+    ckpt = load_pickle(path, "checkpoint", trust=trust)
+    if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
+        raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
+    ckpt.setdefault("lin_params", ckpt["params"])
+    ckpt.setdefault("meta", None)
+    if like is not None:
+        params, net_state = like
+        for key, reference in (
+            ("params", params),
+            ("lin_params", params),
+            ("net_state", net_state),
+        ):
+            check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
+    return ckpt
+
+
+def check_tree_matches(tree: Any, reference: Any, where: str) -> None:
+    """Raise a UserError naming the first leaf whose path or shape differs from `reference`."""
+    got = {
+        jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
+    want = {
+        jax.tree_util.keystr(k): np.shape(v)
+        for k, v in jax.tree_util.tree_leaves_with_path(reference)
+    }
+    if got.keys() != want.keys():
+        missing = sorted(want.keys() - got.keys())
+        extra = sorted(got.keys() - want.keys())
+        detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise UserError(
+            f"{where} does not fit the chosen --model/--dataset ({detail}); "
+            "pass the --model and --dataset it was trained with"
+        )
+    for name, shape in want.items():
+        if got[name] != shape:
+            raise UserError(
+                f"{where} does not fit the chosen --model/--dataset: {name} has shape "
+                f"{got[name]}, expected {shape}; pass the --model and --dataset it was trained with"
+            )
+
+
+def resolve_model_flags(
+    model: str | None, dataset: str | None, meta: dict | None, path: str
+) -> tuple[str, str]:
+    """(model, dataset): the given flag, else the checkpoint's meta, else the default. A flag
+    that contradicts the meta is an error naming both."""
+    resolved = []
+    for flag, given, default in (
+        ("model", model, DEFAULT_MODEL),
+        ("dataset", dataset, DEFAULT_DATASET),
+    ):
+        recorded = (meta or {}).get(flag)
+        if given is not None and recorded is not None and given != recorded:
+            raise UserError(
+                f"{path} is a checkpoint of --{flag} {recorded} (its meta says so), but "
+                f"--{flag} {given} was given; drop --{flag} or pass --{flag} {recorded}"
+            )
+        resolved.append(given or recorded or default)
+    return resolved[0], resolved[1]
+
+
+class LoadedModel(NamedTuple):
+    """A checkpoint and the network it fits."""
+
+    model: hk.TransformedWithState
+    model_name: str
+    dataset: str
+    params: hk.Params
+    lin_params: hk.Params
+    net_state: hk.State
+    meta: dict | None
+
+
+def load_model(
+    path: str, model: str | None = None, dataset: str | None = None, trust: bool = False
+) -> LoadedModel:
+    """The checkpoint at `path` with its network: --model/--dataset from the flags given
+    (`model`, `dataset`; None when not given), else from the checkpoint's meta, else the
+    defaults. Its shapes are checked before any dataset is loaded, so a checkpoint of another
+    model or dataset is reported as such."""
+    ckpt = load_checkpoint(path, trust=trust)
+    model_name, dataset = resolve_model_flags(model, dataset, ckpt["meta"], path)
+    image_shape, n_classes = SHAPES[dataset]
+    network = get_model(model_name, n_classes)
+    check = jax.eval_shape(lambda: init_model(network, jax.random.PRNGKey(0), image_shape))
+    for key, reference in (("params", check[0]), ("lin_params", check[0]), ("net_state", check[1])):
+        check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
+    return LoadedModel(
+        network,
+        model_name,
+        dataset,
+        ckpt["params"],
+        ckpt["lin_params"],
+        ckpt["net_state"],
+        ckpt["meta"],
+    )
+
+
+def load_model_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel | None:
+    """load_model(`path`, default --model_path) with the script's --model, --dataset and
+    --trust_pickle, filling in args.model and args.dataset with what the checkpoint is. Without
+    a path: None, and the two flags get their defaults where not given."""
+    path = getattr(args, "model_path", "") if path is None else path
+    if not path:
+        args.model, args.dataset = resolve_model_flags(args.model, args.dataset, None, "")
+        return None
+    loaded = load_model(path, args.model, args.dataset, args.trust_pickle)
+    args.model, args.dataset = loaded.model_name, loaded.dataset
+    return loaded
+
+
+def checkpoint_epoch(meta: dict | None, path: str) -> float | None:
+    """The epoch a checkpoint was saved at: its meta's, else the one in its file name."""
+    if meta is not None and meta.get("epoch") is not None:
+        return float(meta["epoch"])
+    return epoch_from_name(path)
+
+
+# ----------------------------------------------------------------------------- kernel pickles
+
+
+def load_kernel(path: str, trust: bool = False, expect: dict | None = None) -> dict:
+    """A kernel pickle of calculate_kernel.py: {'kernel': (N, N), 'labels', 'indices',
+    'class_index', 'dataset', 'model', 'model_path', 'epoch', ...}, with the kernel as float64.
+    `expect` = {key: value} (e.g. dataset, model, class_index): a recorded value that differs
+    is an error naming the flag to pass."""
+    record = load_pickle(path, "kernel pickle", trust)
+    if not isinstance(record, dict) or not {"kernel", "labels"} <= set(record):
+        raise UserError(f"{path} is not a kernel pickle of calculate_kernel.py")
+    for key, value in (expect or {}).items():
+        if key in record and record[key] != value:
+            raise UserError(
+                f"{path} was computed with --{key} {record[key]}, not {value}; "
+                f"pass --{key} {record[key]}"
+            )
+    return {**record, "kernel": np.asarray(record["kernel"], np.float64)}

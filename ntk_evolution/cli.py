@@ -1,0 +1,238 @@
+"""The command line: the parser every entry script uses, each shared flag defined once, and the
+argparse value types. Scripts build their parser here, parse, then call
+`parallel.initialize(args)` themselves (joining several hosts is not a side effect of parsing).
+
+Flags keep the original's names (`--save_path`, `--bonus_dir`, `--savedir`); flags this project
+added name an output folder `--out_dir`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from data import DATASETS
+from models import MODELS
+from ntk_evolution.attacks import EVAL_PGD_STEPS, L2_EPS, eps_from_255
+from ntk_evolution.kernel_regression import KERNELS
+
+DEFAULT_MODEL = "resnet18"
+DEFAULT_DATASET = "cifar10"
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The script's docstring as written, and every flag's default after its help."""
+
+
+class Parser(argparse.ArgumentParser):
+    """ArgumentParser whose help shows defaults and whose errors are one line on stderr (exit
+    code 2), without the usage."""
+
+    def __init__(self, description: str | None = None):
+        super().__init__(description=description, formatter_class=_HelpFormatter)
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------- value types
+
+
+def finite_float(min_value: float = -math.inf, inclusive: bool = True) -> Callable[[str], float]:
+    """argparse type: a finite float >= min_value (or > when not inclusive)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        ok = value >= min_value if inclusive else value > min_value
+        if not math.isfinite(value) or not ok:
+            sign = ">=" if inclusive else ">"
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {sign} {min_value}")
+        return value
+
+    return parse
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 1")
+    return value
+
+
+# ----------------------------------------------------------------------------- shared flags
+
+
+def add_shared_flags(p: argparse.ArgumentParser) -> None:
+    """Flags every entry script adds to the original's: --data_root, --trust_pickle and the
+    several-host flags (parallel.initialize)."""
+    p.add_argument("--data_root", default="./data", help="Where CIFAR lives or is downloaded.")
+    p.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="Fully unpickle input files you trust (e.g. written by the original code).",
+    )
+    p.add_argument(
+        "--coordinator_address",
+        default="",
+        help="Several hosts: host:port of process 0 (jax.distributed.initialize).",
+    )
+    p.add_argument("--num_processes", type=int, default=None, help="Several hosts: their count.")
+    p.add_argument("--process_id", type=int, default=None, help="Several hosts: this one's index.")
+
+
+def add_model_flags(p: argparse.ArgumentParser, from_checkpoint: bool = True) -> None:
+    """--model and --dataset. With `from_checkpoint` they default to what the checkpoint's meta
+    records (checkpoints.resolve_model_flags), else resnet18 on cifar10, the original's."""
+    if from_checkpoint:
+        model_default = dataset_default = None
+        model_help = f"Network; default: the checkpoint's, else {DEFAULT_MODEL}."
+        dataset_help = f"Dataset; default: the checkpoint's, else {DEFAULT_DATASET}."
+    else:
+        model_default, dataset_default = DEFAULT_MODEL, DEFAULT_DATASET
+        model_help, dataset_help = "Network to train.", "Dataset to train on."
+    p.add_argument("--model", default=model_default, choices=MODELS, help=model_help)
+    p.add_argument("--dataset", default=dataset_default, choices=DATASETS, help=dataset_help)
+
+
+def add_seed_flag(
+    p: argparse.ArgumentParser, what: str = "data order, subsets and attacks"
+) -> None:
+    p.add_argument("--random_seed", type=int, default=0, help=f"Seed of the {what}.")
+
+
+def add_eps_flag(p: argparse.ArgumentParser, default: float = 4.0) -> None:
+    p.add_argument(
+        "--eps",
+        type=finite_float(0.0),
+        default=default,
+        help="L-inf radius in 1/255 (attacks.eps_from_255).",
+    )
+
+
+def add_out_dir_flag(p: argparse.ArgumentParser, default: str, alias: str | None = None) -> None:
+    """--out_dir, the output folder of the scripts this project added (`alias`: the flag's
+    earlier spelling, still accepted)."""
+    names = ["--out_dir"] + ([alias] if alias else [])
+    p.add_argument(*names, dest="out_dir", default=default, help="Folder for the outputs.")
+
+
+# ----------------------------------------------------------------------------- attacks
+
+
+def add_robustness_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the honest robustness evaluation (eval_and_make_adv.py, ntk_attack.py)."""
+    p.add_argument("--margin", action="store_true", help="also PGD on the margin (CW) loss")
+    p.add_argument("--restarts", type=positive_int, default=1, help="random restarts per attack")
+    p.add_argument(
+        "--transfer_path",
+        default="",
+        help="adv_examples pickle of the same test images (another model's) to transfer",
+    )
+
+
+def add_autoattack_flags(p: argparse.ArgumentParser) -> None:
+    """--autoattack and its threat model, and --eps_sweep (every attacking script)."""
+    p.add_argument(
+        "--autoattack",
+        action="store_true",
+        help="also AutoAttack's standard attacks (APGD-CE, APGD-T, FAB-T, Square 5000)",
+    )
+    p.add_argument(
+        "--autoattack_norm",
+        default="linf",
+        choices=("linf", "l2"),
+        help="threat model of --autoattack: linf (radius --eps/255) or l2 (radius --eps_l2)",
+    )
+    p.add_argument("--eps_l2", type=float, default=L2_EPS, help="L2 radius of --autoattack_norm l2")
+    p.add_argument(
+        "--eps_sweep",
+        type=eps_list,
+        default=None,
+        help="also the worst-case L-inf accuracy at these radii in 1/255 (e.g. 8,16,32,64,128): "
+        "it must fall towards zero, else gradients are masked",
+    )
+
+
+def eps_list(text: str) -> list[float]:
+    """argparse type: comma-separated positive radii."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not values or any(not np.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: radii must be positive numbers")
+    return sorted(values)
+
+
+def autoattack_eps(args) -> float:
+    """The radius of --autoattack in image units."""
+    return eps_from_255(args.eps) if args.autoattack_norm == "linf" else args.eps_l2
+
+
+def autoattack_threat(args) -> tuple[str, float] | None:
+    """(norm, radius) of --autoattack, or None without it."""
+    return (args.autoattack_norm, autoattack_eps(args)) if args.autoattack else None
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def add_kernel_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the kernel-predictor scripts (ntk_attack.py, eigen_features.py,
+    robustify_dataset.py): the kernel, the support set, the test images and the attack."""
+    add_model_flags(p)
+    add_seed_flag(p, "support subset and the attacks")
+    add_eps_flag(p)
+    p.add_argument(
+        "--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS, help="PGD steps (2 eps / n each)."
+    )
+    p.add_argument("--n_test", type=positive_int, default=None, help="First N test images.")
+    p.add_argument(
+        "--kernel", default="empirical", choices=KERNELS, help="Kernel of the predictor."
+    )
+    p.add_argument(
+        "--model_path", default="", help="Checkpoint of the empirical NTK; empty: the net at init."
+    )
+    p.add_argument(
+        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
+    )
+    p.add_argument("--kernel_path", default="", help="Reuse calculate_kernel.py's K(X, X).")
+    p.add_argument(
+        "--support_path",
+        default="",
+        help="Support set from an adv_examples pickle (e.g. robustify_dataset.py's output).",
+    )
+    p.add_argument("--dataset_size", type=positive_int, default=500, help="Support set size.")
+    p.add_argument(
+        "--class_index",
+        type=int,
+        default=-1,
+        help="Kernel of logit c, or -1: averaged over logits.",
+    )
+    p.add_argument(
+        "--relu_depth", type=positive_int, default=2, help="Hidden layers of relu_ntk's network."
+    )
+    p.add_argument(
+        "--ridge", type=finite_float(0.0), default=1e-4, help="Ridge, times mean(diag K)."
+    )
+    add_autoattack_flags(p)

@@ -1,0 +1,199 @@
+"""Kernel regression with neural tangent kernels (Tsilivis & Kempe 2022): the predictor, its
+eigen-components, and the two kernels it is built on.
+
+For a support set X (N images) with one-hot targets Y (N, C) and a kernel k:
+
+    F(z)   = K(z, X) (K(X, X) + r I)^-1 Y                       the kernel-regression predictor
+    F_i(z) = K(z, X) u_i u_i^T Y / (lambda_i + r)                its i-th eigen-component
+
+where K(X, X) = sum_i lambda_i u_i u_i^T (eigenvalues in decreasing order) and the ridge r is
+`ridge` times the mean of diag K(X, X). The components sum to F. Kernels:
+
+- `empirical`: the empirical NTK of a network (ntk.py), at a checkpoint or at initialisation;
+  K(z, X) A is a Jacobian-vector product with the features J(X)^T A (ntk.kernel_features).
+- `relu_ntk`: the infinite-width NTK of a fully connected ReLU network in the NTK
+  parameterisation, in closed form (arc-cosine recursion, `relu_ntk`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
+
+KERNELS = ("empirical", "relu_ntk")
+RELU_W_STD = math.sqrt(2.0)
+RELU_B_STD = 0.1
+
+
+def relu_ntk(
+    x1: jax.Array,
+    x2: jax.Array,
+    depth: int = 2,
+    w_std: float = RELU_W_STD,
+    b_std: float = RELU_B_STD,
+) -> jax.Array:
+    """Infinite-width NTK Theta(x1, x2) (n1, n2) of a ReLU MLP with `depth` hidden layers, every
+    dense layer z = (w_std / sqrt(fan_in)) W h + b_std b with W, b ~ N(0, 1) (NTK
+    parameterisation), one output. With Sigma_0 = w_std^2 x.x' / d + b_std^2 and Theta_0 =
+    Sigma_0, each hidden layer maps, for rho = Sigma(x, x') / sqrt(Sigma(x, x) Sigma(x', x'))
+    and t = arccos(rho):
+
+        Sigma'   = w_std^2 sqrt(Sigma(x, x) Sigma(x', x')) (sin t + (pi - t) cos t) / (2 pi)
+                   + b_std^2
+        Sigma'_d = w_std^2 (pi - t) / (2 pi)                    (derivative of the ReLU)
+        Theta'   = Sigma' + Sigma'_d Theta
+
+    Inputs are flattened per example; float32, or float64 for float64 inputs with x64 enabled.
+    Differentiable in both arguments."""
+    dtype = jnp.promote_types(jnp.result_type(x1, x2), jnp.float32)
+    a = jnp.reshape(x1, (x1.shape[0], -1)).astype(dtype)
+    b = jnp.reshape(x2, (x2.shape[0], -1)).astype(dtype)
+    dim = a.shape[1]
+    cross = w_std**2 * (a @ b.T) / dim + b_std**2
+    diag1 = w_std**2 * jnp.sum(a * a, axis=1) / dim + b_std**2
+    diag2 = w_std**2 * jnp.sum(b * b, axis=1) / dim + b_std**2
+    theta = cross
+    for _ in range(depth):
+        norms = jnp.sqrt(diag1[:, None] * diag2[None, :])
+        rho = jnp.clip(cross / norms, -1.0 + 1e-7, 1.0 - 1e-7)
+        angle = jnp.arccos(rho)
+        cross = w_std**2 * norms * (jnp.sin(angle) + (jnp.pi - angle) * rho) / (2 * jnp.pi)
+        cross = cross + b_std**2
+        derivative = w_std**2 * (jnp.pi - angle) / (2 * jnp.pi)
+        theta = cross + derivative * theta
+        # E[relu(u)^2] = Sigma(x, x) / 2
+        diag1 = w_std**2 * diag1 / 2 + b_std**2
+        diag2 = w_std**2 * diag2 / 2 + b_std**2
+    return theta
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    return np.eye(n_classes)[labels]
+
+
+def ridge_value(kernel: np.ndarray, ridge: float) -> float:
+    """The ridge r added to the diagonal: `ridge` times the mean of diag K."""
+    return ridge * float(np.mean(np.diag(kernel)))
+
+
+def regression_coefficients(kernel: np.ndarray, targets: np.ndarray, ridge: float) -> np.ndarray:
+    """A = (K + r I)^-1 Y (N, C), so that F(z) = K(z, X) A."""
+    r = ridge_value(kernel, ridge)
+    return np.linalg.solve(kernel + r * np.eye(len(kernel)), targets)
+
+
+def kernel_predictor(
+    kernel_fn: Callable, support: jax.Array, targets: jax.Array, ridge: float
+) -> Callable[[jax.Array], jax.Array]:
+    """z -> F(z) = k(z, X) (k(X, X) + r I)^-1 Y in JAX (r as in ridge_value), differentiable in
+    the support images X as well as in z: robustify_dataset.py optimises X through it. The
+    solve happens once, here."""
+    gram = kernel_fn(support, support)
+    r = ridge * jnp.mean(jnp.diag(gram))
+    coefficients = jnp.linalg.solve(gram + r * jnp.eye(len(gram), dtype=gram.dtype), targets)
+    return lambda z: kernel_fn(z, support) @ coefficients
+
+
+def jacobian_kernel_fn(model, params, net_state, class_index: int) -> Callable:
+    """k(x1, x2), the empirical NTK of ntk.py from explicit per-example Jacobians (n, K, P):
+    differentiable in the images (second order), memory O((n1 + n2) K P); for small networks
+    and support sets, where the kernel itself has to be differentiated."""
+    jacobian_fn = make_jacobian_fn(model, class_index)
+
+    def flat(x):
+        leaves = jax.tree.leaves(jacobian_fn(params, net_state, x))
+        return jnp.concatenate([leaf.reshape(*leaf.shape[:2], -1) for leaf in leaves], axis=2)
+
+    def kernel_fn(x1, x2):
+        j1, j2 = flat(x1), flat(x2)
+        return jnp.einsum("ikp,jkp->ij", j1, j2) / j1.shape[1]
+
+    return kernel_fn
+
+
+class Eigen(NamedTuple):
+    """K(X, X) = U diag(values) U^T, values in decreasing order; `projections` = U^T Y / (values +
+    r) (N, C): component i has coefficients u_i projections[i]."""
+
+    values: np.ndarray
+    vectors: np.ndarray
+    projections: np.ndarray
+
+
+def eigen_decomposition(kernel: np.ndarray, targets: np.ndarray, ridge: float) -> Eigen:
+    values, vectors = np.linalg.eigh(kernel)
+    order = np.argsort(values)[::-1]
+    values, vectors = values[order], vectors[:, order]
+    projections = (vectors.T @ targets) / (values + ridge_value(kernel, ridge))[:, None]
+    return Eigen(values, vectors, projections)
+
+
+def component_factors(eigen: Eigen, components: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The predictor sum_{i in components} F_i as K(z, X) B P, with B = U[:, components] (N, m)
+    and P = projections[components] (m, C); or, when m > C, B = U_S P_S (N, C) and P = I:
+    fewer columns for K(z, X) B."""
+    vectors, projections = eigen.vectors[:, components], eigen.projections[components]
+    if len(components) > projections.shape[1]:
+        return vectors @ projections, np.eye(projections.shape[1])
+    return vectors, projections
+
+
+class SupportKernel(NamedTuple):
+    """A kernel on a support set: the images X (N, H, W, C), labels (N,), K(X, X) (N, N) float64,
+    and `operator(B)` -> (fn, operand) with fn(z, operand) = K(z, X) B (n, m) for B (N, m),
+    jax-traceable (the arrays travel as an argument, not as constants of a compiled function);
+    `cross(z)` -> K(z, X) (n, N) float64 for NumPy images z."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    indices: np.ndarray
+    kernel: np.ndarray
+    operator: Callable[[np.ndarray], tuple[Callable, Any]]
+    cross: Callable[[np.ndarray], np.ndarray]
+    description: str
+
+
+def relu_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
+    x = jnp.asarray(images)
+    kernel = np.asarray(jax.jit(lambda a: relu_ntk(a, a, depth))(x), np.float64)
+
+    def apply(z, operand):
+        support, b = operand
+        return relu_ntk(z, support, depth) @ b
+
+    def operator(coefficients):
+        return apply, (x, jnp.asarray(coefficients, jnp.float32))
+
+    def cross(z):
+        return np.asarray(relu_ntk(jnp.asarray(z), x, depth), np.float64)
+
+    description = f"infinite-width ReLU MLP NTK, depth {depth}"
+    return SupportKernel(images, labels, indices, kernel, operator, cross, description)
+
+
+def empirical_support_kernel(
+    model, params, net_state, images, labels, indices, class_index, kernel=None, description=""
+) -> SupportKernel:
+    if kernel is None:
+        kernel = empirical_ntk(model, params, net_state, images, class_index=class_index)
+
+    def apply(z, operand):
+        return kernel_times(model, *operand, z, class_index=class_index)
+
+    def operator(coefficients):
+        features = kernel_features(model, params, net_state, images, coefficients, class_index)
+        return apply, (params, net_state, features)
+
+    def cross(z):
+        return empirical_ntk(
+            model, params, net_state, z, images, class_index=class_index, progress=False
+        )
+
+    return SupportKernel(images, labels, indices, kernel, operator, cross, description)

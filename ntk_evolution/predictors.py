@@ -1,0 +1,227 @@
+"""Kernel predictors as the flags of cli.add_kernel_flags choose them (ntk_attack.py,
+eigen_features.py, robustify_dataset.py, scripts/reproduce.py), and their accuracy under attack.
+
+The math (kernels, the regression, eigen-components) is in kernel_regression.py; this module
+turns --kernel, --model_path, --kernel_path, --support_path, ... into a SupportKernel and runs
+PGD and AutoAttack against z -> K(z, X) B P.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import Dataset, class_balanced_subset, examples_from_record
+from models import get_model, init_model
+from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, pgd_step_size
+from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
+from ntk_evolution.checkpoints import LoadedModel, load_kernel
+from ntk_evolution.evaluation import Tally, attacked_batches, hits
+from ntk_evolution.kernel_regression import (
+    SupportKernel,
+    empirical_support_kernel,
+    jacobian_kernel_fn,
+    relu_ntk,
+    relu_support_kernel,
+)
+from ntk_evolution.parallel import replicate
+from utils import UserError, load_pickle, to_host
+
+
+def support_kernel_from_args(
+    args: argparse.Namespace, ds: Dataset, loaded: LoadedModel | None = None
+) -> SupportKernel:
+    """The support set (class-balanced training subset drawn with --random_seed, or the images
+    of --kernel_path) and its kernel, as the flags of add_kernel_flags say; `loaded`: the
+    --model_path checkpoint (checkpoints.load_model_from_args)."""
+    stored = None
+    if args.kernel_path and args.support_path:
+        raise UserError("pass --kernel_path or --support_path, not both")
+    if args.support_path:
+        saved = load_pickle(args.support_path, "--support_path file", args.trust_pickle)
+        images, labels = examples_from_record(saved, args.support_path, ds.image_shape)
+        indices = np.asarray(saved.get("indices", np.arange(len(images))))
+    elif args.kernel_path:
+        checked = ["dataset"] + (["model", "class_index"] if args.kernel == "empirical" else [])
+        expect = {key: getattr(args, key) for key in checked}
+        stored = load_kernel(args.kernel_path, args.trust_pickle, expect)
+        if "indices" not in stored:
+            raise UserError(
+                f"{args.kernel_path} has no 'indices': recompute it with calculate_kernel.py"
+            )
+        indices = np.asarray(stored["indices"])
+    else:
+        indices = class_balanced_subset(
+            ds.y_train, args.dataset_size, ds.n_classes, args.random_seed
+        )
+    if not args.support_path:
+        images, labels = ds.x_train[indices], ds.y_train[indices]
+    stored_kernel = None if stored is None else stored["kernel"]
+    classes = getattr(args, "classes", None)
+    if classes:
+        keep = np.flatnonzero(np.isin(labels, classes))
+        indices, images, labels = indices[keep], images[keep], labels[keep]
+        stored_kernel = None if stored is None else stored_kernel[np.ix_(keep, keep)]
+    return kernel_from_args(args, ds, loaded).support(images, labels, indices, stored_kernel)
+
+
+class KernelChoice(NamedTuple):
+    """The kernel the flags name: `kernel_fn(x1, x2)` (jax, differentiable in both image sets)
+    and `support(images, labels, indices, kernel=None)` -> SupportKernel on those images."""
+
+    kernel_fn: Callable[[jax.Array, jax.Array], jax.Array]
+    support: Callable[..., SupportKernel]
+    description: str
+
+
+def kernel_from_args(
+    args: argparse.Namespace, ds: Dataset, loaded: LoadedModel | None = None
+) -> KernelChoice:
+    """--kernel relu_ntk (--relu_depth) or empirical (--model at the checkpoint `loaded`, or at
+    initialisation with --random_seed; --class_index; --use_linear_params)."""
+    if args.kernel == "relu_ntk":
+
+        def relu_support(images, labels, indices, kernel=None):
+            return relu_support_kernel(images, labels, indices, args.relu_depth)
+
+        kernel_fn = functools.partial(relu_ntk, depth=args.relu_depth)
+        return KernelChoice(
+            kernel_fn, relu_support, f"infinite-width ReLU MLP NTK, depth {args.relu_depth}"
+        )
+    if not -1 <= args.class_index < ds.n_classes:
+        raise UserError(
+            f"--class_index {args.class_index} is out of range for {ds.name}: use -1 or "
+            f"0..{ds.n_classes - 1}"
+        )
+    if loaded is not None:
+        model = loaded.model
+        params = loaded.lin_params if args.use_linear_params else loaded.params
+        net_state, where = loaded.net_state, os.path.basename(args.model_path)
+    else:
+        model = get_model(args.model, ds.n_classes)
+        params, net_state = init_model(model, jax.random.PRNGKey(args.random_seed), ds.image_shape)
+        where = f"initialisation (seed {args.random_seed})"
+    which = f"logit {args.class_index}" if args.class_index >= 0 else "averaged over logits"
+    description = f"empirical NTK of {args.model} at {where}, {which}"
+
+    def empirical_support(images, labels, indices, kernel=None):
+        return empirical_support_kernel(
+            model, params, net_state, images, labels, indices, args.class_index, kernel, description
+        )
+
+    kernel_fn = jacobian_kernel_fn(model, params, net_state, args.class_index)
+    return KernelChoice(kernel_fn, empirical_support, description)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(apply: Callable) -> Callable:
+    """Jitted predict(operand, P, z) = apply(z, operand) P, once per kernel (new coefficient
+    shapes retrace, new values do not)."""
+    return jax.jit(lambda operand, projection, z: apply(z, operand) @ projection)
+
+
+@functools.lru_cache(maxsize=8)
+def _attack_fn(apply: Callable, n_steps: int, loss: str, restarts: int) -> Callable:
+    """Jitted PGD-Linf (on `loss`) against the predictor: attack(operand, P, x, y, key, eps)."""
+
+    def attack(operand, projection, x, y, key, eps):
+        return pgd_restarts(
+            lambda z: apply(z, operand) @ projection,
+            x,
+            y,
+            key,
+            restarts=restarts,
+            eps=eps,
+            step_size=pgd_step_size(eps, n_steps),
+            n_steps=n_steps,
+            loss=loss,
+        )
+
+    return jax.jit(attack)
+
+
+@functools.lru_cache(maxsize=16)
+def _autoattack_fn(apply: Callable, name: str, norm: str) -> Callable:
+    """Jitted AutoAttack attack `name` against the predictor: attack(operand, P, x, y, key,
+    eps)."""
+
+    def attack(operand, projection, x, y, key, eps):
+        return ATTACK_FNS[name](
+            lambda z: apply(z, operand) @ projection,
+            x,
+            y,
+            key,
+            eps=eps,
+            norm=norm,
+            n_classes=projection.shape[1],
+        )
+
+    return jax.jit(attack)
+
+
+def evaluate_predictor(
+    support: SupportKernel,
+    coefficients: np.ndarray,
+    projection: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    key: jax.Array,
+    *,
+    eps_linf: float,
+    n_steps: int = EVAL_PGD_STEPS,
+    attacks: tuple[str, ...] = ("linf",),
+    restarts: int = 1,
+    transfer: np.ndarray | None = None,
+    description: str = "kernel predictor",
+    autoattack: tuple[str, float] | None = None,
+) -> tuple[dict[str, float], np.ndarray | None]:
+    """Accuracy of z -> K(z, X) B P on (x, y): clean, under each attack in `attacks` against
+    this predictor itself (`linf`: PGD-Linf on the cross-entropy of its outputs; `margin`: on
+    the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts), on
+    `transfer` (adversarial images of x made elsewhere), and 'worst' (correct on all of them)
+    when there is more than one; with `autoattack` = (norm, eps), also AutoAttack's four
+    attacks and 'autoattack' (robust to all four). Returns the accuracies and the first
+    attack's adversarial images (None without attacks)."""
+    apply, operand = support.operator(coefficients)
+    operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
+    predict = _predict_fn(apply)
+    attack_fns = {
+        name: functools.partial(
+            _attack_fn(apply, n_steps, "ce" if name == "linf" else name, restarts),
+            operand,
+            projection,
+            eps=eps_linf,
+        )
+        for name in attacks
+    }
+    if autoattack is not None:
+        norm, eps = autoattack
+        attack_fns.update(
+            {
+                name: functools.partial(
+                    _autoattack_fn(apply, name, norm), operand, projection, eps=eps
+                )
+                for name in AUTOATTACK
+            }
+        )
+    tally = Tally()
+    adversarial = []
+    for inputs, yb, n_real in attacked_batches(
+        x, y, key, attack_fns, transfer=transfer, description=description
+    ):
+        if attacks:
+            adversarial.append(to_host(inputs[attacks[0]])[:n_real])
+        tally.add(
+            {name: hits(predict(operand, projection, z), yb, n_real) for name, z in inputs.items()}
+        )
+    return tally.accuracies(), (np.concatenate(adversarial) if attacks else None)
