@@ -16,8 +16,8 @@ import time
 
 from tqdm import tqdm
 
-from data import class_balanced_subset, load_dataset
-from ntk_evolution.checkpoints import checkpoint_epoch, load_model_from_args
+from data import class_balanced_subset
+from ntk_evolution.checkpoints import checkpoint_epoch, model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_model_flags,
@@ -76,8 +76,7 @@ def kernel_file_name(save_name: str, class_index: int, dataset_size: int) -> str
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {args.dataset}: use -1 or "

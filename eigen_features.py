@@ -18,9 +18,8 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from data import load_dataset
 from ntk_evolution.attacks import eps_from_255
-from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -78,8 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     classes = sorted(set(args.classes)) if args.classes else list(range(ds.n_classes))
     if min(classes) < 0 or max(classes) >= ds.n_classes or len(classes) < 2:
         raise UserError(f"--classes needs at least two of 0..{ds.n_classes - 1}")

@@ -26,10 +26,10 @@ import os
 import jax
 import numpy as np
 
-from data import load_dataset, load_examples
+from data import load_examples
 from ntk_evolution.attacks import attack_settings, eps_from_255
 from ntk_evolution.autoattack import AUTOATTACK
-from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_autoattack_flags,
@@ -108,8 +108,7 @@ def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     model = loaded.model
     # As in the original: the linearized model is around params (theta_t) with weights
     # lin_params (w); without --linear the network is params, centered on lin_params.

@@ -21,9 +21,8 @@ import os
 import jax
 import numpy as np
 
-from data import load_dataset
 from ntk_evolution.attacks import eps_from_255
-from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -59,8 +58,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     transfer = None

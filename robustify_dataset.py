@@ -35,9 +35,9 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from data import class_balanced_subset, load_dataset
+from data import class_balanced_subset
 from ntk_evolution.attacks import eps_from_255, pgd, pgd_step_size
-from ntk_evolution.checkpoints import load_model_from_args
+from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -191,8 +191,7 @@ def robustify(
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     choice = kernel_from_args(args, ds, loaded)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     original, labels = ds.x_train[indices], ds.y_train[indices]

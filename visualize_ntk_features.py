@@ -19,8 +19,8 @@ import os
 
 import numpy as np
 
-from data import class_balanced_subset, load_dataset
-from ntk_evolution.checkpoints import load_kernel, load_model_from_args
+from data import class_balanced_subset
+from ntk_evolution.checkpoints import load_kernel, model_and_dataset
 from ntk_evolution.cli import Parser, add_model_flags, add_seed_flag, add_shared_flags, positive_int
 from ntk_evolution.ntk import empirical_ntk
 from ntk_evolution.ntk_features import (
@@ -88,8 +88,7 @@ def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    loaded = load_model_from_args(args)
-    ds = load_dataset(args.dataset, args.data_root)
+    loaded, ds = model_and_dataset(args)
     model = loaded.model
     params = loaded.lin_params if args.use_linear_params else loaded.params
     net_state = loaded.net_state

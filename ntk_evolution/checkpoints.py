@@ -19,7 +19,7 @@ import haiku as hk
 import jax
 import numpy as np
 
-from data import SHAPES
+from data import SHAPES, Dataset, load_dataset
 from models import get_model, init_model
 from ntk_evolution import __version__
 from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL
@@ -199,6 +199,13 @@ def load_model_from_args(args: argparse.Namespace, path: str | None = None) -> L
     loaded = load_model(path, args.model, args.dataset, args.trust_pickle)
     args.model, args.dataset = loaded.model_name, loaded.dataset
     return loaded
+
+
+def model_and_dataset(args: argparse.Namespace) -> tuple[LoadedModel | None, Dataset]:
+    """The --model_path checkpoint (load_model_from_args: fills in --model and --dataset) and
+    then the dataset it was trained on."""
+    loaded = load_model_from_args(args)
+    return loaded, load_dataset(args.dataset, args.data_root)
 
 
 def checkpoint_epoch(meta: dict | None, path: str) -> float | None:

@@ -41,6 +41,7 @@ import eval_and_make_adv
 import ntk_attack
 import run_exp
 from ntk_evolution.checkpoints import format_epoch
+from ntk_evolution.cli import Parser
 from ntk_evolution.kernel_analysis import kernel_distance
 from ntk_evolution.reports import call, open_log, table
 from utils import load_pickle
@@ -49,7 +50,7 @@ KINDS = (("benign", "C"), ("adversarial", "A"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--model", default="cnn_small")
     p.add_argument("--eps", type=float, default=32.0, help="L-inf radius in 1/255")

@@ -29,6 +29,7 @@ import eval_and_make_adv
 import ntk_attack
 import robustify_dataset
 import run_exp
+from ntk_evolution.cli import Parser
 from ntk_evolution.plots import plot_attack_table
 from ntk_evolution.reports import call, open_log, table
 from utils import save_pickle
@@ -37,7 +38,7 @@ COLUMNS = ("clean", "PGD-CE", "PGD-CE xR", "PGD-margin xR", "transfer", "AutoAtt
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = Parser(__doc__)
     p.add_argument("--dataset", default="digits")
     p.add_argument("--eps", type=float, default=32.0, help="L-inf radius in 1/255")
     p.add_argument("--support_size", type=int, default=500)
