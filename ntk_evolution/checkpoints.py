@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -52,6 +53,24 @@ def epoch_from_name(path: str) -> float | None:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+# where a run writes and how it was launched, not what it is: left out of meta, so that the same
+# run gives the same bytes wherever it is saved and whether or not it was resumed
+NOT_RECORDED = frozenset(
+    {"save_path", "resume", "data_root", "trust_pickle", "coordinator_address",
+     "num_processes", "process_id"}
+)  # fmt: skip
+
+
+def _interned(value: Any) -> Any:
+    """Strings interned (equal strings one object): pickle's memo, and so the bytes written,
+    then depend on the values only."""
+    if isinstance(value, str):
+        return sys.intern(value)
+    if isinstance(value, list):
+        return [_interned(v) for v in value]
+    return value
+
+
 def checkpoint_meta(
     args: argparse.Namespace, phase: int, epoch: float, step: int | None = None
 ) -> dict:
@@ -60,13 +79,14 @@ def checkpoint_meta(
     step (optimizer steps taken in this phase, when known), the run's flags, the version."""
     image_shape, n_classes = SHAPES[args.dataset]
     flags = {
-        name: value
+        name: _interned(value)
         for name, value in sorted(vars(args).items())
-        if value is None or isinstance(value, str | int | float | bool | list)
+        if name not in NOT_RECORDED
+        and (value is None or isinstance(value, str | int | float | bool | list))
     }
     return {
-        "model": args.model,
-        "dataset": args.dataset,
+        "model": _interned(args.model),
+        "dataset": _interned(args.dataset),
         "n_classes": n_classes,
         "image_shape": image_shape,
         "phase": phase,

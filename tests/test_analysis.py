@@ -228,6 +228,7 @@ def checkpoints(tmp_path_factory):
     return paths
 
 
+@pytest.mark.slow
 def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
     common = ["--dataset", "digits", "--model", "cnn_small"]
     bonus = os.path.dirname(checkpoints[0])  # the original's default: beside the model

@@ -259,6 +259,7 @@ def digits_checkpoint(tmp_path_factory):
     return folder / "parameters_final.pkl"
 
 
+@pytest.mark.slow
 def test_eval_script_reports_autoattack_beside_pgd_and_sweeps_eps(digits_checkpoint):
     """eval_and_make_adv.py --autoattack --eps_sweep: each attack's accuracy, AutoAttack no
     higher than any of its four attacks, the worst case no higher than anything, the sweep's
@@ -283,6 +284,7 @@ def test_eval_script_reports_autoattack_beside_pgd_and_sweeps_eps(digits_checkpo
     assert isinstance(stored["warnings"], list)
 
 
+@pytest.mark.slow
 def test_kernel_predictor_scripts_take_autoattack(tmp_path):
     import ntk_attack
 

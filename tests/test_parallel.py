@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.py")
 
@@ -34,6 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_four_devices_and_two_hosts_match_one_device(tmp_path):
     paths = {name: tmp_path / f"{name}.npz" for name in ("one", "four", "hosts")}
     address = f"localhost:{free_port()}"

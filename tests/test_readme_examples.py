@@ -77,7 +77,7 @@ def check_outputs(data, n_test):
     for epoch in [*range(21), 0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5]:
         assert f"parameters_checkpoint_{epoch}.pkl" in names
     ckpt = load(f"{phase1}/parameters_checkpoint_20.pkl")
-    assert set(ckpt) == {"params", "lin_params", "net_state"}
+    assert set(ckpt) == {"params", "lin_params", "net_state", "meta"}
     assert all(isinstance(v, np.ndarray) for v in _leaves(ckpt))
     results = load(f"{phase2}/results.pkl")
     assert set(results) == {"standard", "linear", "standard_second"}

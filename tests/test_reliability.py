@@ -278,7 +278,7 @@ def test_kernel_pickle_must_match_visualize_flags(digits_run, tmp_path, capsys):
     for command, match in [
         (
             f"--model_path {ckpt} --kernel_path {kernel} --dataset digits --model mlp_skinny",
-            "does not fit",
+            "its meta says so",
         ),
         (f"--model_path {ckpt} --kernel_path {kernel} {DIGITS} --class_index 2", "class 1"),
         (f"--model_path {ckpt} --kernel_path {averaged} {DIGITS}", "class kernel"),

@@ -125,6 +125,7 @@ def test_margin_restarts_never_report_higher_accuracy_than_one_restart(digits):
     np.testing.assert_array_equal(np.asarray(margin(logits, y) > 0), np.argmax(logits, -1) != y)
 
 
+@pytest.mark.slow
 def test_robust_data_study_writes_its_report(tmp_path):
     path = os.path.join(ROOT, "scripts", "robust_data_study.py")
     spec = importlib.util.spec_from_file_location("robust_data_study", path)
