@@ -78,7 +78,9 @@ def check_outputs(data, n_test):
         assert f"parameters_checkpoint_{epoch}.pkl" in names
     ckpt = load(f"{phase1}/parameters_checkpoint_20.pkl")
     assert set(ckpt) == {"params", "lin_params", "net_state", "meta"}
-    assert all(isinstance(v, np.ndarray) for v in _leaves(ckpt))
+    arrays = {key: ckpt[key] for key in ("params", "lin_params", "net_state")}
+    assert all(isinstance(v, np.ndarray) for v in _leaves(arrays))
+    assert (ckpt["meta"]["phase"], ckpt["meta"]["epoch"]) == (1, 20)
     results = load(f"{phase2}/results.pkl")
     assert set(results) == {"standard", "linear", "standard_second"}
     assert set(results["linear"]) == {"clean", "linf", "l2"}
