@@ -20,11 +20,11 @@ from data import class_balanced_subset
 from ntk_evolution.checkpoints import checkpoint_epoch, model_and_dataset
 from ntk_evolution.cli import (
     Parser,
+    add_kernel_subset_flags,
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
     finite_float,
-    positive_int,
 )
 from ntk_evolution.ntk import empirical_ntk
 from ntk_evolution.parallel import initialize
@@ -35,23 +35,12 @@ from utils import UserError, run_main, save_pickle
 def build_parser() -> Parser:
     p = Parser(__doc__)
     p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py.")
-    p.add_argument(
-        "--dataset_size", type=positive_int, default=500, help="Training images in the subset."
-    )
+    add_kernel_subset_flags(p)
     p.add_argument("--save_name", default="saved_kernel", help="Prefix of the output file.")
-    p.add_argument(
-        "--class_index",
-        type=int,
-        default=-1,
-        help="Kernel of logit c, or -1: averaged over logits.",
-    )
     p.add_argument("--show_progress", action="store_true", help="Print every kernel block.")
     add_model_flags(p)
     p.add_argument("--bonus_dir", default=".", help="Output folder, under the model's folder.")
     add_seed_flag(p, "class-balanced subset")
-    p.add_argument(
-        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
-    )
     # added
     add_shared_flags(p)
     p.add_argument(

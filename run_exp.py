@@ -26,6 +26,7 @@ from data import Dataset, load_dataset, load_examples, num_batches
 from models import get_model, init_model
 from ntk_evolution.attacks import eps_from_255
 from ntk_evolution.checkpoints import (
+    LoadedModel,
     checkpoint_meta,
     checkpoint_name,
     load_model_from_args,
@@ -260,18 +261,19 @@ def format_results(name: str, results: dict | None) -> str:
 
 
 class Run(NamedTuple):
-    """What both phases share: the data, the network, the keys, the output folder."""
+    """What both phases share: the data, the network and the keys drawn from --random_seed."""
 
     model: hk.TransformedWithState
     ds: Dataset
     x_test: np.ndarray
     y_test: np.ndarray
+    init_key: jax.Array
     train_key: jax.Array
     eval_key: jax.Array
     steps_per_epoch: int
 
 
-def setup(args) -> tuple[Run, dict | None]:
+def setup(args) -> tuple[Run, LoadedModel | None]:
     """Data (--train_path replacing the training split), the network (--model, or the one of
     --base_model_path's checkpoint), the keys, the writable --save_path; and the
     --base_model_path checkpoint when given."""
@@ -293,13 +295,14 @@ def setup(args) -> tuple[Run, dict | None]:
         raise UserError(f"cannot create --save_path {args.save_path}: {err.strerror}") from None
     if not os.access(args.save_path, os.W_OK):
         raise UserError(f"--save_path {args.save_path} is not writable")
-    _, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
+    init_key, train_key, eval_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)
     model = get_model(args.model, ds.n_classes) if loaded is None else loaded.model
     run = Run(
         model,
         ds,
         ds.x_test[: args.n_test],
         ds.y_test[: args.n_test],
+        init_key,
         train_key,
         eval_key,
         num_batches(len(ds.x_train), args.batch_size),
@@ -312,8 +315,7 @@ def phase1(args, run: Run, resume: dict | None, results: dict) -> TrainState:
     drawn with --random_seed (or from an interrupted phase 1); with --constant_save a
     checkpoint before each epoch and at the original's fractional epochs. Returns its final
     state (w = theta_t, the network it ends at)."""
-    init_key = jax.random.split(jax.random.PRNGKey(args.random_seed), 3)[0]
-    params, net_state = init_model(run.model, init_key, run.ds.image_shape)
+    params, net_state = init_model(run.model, run.init_key, run.ds.image_shape)
     fractions = fractional_saves(run.steps_per_epoch)
     # as in the original, phase-1 checkpoints keep lin_params at the initial parameters
     init_params = jax.tree.map(np.array, params)  # a copy: params' buffers are donated
@@ -368,10 +370,11 @@ def phase2_dynamics(args) -> Dynamics:
     )
 
 
-def start_phase2(args, run: Run, params, net_state, phase1_opt_state, results: dict) -> TrainState:
-    """Test the phase-1 network (theta_t), then phase 2's starting state: w = theta_t, and
-    SGD(--second_lr), or, as in the original, with --do_standard_second after phase 1, phase
-    1's optimizer continued (its last learning rate and momentum)."""
+def start_phase2(args, run: Run, end: TrainState, results: dict) -> TrainState:
+    """Test the phase-1 network `end` (theta_t), then phase 2's starting state: w = theta_t,
+    and SGD(--second_lr), or, as in the original, with --do_standard_second after phase 1,
+    phase 1's optimizer continued (its last learning rate and momentum)."""
+    params, net_state = end.w, end.net_state
     if not args.skip_first_test:
         results["standard"] = evaluate(
             run.model, PHASE1, params, None, net_state, run.x_test, run.y_test, run.eval_key,
@@ -383,7 +386,7 @@ def start_phase2(args, run: Run, params, net_state, phase1_opt_state, results: d
         make_optimizer(phase2_learning_rate(args)), w, theta_t, jax.tree.map(jnp.asarray, net_state)
     )
     if continues_phase1_optimizer(args):
-        state = state._replace(opt_state=phase1_opt_state)
+        state = state._replace(opt_state=end.opt_state)
     save_resume_state(args, 2, 0, state, results)
     return state
 
@@ -392,6 +395,14 @@ def continues_phase1_optimizer(args) -> bool:
     """--do_standard_second after phase 1 continues phase 1's optimizer, as the original does;
     after --base_model_path it is a fresh SGD(--second_lr)."""
     return args.do_standard_second and not args.base_model_path
+
+
+def announce_phase2_optimizer(args) -> None:
+    if continues_phase1_optimizer(args):
+        print(
+            f"--do_standard_second continues phase 1's optimizer (lr {phase2_learning_rate(args):g}"
+            ", momentum kept), as the original does; --second_lr applies with --base_model_path"
+        )
 
 
 def phase2_learning_rate(args) -> float:
@@ -410,8 +421,8 @@ def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -
     def save(path: str, state: TrainState, epoch: float, step: int) -> None:
         # the original trains `params` under --do_standard_second (lin_params = theta_t, the
         # centering reference) and `lin_params` under linearized dynamics (params = theta_t)
-        trained, other = (state.w, state.theta_t)
-        params, lin_params = (trained, other) if args.do_standard_second else (other, trained)
+        w, theta_t = state.w, state.theta_t
+        params, lin_params = (w, theta_t) if args.do_standard_second else (theta_t, w)
         meta = checkpoint_meta(args, 2, epoch, step)
         save_checkpoint(path, params, lin_params, state.net_state, meta)
 
@@ -466,22 +477,17 @@ def main(argv=None) -> dict:
         if resume is not None
         else {"standard": None, "linear": None, "standard_second": args.do_standard_second}
     )
-    fresh_phase2 = resume is None or resume["phase"] == 1
-    if fresh_phase2 and base is not None:
-        params, net_state, opt_state = base.params, base.net_state, None
-        print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
-    elif fresh_phase2:
-        end = phase1(args, run, resume, results)
-        params, net_state, opt_state = end.w, end.net_state, end.opt_state
-    if continues_phase1_optimizer(args):
-        print(
-            f"--do_standard_second continues phase 1's optimizer (lr {phase2_learning_rate(args):g}"
-            ", momentum kept), as the original does; --second_lr applies with --base_model_path"
-        )
-    if fresh_phase2:  # phase 1 done (or loaded): test it, then start phase 2 afresh
-        state, start_epoch = start_phase2(args, run, params, net_state, opt_state, results), 0
-    else:
+    if resume is not None and resume["phase"] == 2:
+        announce_phase2_optimizer(args)
         state, start_epoch = restore_train_state(resume), resume["epoch"]
+    else:
+        if base is not None:
+            print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
+            end = TrainState(base.params, None, base.net_state, None)
+        else:
+            end = phase1(args, run, resume, results)
+        announce_phase2_optimizer(args)
+        state, start_epoch = start_phase2(args, run, end, results), 0
     print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
     phase2(args, run, state, start_epoch, results)
     save_pickle(results, os.path.join(args.save_path, "results.pkl"))

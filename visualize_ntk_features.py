@@ -21,7 +21,14 @@ import numpy as np
 
 from data import class_balanced_subset
 from ntk_evolution.checkpoints import load_kernel, model_and_dataset
-from ntk_evolution.cli import Parser, add_model_flags, add_seed_flag, add_shared_flags, positive_int
+from ntk_evolution.cli import (
+    Parser,
+    add_kernel_subset_flags,
+    add_model_flags,
+    add_seed_flag,
+    add_shared_flags,
+    positive_int,
+)
 from ntk_evolution.ntk import empirical_ntk
 from ntk_evolution.ntk_features import (
     optimise_feature_images,
@@ -37,22 +44,14 @@ from utils import UserError, run_main, save_pickle
 def build_parser() -> Parser:
     p = Parser(__doc__)
     p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py.")
-    p.add_argument(
-        "--dataset_size", type=positive_int, default=500, help="Training images in the subset."
-    )
+    add_kernel_subset_flags(p, class_help="Class c, or -1: the kernel pickle's class.")
     p.add_argument("--save_name", default="ntk_eig_images", help="Prefix of the output files.")
-    p.add_argument(
-        "--class_index", type=int, default=-1, help="Class c, or -1: the kernel pickle's class."
-    )
     p.add_argument("--kernel_path", default="", help="Class kernel from calculate_kernel.py.")
     p.add_argument("--n_images", type=positive_int, default=3, help="Eigen-feature images to draw.")
     # added
     add_model_flags(p)
     add_shared_flags(p)
     add_seed_flag(p, "class-balanced subset (without --kernel_path)")
-    p.add_argument(
-        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
-    )
     return p
 
 

@@ -33,7 +33,7 @@ from models import get_model, init_model
 from ntk_evolution import autoattack
 from ntk_evolution.attacks import eps_from_255
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
-from ntk_evolution.checkpoints import load_checkpoint
+from ntk_evolution.checkpoints import load_model
 from ntk_evolution.dynamics import Dynamics, forward
 
 CHECKPOINTS = {
@@ -100,10 +100,9 @@ def torch_attacks(net, eps):
 
 
 def compare(label, path, linear, x, y, eps, batch) -> dict:
-    model = get_model("cnn_small", 10)
-    like = init_model(model, jax.random.PRNGKey(0), (8, 8, 1))
-    ckpt = load_checkpoint(path, like=like)
-    params, lin_params, net_state = ckpt["params"], ckpt["lin_params"], ckpt["net_state"]
+    loaded = load_model(path, "cnn_small", "digits")
+    model, params, lin_params = loaded.model, loaded.params, loaded.lin_params
+    net_state = loaded.net_state
     if linear:
         dynamics, w, theta_t = Dynamics(linear=True, centering=True), lin_params, params
         net = CenteredLinearized(torch_twin(params, net_state), torch_twin(lin_params, net_state))

@@ -106,23 +106,14 @@ def save_checkpoint(
     save_pickle(record if meta is None else {**record, "meta": meta}, path)
 
 
-def load_checkpoint(path: str, like: tuple | None = None, trust: bool = False) -> dict:
-    """Load a checkpoint dict (meta None when it has none); with `like` = (params, net_state)
-    of the model the user asked for, check that params, lin_params and net_state have the
-    expected names and shapes."""
+def load_checkpoint(path: str, trust: bool = False) -> dict:
+    """The checkpoint dict at `path`, lin_params defaulting to params and meta to None. Its
+    shapes are checked against a network by load_model."""
     ckpt = load_pickle(path, "checkpoint", trust=trust)
     if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
         raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
     ckpt.setdefault("lin_params", ckpt["params"])
     ckpt.setdefault("meta", None)
-    if like is not None:
-        params, net_state = like
-        for key, reference in (
-            ("params", params),
-            ("lin_params", params),
-            ("net_state", net_state),
-        ):
-            check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
     return ckpt
 
 
@@ -194,8 +185,10 @@ def load_model(
     model_name, dataset = resolve_model_flags(model, dataset, ckpt["meta"], path)
     image_shape, n_classes = SHAPES[dataset]
     network = get_model(model_name, n_classes)
-    check = jax.eval_shape(lambda: init_model(network, jax.random.PRNGKey(0), image_shape))
-    for key, reference in (("params", check[0]), ("lin_params", check[0]), ("net_state", check[1])):
+    params, net_state = jax.eval_shape(
+        lambda: init_model(network, jax.random.PRNGKey(0), image_shape)
+    )
+    for key, reference in (("params", params), ("lin_params", params), ("net_state", net_state)):
         check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
     return LoadedModel(
         network,

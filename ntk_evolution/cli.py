@@ -100,18 +100,21 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process_id", type=int, default=None, help="Several hosts: this one's index.")
 
 
-def add_model_flags(p: argparse.ArgumentParser, from_checkpoint: bool = True) -> None:
-    """--model and --dataset. With `from_checkpoint` they default to what the checkpoint's meta
-    records (checkpoints.resolve_model_flags), else resnet18 on cifar10, the original's."""
-    if from_checkpoint:
-        model_default = dataset_default = None
-        model_help = f"Network; default: the checkpoint's, else {DEFAULT_MODEL}."
-        dataset_help = f"Dataset; default: the checkpoint's, else {DEFAULT_DATASET}."
-    else:
-        model_default, dataset_default = DEFAULT_MODEL, DEFAULT_DATASET
-        model_help, dataset_help = "Network to train.", "Dataset to train on."
-    p.add_argument("--model", default=model_default, choices=MODELS, help=model_help)
-    p.add_argument("--dataset", default=dataset_default, choices=DATASETS, help=dataset_help)
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """--model and --dataset: when not given, what the script's checkpoint records in its meta,
+    else resnet18 on cifar10, the original's defaults (checkpoints.resolve_model_flags)."""
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=MODELS,
+        help=f"Network; default: the checkpoint's, else {DEFAULT_MODEL}.",
+    )
+    p.add_argument(
+        "--dataset",
+        default=None,
+        choices=DATASETS,
+        help=f"Dataset; default: the checkpoint's, else {DEFAULT_DATASET}.",
+    )
 
 
 def add_seed_flag(
@@ -120,12 +123,26 @@ def add_seed_flag(
     p.add_argument("--random_seed", type=int, default=0, help=f"Seed of the {what}.")
 
 
-def add_eps_flag(p: argparse.ArgumentParser, default: float = 4.0) -> None:
+def add_eps_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--eps",
         type=finite_float(0.0),
-        default=default,
+        default=4.0,
         help="L-inf radius in 1/255 (attacks.eps_from_255).",
+    )
+
+
+def add_kernel_subset_flags(
+    p: argparse.ArgumentParser, class_help: str = "Kernel of logit c, or -1: averaged over logits."
+) -> None:
+    """The empirical NTK's support set and logit: --dataset_size, --class_index and
+    --use_linear_params (calculate_kernel.py, visualize_ntk_features.py, the kernel scripts)."""
+    p.add_argument(
+        "--dataset_size", type=positive_int, default=500, help="Training images in the subset."
+    )
+    p.add_argument("--class_index", type=int, default=-1, help=class_help)
+    p.add_argument(
+        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
     )
 
 
@@ -213,21 +230,12 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model_path", default="", help="Checkpoint of the empirical NTK; empty: the net at init."
     )
-    p.add_argument(
-        "--use_linear_params", action="store_true", help="Kernel at lin_params (w), not params."
-    )
+    add_kernel_subset_flags(p)
     p.add_argument("--kernel_path", default="", help="Reuse calculate_kernel.py's K(X, X).")
     p.add_argument(
         "--support_path",
         default="",
         help="Support set from an adv_examples pickle (e.g. robustify_dataset.py's output).",
-    )
-    p.add_argument("--dataset_size", type=positive_int, default=500, help="Support set size.")
-    p.add_argument(
-        "--class_index",
-        type=int,
-        default=-1,
-        help="Kernel of logit c, or -1: averaged over logits.",
     )
     p.add_argument(
         "--relu_depth", type=positive_int, default=2, help="Hidden layers of relu_ntk's network."

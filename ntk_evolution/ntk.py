@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import haiku as hk
 import jax
-import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
