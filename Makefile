@@ -29,7 +29,7 @@ test: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
-# the tests not marked slow (no end-to-end runs): a few minutes on 2 cores
+# the tests not marked slow (end-to-end runs and the costliest checks left out): under 3 minutes on 2 cores
 test-fast: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .

@@ -64,6 +64,7 @@ def ntk_parameterised_mlp(width: int, depth: int):
     return hk.without_apply_rng(hk.transform_with_state(forward))
 
 
+@pytest.mark.slow
 def test_relu_ntk_matches_average_empirical_ntk_of_wide_mlps():
     """Mean empirical NTK of 32 width-1024 MLPs at initialisation vs the closed form: measured
     relative (Frobenius) error 1.0%; the tolerance 3% leaves room for the seed noise, while a
@@ -79,6 +80,7 @@ def test_relu_ntk_matches_average_empirical_ntk_of_wide_mlps():
     assert error < 0.03
 
 
+@pytest.mark.slow
 def test_kernel_times_is_cross_kernel_times_coefficients():
     model, params, net_state = small_model("cnn_small", n_classes=4)
     x, z = random_images(9, seed=1), random_images(5, seed=2)

@@ -69,7 +69,9 @@ def _in_ball(x_adv, x, eps, norm):
 
 
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.6)])
-@pytest.mark.parametrize("name", list(ATTACK_FNS))
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "square" else n for n in ATTACK_FNS]
+)
 def test_every_attack_stays_in_the_eps_ball_and_image_range(linear_classifier, name, norm, eps):
     logits_fn, _, _, x, y = linear_classifier
     attack = jax.jit(functools.partial(ATTACK_FNS[name], logits_fn, eps=eps, norm=norm))
@@ -153,6 +155,7 @@ def test_boundary_step_is_the_smallest_inside_the_box(norm):
             np.testing.assert_allclose(d[i], reference, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_fab_finds_a_smaller_perturbation_than_eps_needs_on_a_linear_model(linear_classifier):
     """Targeted FAB on the runner-up class: where it succeeds, its perturbation is at most the
     exact minimal L-inf distance to that class (plus the 5% overshoot it takes)."""
@@ -186,6 +189,7 @@ def test_targeted_dlr_matches_its_formula():
     np.testing.assert_allclose(dlr_targeted(logits, y, t), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_apgd_raises_its_loss_above_pgd_start(linear_classifier):
     logits_fn, _, _, x, y = linear_classifier
     x_adv, fooled = apgd(logits_fn, jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0), eps=0.1)
@@ -195,6 +199,7 @@ def test_apgd_raises_its_loss_above_pgd_start(linear_classifier):
     )
 
 
+@pytest.mark.slow
 def test_square_breaks_gradient_masking_and_the_warning_names_it(linear_classifier):
     """Rounding the input to 16 grey levels zeroes every input gradient: PGD and APGD cannot
     move, the gradient-free Square still finds the vulnerable examples, and the tally's

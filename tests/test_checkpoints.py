@@ -63,6 +63,7 @@ def test_checkpoints_record_model_dataset_phase_epoch_and_flags(run_dir):
     assert (final["phase"], final["epoch"], final["step"]) == (2, 1, 11)
 
 
+@pytest.mark.slow
 def test_later_scripts_need_no_model_or_dataset(run_dir, tmp_path):
     ckpt = os.path.join(run_dir, "parameters_final.pkl")
     kernel = calculate_kernel.main(

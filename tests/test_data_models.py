@@ -25,6 +25,7 @@ def test_digits_native_size_fixed_stratified_split():
     np.testing.assert_array_equal(load_dataset("digits").y_test, ds.y_test)
 
 
+@pytest.mark.slow
 def test_cifar10_fixture_goes_through_torchvision_parser(tmp_path, skip_cifar_md5):
     write_cifar10_fixture(str(tmp_path), n_train=100, n_test=40)
     ds = load_dataset("cifar10", str(tmp_path))
@@ -75,7 +76,9 @@ def test_batches_are_a_seeded_permutation():
     assert [n for _, _, n in padded] == [4, 4, 2] and padded[-1][0].shape == (4, 1)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(m, marks=pytest.mark.slow) if m == "resnet18" else m for m in MODELS]
+)
 @pytest.mark.parametrize("shape,n_classes", [((8, 8, 1), 10), ((32, 32, 3), 100)])
 def test_models_take_both_image_sizes(name, shape, n_classes):
     model = get_model(name, n_classes)
@@ -85,6 +88,7 @@ def test_models_take_both_image_sizes(name, shape, n_classes):
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow
 def test_resnet18_is_the_cifar_variant():
     model = get_model("resnet18", 10)
     params, _ = init_model(model, jax.random.PRNGKey(0), (32, 32, 3))
@@ -93,7 +97,9 @@ def test_resnet18_is_the_cifar_variant():
     assert 11_100_000 < n < 11_200_000  # torchvision-style CIFAR ResNet-18: 11.17M
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize(
+    "name", [pytest.param(m, marks=pytest.mark.slow) if m == "resnet18" else m for m in MODELS]
+)
 def test_inference_mode_at_initialisation_is_finite(name):
     """Running statistics start at mean 0, variance 1: BatchNorm is the identity at init."""
     model = get_model(name, 10)

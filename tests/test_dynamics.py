@@ -67,6 +67,7 @@ def test_centered_standard_dynamics_subtracts_output_at_theta_t(setup):
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_linearized_loss_gradient_matches_finite_differences(setup):
     model, theta_t, w, net_state, x = setup
     y = jnp.arange(len(x)) % 10

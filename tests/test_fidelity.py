@@ -48,6 +48,7 @@ def test_resnet18_output_layer_starts_at_zero():
     np.testing.assert_array_equal(np.asarray(logits), 0.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dynamics", [PHASE1, Dynamics(linear=True, bn_train=True)])
 def test_training_pgd_sees_batchnorm_in_inference_mode(monkeypatch, dynamics):
     """The original makes the training-time PGD examples with is_training=False: each example's
@@ -136,6 +137,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_phase1_checkpoints_keep_lin_params_at_initialisation(runs):
     init = load(runs / "phase1" / "parameters_checkpoint_0.pkl")
     later = load(runs / "phase1" / "parameters_checkpoint_1.pkl")
@@ -144,6 +146,7 @@ def test_phase1_checkpoints_keep_lin_params_at_initialisation(runs):
     assert same(final["lin_params"], final["params"])
 
 
+@pytest.mark.slow
 def test_phase2_checkpoints_name_theta_t_and_w_as_the_original(runs):
     theta_t = load(runs / "phase1" / "parameters_checkpoint_1.pkl")["params"]
     linear = load(runs / "linear" / "parameters_final.pkl")
@@ -170,6 +173,7 @@ def test_loose_bn_second_adversarial_update_keeps_batchnorm_frozen(runs):
     assert same(final["net_state"], base["net_state"])
 
 
+@pytest.mark.slow
 def test_standard_second_continues_phase1_optimizer(tmp_path):
     """After phase 1 in the same run, --do_standard_second keeps phase 1's SGD (its learning
     rate, momentum and step count), not a fresh one at --second_lr."""

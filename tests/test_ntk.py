@@ -32,6 +32,7 @@ def test_kernel_matches_explicit_jacobian(setup, class_index):
     assert rel_err(cross, explicit_ntk(model, params, net_state, x1, x2, class_index)) < 1e-5
 
 
+@pytest.mark.slow
 def test_chunk_size_does_not_change_the_kernel(setup):
     model, params, net_state, x1, x2 = setup
     whole = empirical_ntk(model, params, net_state, x1, progress=False)
@@ -74,6 +75,7 @@ def test_chunk_plan_respects_the_memory_budget():
         plan_chunks(10, 10, 2 * gb, 1.0)
 
 
+@pytest.mark.slow
 def test_accelerator_contraction_matches_the_cpu_blas_path(setup):
     """contract() (XLA, used off the CPU) and _gram_host() (BLAS, used on the CPU) agree,
     including single-row chunks."""
@@ -97,6 +99,7 @@ def conv_setup():
     return model, params, warm_bn_state(model, params, net_state, x1), x1, x2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("class_index", [-1, 1])
 def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, monkeypatch):
     """Every convolution through its factors (patches and output gradients), in row slices of
@@ -122,6 +125,7 @@ def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, 
         assert rel_err(cross, explicit_cross) < 1e-5
 
 
+@pytest.mark.slow
 def test_factored_contraction_on_accelerators_matches_the_host(conv_setup):
     """contract_factors() (XLA, used off the CPU) agrees with _factor_gram_host() (BLAS)."""
     from ntk_evolution import ntk

@@ -48,6 +48,7 @@ def test_kernel_predictor_is_the_regression_solution(digits):
     np.testing.assert_allclose(np.asarray(outputs), expected, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel", ["relu_ntk", "empirical"])
 @pytest.mark.parametrize("loss", ["mse", "ce"])
 def test_support_gradient_matches_finite_differences(digits, kernel, loss):
@@ -77,6 +78,7 @@ def test_support_gradient_matches_finite_differences(digits, kernel, loss):
             np.testing.assert_allclose(float(analytic), float(numeric), rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_robustify_lowers_its_objective_and_keeps_images_in_range(digits):
     kernel_fn = functools.partial(relu_ntk, depth=2)
     x, y = digits.x_train[:50], digits.y_train[:50]
@@ -100,6 +102,7 @@ def test_robustify_lowers_its_objective_and_keeps_images_in_range(digits):
     assert after < 0.8 * before, (before, after)
 
 
+@pytest.mark.slow
 def test_margin_restarts_never_report_higher_accuracy_than_one_restart(digits):
     kernel_fn = functools.partial(relu_ntk, depth=2)
     predictor = kernel_predictor(
