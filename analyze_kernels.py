@@ -15,13 +15,12 @@ the polar view (formulas in kernel_analysis.py). Writes into --out_dir:
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 
 import numpy as np
 
 from ntk_evolution.checkpoints import epoch_from_name, load_kernel
-from ntk_evolution.cli import Parser, add_out_dir_flag, add_shared_flags
+from ntk_evolution.cli import Parser, add_out_dir_flag, add_shared_flags, expand_paths
 from ntk_evolution.kernel_analysis import evolution, spectrum, target_matrix
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_spectra
@@ -39,16 +38,6 @@ def build_parser() -> Parser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def expand(patterns: list[str]) -> list[str]:
-    paths = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        if not matches:
-            raise UserError(f"no kernel pickle matches {pattern!r}")
-        paths.extend(matches)
-    return list(dict.fromkeys(paths))
 
 
 def read_kernel(path: str, trust: bool) -> dict:
@@ -114,7 +103,8 @@ def run_label(key: tuple, keys: list[tuple]) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
-    records = [read_kernel(path, args.trust_pickle) for path in expand(args.kernels)]
+    paths = expand_paths(args.kernels, "kernel pickle")
+    records = [read_kernel(path, args.trust_pickle) for path in paths]
     runs = group_runs(records)
     keys = list(runs)
     if args.names and len(args.names) != len(keys):

@@ -1,7 +1,10 @@
-"""Empirical NTK of a checkpoint on a class-balanced subset of the training set.
+"""Empirical NTK of one or more checkpoints on a class-balanced subset of the training set.
 
 Writes dirname(model_path)/<bonus_dir>/<save_name>_<dataset_size>.pkl (averaged over logits,
---class_index -1) or <save_name>_class_<c>_<dataset_size>.pkl (logit c), holding
+--class_index -1) or <save_name>_class_<c>_<dataset_size>.pkl (logit c). Given several
+checkpoints (several --model_path values or a quoted glob; one process, compiled once), each
+name carries its checkpoint's epoch, <save_name>_epoch_<e>_..., or its file stem when the
+epoch is unknown, so that none overwrites another. Each pickle holds
 {'kernel': (N, N) float64, 'labels': (N,)} plus 'indices' (into the training set),
 'class_index', 'dataset', 'model', 'model_path', 'epoch' (from the checkpoint's meta or
 name, or None)
@@ -16,25 +19,36 @@ import time
 
 from tqdm import tqdm
 
-from data import class_balanced_subset
-from ntk_evolution.checkpoints import checkpoint_epoch, model_and_dataset
+from data import class_balanced_subset, load_dataset
+from ntk_evolution.checkpoints import (
+    checkpoint_epoch,
+    format_epoch,
+    load_model,
+    load_model_from_args,
+)
 from ntk_evolution.cli import (
     Parser,
     add_kernel_subset_flags,
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
+    expand_paths,
     finite_float,
 )
 from ntk_evolution.ntk import empirical_ntk
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_kernel
+from ntk_evolution.plots import kernel_title, plot_kernel
 from utils import UserError, run_main, save_pickle
 
 
 def build_parser() -> Parser:
     p = Parser(__doc__)
-    p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py.")
+    p.add_argument(
+        "--model_path",
+        required=True,
+        nargs="+",
+        help="Checkpoint(s) of run_exp.py: paths or quoted globs, all of one model and dataset.",
+    )
     add_kernel_subset_flags(p)
     p.add_argument("--save_name", default="saved_kernel", help="Prefix of the output file.")
     p.add_argument("--show_progress", action="store_true", help="Print every kernel block.")
@@ -62,19 +76,67 @@ def kernel_file_name(save_name: str, class_index: int, dataset_size: int) -> str
     return f"{save_name}_{dataset_size}.pkl"
 
 
-def main(argv=None) -> dict:
+def output_names(paths: list[str], epochs: list[float | None], save_name: str) -> list[str]:
+    """--save_name for one checkpoint; with several, --save_name_epoch_<e> (or _<file stem>
+    where the epoch is unknown or shared by two checkpoints of one folder)."""
+    if len(paths) == 1:
+        return [save_name]
+    names = []
+    for path, epoch in zip(paths, epochs, strict=True):
+        same_folder = [e for p, e in zip(paths, epochs, strict=True) if same_dir(p, path)]
+        if epoch is not None and same_folder.count(epoch) == 1:
+            names.append(f"{save_name}_epoch_{format_epoch(epoch)}")
+        else:
+            names.append(f"{save_name}_{os.path.splitext(os.path.basename(path))[0]}")
+    return names
+
+
+def same_dir(a: str, b: str) -> bool:
+    return os.path.dirname(os.path.abspath(a)) == os.path.dirname(os.path.abspath(b))
+
+
+def main(argv=None) -> dict | list[dict]:
+    """The kernel record of one checkpoint, or the list of records of several."""
     args = parse_args(argv)
     initialize(args)
-    loaded, ds = model_and_dataset(args)
+    paths = expand_paths(args.model_path, "checkpoint")
+    first = load_model_from_args(args, paths[0])  # fills in --model and --dataset
+    ds = load_dataset(args.dataset, args.data_root)
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {args.dataset}: use -1 or "
             f"0..{ds.n_classes - 1}"
         )
-    params = loaded.lin_params if args.use_linear_params else loaded.params
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     images, labels = ds.x_train[indices], ds.y_train[indices]
 
+    # every checkpoint is checked (and its epoch read) before the first kernel; one is held at
+    # a time
+    epochs = [checkpoint_epoch(first.meta, paths[0])]
+    for path in paths[1:]:
+        epochs.append(checkpoint_epoch(load_checked(args, path).meta, path))
+    names = output_names(paths, epochs, args.save_name)
+    records = []
+    start_all = time.time()
+    for i, (path, name) in enumerate(zip(paths, names, strict=True)):
+        loaded = first if i == 0 else load_checked(args, path)
+        first = None
+        if len(paths) > 1:
+            print(f"[{i + 1}/{len(paths)}] {path}", flush=True)
+        records.append(kernel_of(args, path, name, loaded, images, labels, indices, epochs[i]))
+    if len(paths) > 1:
+        print(f"{len(paths)} kernels in {time.time() - start_all:.1f}s")
+        return records
+    return records[0]
+
+
+def load_checked(args, path: str):
+    return load_model(path, args.model, args.dataset, args.trust_pickle)
+
+
+def kernel_of(args, path, name, loaded, images, labels, indices, epoch) -> dict:
+    """Compute, save and draw the kernel of one checkpoint."""
+    params = loaded.lin_params if args.use_linear_params else loaded.params
     start = time.time()
     try:
         kernel = empirical_ntk(
@@ -90,12 +152,8 @@ def main(argv=None) -> dict:
         raise UserError(str(err)) from None
     print(f"kernel {kernel.shape} in {time.time() - start:.1f}s")
 
-    out_dir = os.path.normpath(
-        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
-    )
-    path = os.path.join(
-        out_dir, kernel_file_name(args.save_name, args.class_index, args.dataset_size)
-    )
+    out_dir = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir))
+    out = os.path.join(out_dir, kernel_file_name(name, args.class_index, args.dataset_size))
     record = {
         "kernel": kernel,
         "labels": labels,
@@ -103,14 +161,13 @@ def main(argv=None) -> dict:
         "class_index": args.class_index,
         "dataset": args.dataset,
         "model": args.model,
-        "model_path": os.path.abspath(args.model_path),
-        "epoch": checkpoint_epoch(loaded.meta, args.model_path),
+        "model_path": os.path.abspath(path),
+        "epoch": epoch,
         "use_linear_params": args.use_linear_params,
     }
-    save_pickle(record, path)
-    which = f"logit {args.class_index}" if args.class_index >= 0 else "averaged over logits"
-    plot_kernel(kernel, labels, f"empirical NTK, {which}, {args.dataset}", path[:-4] + ".png")
-    print(f"wrote {path} and {path[:-4]}.png")
+    save_pickle(record, out)
+    plot_kernel(kernel, labels, kernel_title(record), out[:-4] + ".png")
+    print(f"wrote {out} and {out[:-4]}.png")
     return record
 
 

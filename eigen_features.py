@@ -16,7 +16,6 @@ import os
 
 import jax
 import numpy as np
-from tqdm import tqdm
 
 from ntk_evolution.attacks import eps_from_255
 from ntk_evolution.checkpoints import model_and_dataset
@@ -33,7 +32,7 @@ from ntk_evolution.kernel_regression import component_factors, eigen_decompositi
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_eigen_features
 from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
-from utils import UserError, run_main, write_csv, write_json
+from utils import UserError, progress_bar, run_main, write_csv, write_json
 
 
 def int_list(text: str) -> list[int]:
@@ -105,7 +104,7 @@ def main(argv=None) -> dict:
         ("component", i + 1, np.array([i])) for i in range(min(args.components, n_support))
     ]
     selections += [("top_k", k, np.arange(k)) for k in args.top_k if k <= n_support]
-    for kind, k, chosen in tqdm(selections, desc="eigen-features", disable=None):
+    for kind, k, chosen in progress_bar(selections, desc="eigen-features"):
         clean = clean_individual[k - 1] if kind == "component" else clean_cumulative[k - 1]
         row = {"kind": kind, "k": k, "eigenvalue": float(eigen.values[k - 1]), "clean": clean}
         if evaluate:

@@ -5,6 +5,11 @@ Writes into dirname(model_path)/<bonus_dir>/:
   test_results_<save_name>.pkl  {acc_clean, acc_dirty, predictions_clean, predictions_dirty,
                                  components_clean, components_dirty}  (components: {'f', 'df'})
                                  plus acc_margin, acc_transfer, acc_worst, restarts (added)
+
+With --test_path (another model's adversarial examples) the accuracy on those images is
+acc_transfer (acc_clean None; predictions_clean and components_clean are on those images), and
+the default --save_name is transfer_<stem> for .../adv_examples_<stem>.pkl, so that the next
+ordinary evaluation does not overwrite it.
   adv_examples_<save_name>.pkl  {images: (N, C, H, W) in [0, 1], labels: (N,)}  (--save_examples)
 
 "dirty" is L-inf PGD on the cross-entropy. Added for an honest robustness figure: --margin
@@ -66,11 +71,18 @@ def build_parser() -> Parser:
     p = Parser(__doc__)
     p.add_argument("--model_path", required=True, help="Checkpoint of run_exp.py to evaluate.")
     p.add_argument(
-        "--save_name", default="test_results", help="Outputs are <kind>_<save_name>.pkl."
+        "--save_name",
+        default=None,
+        help="Outputs are <kind>_<save_name>.pkl; default test_results, or with --test_path "
+        "transfer_<its file stem, less adv_examples_>.",
     )
     p.add_argument("--linear", action="store_true", help="Evaluate the linearized model.")
     p.add_argument("--centering", action="store_true", help="Drop f(x; theta_t).")
-    p.add_argument("--test_path", default="", help="adv_examples pickle to evaluate on.")
+    p.add_argument(
+        "--test_path",
+        default="",
+        help="adv_examples pickle to evaluate on (transfer): stored as acc_transfer.",
+    )
     p.add_argument("--bonus_dir", default=".", help="Output folder, under the model's folder.")
     p.add_argument("--no_adv", action="store_true", help="Clean evaluation only.")
     p.add_argument(
@@ -105,9 +117,23 @@ def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):
     return tuple(to_host(v)[:1] for v in components_fn(w, theta_t, net_state, xb))
 
 
+def default_save_name(test_path: str) -> str:
+    """test_results, or transfer_<stem> for --test_path .../adv_examples_<stem>.pkl."""
+    if not test_path:
+        return "test_results"
+    stem = os.path.splitext(os.path.basename(test_path))[0]
+    return "transfer_" + (stem.removeprefix("adv_examples_") or stem)
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
+    if args.test_path and args.transfer_path:
+        raise UserError(
+            "--test_path and --transfer_path both give transfer examples; use one (--test_path "
+            "evaluates on its images, --transfer_path adds them as an attack on the test set)"
+        )
+    args.save_name = args.save_name or default_save_name(args.test_path)
     loaded, ds = model_and_dataset(args)
     model = loaded.model
     # As in the original: the linearized model is around params (theta_t) with weights
@@ -188,6 +214,10 @@ def main(argv=None) -> dict:
         results[f"components_{name}"] = {"f": f, "df": df}
     for name in ("margin", "transfer", *AUTOATTACK, "autoattack", "worst"):
         results[f"acc_{name}"] = accuracies.get(name)
+    if args.test_path:
+        # the "clean" pass ran on another model's examples: that is a transfer accuracy
+        results["acc_transfer"], results["acc_clean"] = results["acc_clean"], None
+    results["test_path"] = os.path.abspath(args.test_path) if args.test_path else None
     results["restarts"] = args.restarts
     results["autoattack"] = autoattack_threat(args)  # (norm, eps)
     warnings = masking_warnings(accuracies)
@@ -225,7 +255,9 @@ def main(argv=None) -> dict:
         "acc_margin": "PGD-margin accuracy",
         **{f"acc_{name}": NAMES[name] for name in AUTOATTACK},
         "acc_autoattack": f"AutoAttack ({args.autoattack_norm}, eps {autoattack_eps(args):.4g})",
-        "acc_transfer": "transfer accuracy",
+        "acc_transfer": (
+            f"accuracy on {args.test_path}'s examples" if args.test_path else "transfer accuracy"
+        ),
         "acc_worst": "worst case over all",
     }
     shown = [f"{text} {results[k]:.4f}" for k, text in labels.items() if results[k] is not None]

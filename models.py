@@ -10,6 +10,7 @@ transformed with state (BatchNorm running statistics live in `net_state`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 
@@ -183,8 +184,11 @@ def cnn_small(n_classes: int) -> Callable:
     return forward
 
 
+@functools.cache
 def get_model(name: str, n_classes: int) -> hk.TransformedWithState:
-    """The Haiku model `name` with `n_classes` outputs; apply(params, state, None, x, train)."""
+    """The Haiku model `name` with `n_classes` outputs; apply(params, state, None, x, train).
+    The same object for the same arguments, so that functions compiled for it (keyed by the
+    model, e.g. ntk.make_factor_fn) are reused across checkpoints."""
     builders = {
         "resnet18": resnet18,
         "mlp_skinny": lambda n: mlp(n, 256),

@@ -33,7 +33,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
 
 from data import class_balanced_subset
 from ntk_evolution.attacks import eps_from_255, pgd, pgd_step_size
@@ -52,7 +51,7 @@ from ntk_evolution.kernel_regression import kernel_predictor, one_hot, regressio
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_robustified
 from ntk_evolution.predictors import evaluate_predictor, kernel_from_args
-from utils import run_main, save_pickle
+from utils import progress_bar, run_main, save_pickle
 
 INNER_PGD_STEPS = 10
 LOSSES = ("mse", "ce")
@@ -176,7 +175,7 @@ def robustify(
     key, rng = jax.random.PRNGKey(seed), np.random.default_rng(seed)
     batch = min(target_batch, len(x_target))
     history = {"loss": [], "accuracy": []}
-    bar = tqdm(range(steps), desc="robustify", disable=None if progress else True)
+    bar = progress_bar(range(steps), desc="robustify", enabled=progress)
     for i in bar:
         chosen = rng.choice(len(x_target), batch, replace=False)
         x, opt_state, loss, accuracy = step(

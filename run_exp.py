@@ -5,6 +5,9 @@ Phase 2: from theta_t (end of phase 1, or --base_model_path), train w under line
 dynamics (--centering: centered) or standard dynamics (--do_standard_second), lr --second_lr,
 BatchNorm frozen unless --loose_bn_second. --loaders XY picks clean (C), adversarial (A) or
 clean-then-adversarial (F) data for phase 1 (X) and phase 2 (Y).
+
+Writes into --save_path: checkpoints, results.pkl, resume_state.pkl, metrics.csv (a row per
+epoch and per test) and training_curves.png (drawn from it).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from models import get_model, init_model
 from ntk_evolution.attacks import eps_from_255
 from ntk_evolution.checkpoints import (
     LoadedModel,
+    checkpoint_epoch,
     checkpoint_meta,
     checkpoint_name,
     load_model_from_args,
@@ -45,7 +49,9 @@ from ntk_evolution.cli import (
 from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.evaluation import evaluate
 from ntk_evolution.parallel import initialize
+from ntk_evolution.plots import plot_training_curves
 from ntk_evolution.training import (
+    TrainingLog,
     TrainState,
     init_train_state,
     is_adversarial_epoch,
@@ -150,6 +156,7 @@ def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
 
 
 RESUME_FILE = "resume_state.pkl"
+METRICS_FILE = "metrics.csv"
 # flags that must agree between an interrupted run and its --resume
 RESUME_CONFIG = (
     "centering", "loose_bn_second", "do_standard_second",
@@ -246,12 +253,24 @@ def train_phase(
             on_step=lambda i, s, epoch=epoch: save_hook(epoch, i, s),
         )
         save_resume_state(args, phase, epoch, state, results)
+        run.log.epoch(phase, epoch, adversarial, lr_for_epoch(epoch), metrics, time.time() - start)
         tqdm.write(
             f"phase {phase} epoch {epoch}/{epochs} {'adv' if adversarial else 'clean'} "
             f"lr {lr_for_epoch(epoch):g} loss {metrics['loss']:.4f} "
             f"train acc {metrics['accuracy']:.4f} ({time.time() - start:.1f}s)"
         )
+    draw_curves(args, run)
     return state
+
+
+def draw_curves(args, run: Run) -> None:
+    """training_curves.png from metrics.csv, beside it."""
+    if run.log.rows:
+        title = f"training curves of {os.path.basename(os.path.abspath(args.save_path))}: "
+        title += f"{args.model} on {args.dataset}, --loaders {args.loaders}, eps {args.eps:g}/255"
+        plot_training_curves(
+            run.log.numeric(), title, os.path.join(args.save_path, "training_curves.png")
+        )
 
 
 def format_results(name: str, results: dict | None) -> str:
@@ -271,6 +290,7 @@ class Run(NamedTuple):
     train_key: jax.Array
     eval_key: jax.Array
     steps_per_epoch: int
+    log: TrainingLog | None = None  # metrics.csv
 
 
 def setup(args) -> tuple[Run, LoadedModel | None]:
@@ -370,7 +390,9 @@ def phase2_dynamics(args) -> Dynamics:
     )
 
 
-def start_phase2(args, run: Run, end: TrainState, results: dict) -> TrainState:
+def start_phase2(
+    args, run: Run, end: TrainState, results: dict, end_epoch: float | None
+) -> TrainState:
     """Test the phase-1 network `end` (theta_t), then phase 2's starting state: w = theta_t,
     and SGD(--second_lr), or, as in the original, with --do_standard_second after phase 1,
     phase 1's optimizer continued (its last learning rate and momentum)."""
@@ -380,6 +402,7 @@ def start_phase2(args, run: Run, end: TrainState, results: dict) -> TrainState:
             run.model, PHASE1, params, None, net_state, run.x_test, run.y_test, run.eval_key,
             eps_linf=eps_from_255(args.eps), description="evaluate phase 1",
         )  # fmt: skip
+        run.log.test(1, end_epoch, results["standard"])
     theta_t = jax.tree.map(jnp.asarray, params)
     w = jax.tree.map(jnp.copy, theta_t)  # a separate buffer: w is donated at each step
     state = init_train_state(
@@ -460,6 +483,7 @@ def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -
                 run.y_test, run.eval_key, eps_linf=eps_from_255(args.eps),
                 description="evaluate phase 2",
             )  # fmt: skip
+        run.log.test(2, args.linear_epochs, results["linear"])
         print(format_results("phase 2 test accuracy", results["linear"]))
     if args.save_models:
         final = os.path.join(args.save_path, "parameters_final.pkl")
@@ -472,6 +496,8 @@ def main(argv=None) -> dict:
     initialize(args)
     run, base = setup(args)
     resume = load_resume_state(args) if args.resume else None
+    resume_at = None if resume is None else (resume["phase"], resume["epoch"])
+    run = run._replace(log=TrainingLog(os.path.join(args.save_path, METRICS_FILE), resume_at))
     results = (
         resume["results"]
         if resume is not None
@@ -484,14 +510,16 @@ def main(argv=None) -> dict:
         if base is not None:
             print(f"loaded theta_t from {args.base_model_path}; skipping phase 1")
             end = TrainState(base.params, None, base.net_state, None)
+            end_epoch = checkpoint_epoch(base.meta, args.base_model_path)
         else:
-            end = phase1(args, run, resume, results)
+            end, end_epoch = phase1(args, run, resume, results), args.standard_epochs
         announce_phase2_optimizer(args)
-        state, start_epoch = start_phase2(args, run, end, results), 0
+        state, start_epoch = start_phase2(args, run, end, results, end_epoch), 0
     print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
     phase2(args, run, state, start_epoch, results)
     save_pickle(results, os.path.join(args.save_path, "results.pkl"))
-    print(f"wrote {os.path.join(args.save_path, 'results.pkl')}")
+    draw_curves(args, run)
+    print(f"wrote results.pkl, {METRICS_FILE} and training_curves.png into {args.save_path}")
     return results
 
 

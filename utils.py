@@ -17,10 +17,48 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
+
+LOG_INTERVAL_S = 10.0  # seconds between progress lines when stderr is not a terminal
 
 
 class UserError(Exception):
     """An error the user caused and can fix (bad path, bad flag, wrong checkpoint)."""
+
+
+class _LogLines:
+    """tqdm's output file when stderr is not a terminal (a log, a pipe): each refresh becomes a
+    line of its own instead of a carriage-return overwrite."""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+def progress_bar(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True):
+    """A progress bar on a terminal; elsewhere (stderr redirected to a log) a line
+    `desc: n/total (p%) [elapsed<remaining, rate]` about every LOG_INTERVAL_S seconds (none for
+    a loop that ends sooner), so that long loops are visible in logs too. Transient on a terminal (cleared when done)."""
+    if not enabled:
+        return tqdm(iterable, total=total, disable=True)
+    if sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, total=total, leave=False)
+    return tqdm(
+        iterable,
+        desc=desc,
+        total=total,
+        file=_LogLines(),
+        mininterval=LOG_INTERVAL_S,
+        delay=LOG_INTERVAL_S,  # a loop shorter than that prints nothing
+        leave=False,
+        bar_format="{desc}: {n_fmt}/{total_fmt} ({percentage:.0f}%) "
+        "[{elapsed}<{remaining}, {rate_fmt}{postfix}]",
+    )
 
 
 def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):

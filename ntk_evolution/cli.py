@@ -9,7 +9,9 @@ added name an output folder `--out_dir`.
 from __future__ import annotations
 
 import argparse
+import glob
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,6 +21,7 @@ from data import DATASETS
 from models import MODELS
 from ntk_evolution.attacks import EVAL_PGD_STEPS, L2_EPS, eps_from_255
 from ntk_evolution.kernel_regression import KERNELS
+from utils import UserError
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "cifar10"
@@ -79,12 +82,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+def expand_paths(patterns: list[str], what: str) -> list[str]:
+    """Paths and (quoted) globs, in order, each glob sorted, duplicates dropped; a glob that
+    matches nothing is an error naming it."""
+    paths = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise UserError(f"no {what} matches {pattern!r}")
+        paths.extend(matches)
+    return list(dict.fromkeys(paths))
+
+
 # ----------------------------------------------------------------------------- shared flags
 
 
 def add_shared_flags(p: argparse.ArgumentParser) -> None:
-    """Flags every entry script adds to the original's: --data_root, --trust_pickle and the
-    several-host flags (parallel.initialize)."""
+    """Flags every entry script adds to the original's: --data_root, --trust_pickle, the
+    several-host flags and the compilation cache (both read by parallel.initialize)."""
     p.add_argument("--data_root", default="./data", help="Where CIFAR lives or is downloaded.")
     p.add_argument(
         "--trust_pickle",
@@ -98,6 +113,26 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--num_processes", type=int, default=None, help="Several hosts: their count.")
     p.add_argument("--process_id", type=int, default=None, help="Several hosts: this one's index.")
+    p.add_argument(
+        "--compile_cache",
+        default=default_compile_cache(),
+        help="Folder of JAX's persistent compilation cache: a second run of a script reuses the "
+        "first one's compiled functions ($NTK_COMPILE_CACHE overrides the default).",
+    )
+    p.add_argument(
+        "--no_compile_cache",
+        action="store_true",
+        help="Compile everything afresh and write nothing to --compile_cache.",
+    )
+
+
+def default_compile_cache() -> str:
+    """$NTK_COMPILE_CACHE, else $XDG_CACHE_HOME/ntk_evolution/jax, else
+    ~/.cache/ntk_evolution/jax."""
+    if os.environ.get("NTK_COMPILE_CACHE"):
+        return os.environ["NTK_COMPILE_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ntk_evolution", "jax")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

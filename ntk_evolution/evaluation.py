@@ -17,7 +17,6 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from data import load_examples, padded_batches
 from ntk_evolution.attacks import (
@@ -29,7 +28,7 @@ from ntk_evolution.attacks import (
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
 from ntk_evolution.dynamics import Dynamics, components, forward
 from ntk_evolution.parallel import replicate, shard_batch
-from utils import UserError, to_host
+from utils import UserError, progress_bar, to_host
 
 TEST_BATCH = 100
 
@@ -107,12 +106,8 @@ def attacked_batches(
     key_fn(key, batch, j)) for the j-th attack, 'transfer': the matching rows of `transfer`},
     y, number of real rows), under a progress bar."""
     transfer_batches = None if transfer is None else padded_batches(transfer, y, TEST_BATCH)
-    bar = tqdm(
-        padded_batches(x, y, TEST_BATCH),
-        total=-(-len(x) // TEST_BATCH),
-        desc=description,
-        leave=False,
-        disable=None,
+    bar = progress_bar(
+        padded_batches(x, y, TEST_BATCH), total=-(-len(x) // TEST_BATCH), desc=description
     )
     for i, (xb, yb, n_real) in enumerate(bar):
         xb, yb = shard_batch(xb, yb, pad=True)

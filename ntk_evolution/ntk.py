@@ -28,11 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
-from tqdm import tqdm
 
 from models import Conv, conv_patches, use_conv_impl
 from ntk_evolution.parallel import AXIS, mesh, padded_size, replicate, shard_batch
-from utils import to_host, tree_size
+from utils import progress_bar, to_host, tree_size
 
 
 class ConvLayer(NamedTuple):
@@ -435,9 +434,7 @@ def empirical_ntk(
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
     n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
     kernel = np.zeros((len(x1), len(x2)), np.float64)
-    bar = tqdm(
-        total=n_blocks, desc="kernel blocks", disable=None if progress else True, leave=False
-    )
+    bar = progress_bar(total=n_blocks, desc="kernel blocks", enabled=progress)
     for i in starts1:
         row = columns[i] if square and i in columns else jacobian(x1, i)
         if square and plan.cache_columns:

@@ -14,6 +14,8 @@ command, draws the same global batch order, and feeds only its own rows of each 
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from typing import Any
 
 import jax
@@ -98,8 +100,11 @@ def shard_batch(*arrays: np.ndarray, pad: bool = False) -> tuple[jax.Array, ...]
 
 
 def initialize(args) -> None:
-    """jax.distributed.initialize from the flags, when --coordinator_address is given (and on a
-    cluster JAX detects, such as SLURM, when the other two are left out)."""
+    """Set JAX up for a script's run: the persistent compilation cache (enable_compile_cache),
+    then jax.distributed.initialize from the flags when --coordinator_address is given (and on
+    a cluster JAX detects, such as SLURM, when the other two are left out)."""
+    if not getattr(args, "no_compile_cache", True):
+        enable_compile_cache(args.compile_cache)
     if not getattr(args, "coordinator_address", ""):
         return
     try:
@@ -111,3 +116,22 @@ def initialize(args) -> None:
     except (RuntimeError, ValueError) as err:
         raise UserError(f"jax.distributed.initialize failed: {err}") from None
     mesh.cache_clear()
+
+
+def enable_compile_cache(folder: str) -> None:
+    """JAX's persistent compilation cache in `folder` (created when missing): every compiled
+    function is stored there, keyed by its program, shapes, devices and JAX version, so the next
+    process that compiles the same function loads it instead (compilation is most of a short
+    script's start-up). An unusable folder only costs the speed-up: a warning, not an error."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".probe_{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        print(f"warning: compilation cache off ({folder}: {err.strerror})", file=sys.stderr)
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")
@@ -24,25 +26,92 @@ def _save(fig, path: str) -> None:
         plt.close(fig)
 
 
-def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -> None:
-    """Heatmap of the kernel with images ordered by class, and its eigen-spectrum (log scale)."""
+def kernel_title(record: dict) -> str:
+    """What a kernel pickle of calculate_kernel.py is: run (its checkpoint's folder), epoch,
+    model, dataset, N and logit."""
+    model_path = record.get("model_path") or ""
+    run = os.path.basename(os.path.dirname(model_path)) or "?"
+    epoch = record.get("epoch")
+    at = f"epoch {epoch:g}" if epoch is not None else os.path.basename(model_path)
+    if record.get("use_linear_params"):
+        at += " (lin_params)"
+    c = record.get("class_index", -1)
+    logit = f"logit {c}" if c >= 0 else "averaged over logits"
+    return (
+        f"empirical NTK of {run}, {at}\n{record.get('model')} on {record.get('dataset')}, "
+        f"N = {len(record['kernel'])}, {logit}"
+    )
+
+
+def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True):
+    """The kernel with images ordered by class, class blocks outlined and ticked by class."""
     order = np.argsort(labels, kind="stable")
-    eigenvalues = np.linalg.eigvalsh(kernel)[::-1]
-    fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11, 4.6))
-    fig.subplots_adjust(wspace=0.35)
-    image = ax_k.imshow(kernel[np.ix_(order, order)], cmap="viridis", interpolation="nearest")
-    fig.colorbar(image, ax=ax_k, fraction=0.046)
-    bounds = np.flatnonzero(np.diff(labels[order])) + 0.5
+    ordered = labels[order]
+    image = ax.imshow(
+        kernel[np.ix_(order, order)], cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax
+    )
+    bounds = np.flatnonzero(np.diff(ordered)) + 0.5
     for b in bounds:
-        ax_k.axhline(b, color="white", lw=0.4)
-        ax_k.axvline(b, color="white", lw=0.4)
-    ax_k.set_title(f"{title}\n(ordered by class)")
+        ax.axhline(b, color="white", lw=0.4)
+        ax.axvline(b, color="white", lw=0.4)
+    edges = np.concatenate([[-0.5], bounds, [len(ordered) - 0.5]])
+    centres = (edges[:-1] + edges[1:]) / 2
+    classes = [str(c) for c in ordered[np.concatenate([[0], np.ceil(bounds).astype(int)])]]
+    if ticks:
+        ax.set_xticks(centres, classes, fontsize=8)
+        ax.set_yticks(centres, classes, fontsize=8)
+        ax.set_xlabel("training image (by class)")
+        ax.set_ylabel("training image (by class)")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    return image
+
+
+def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -> None:
+    """Heatmap of the kernel with images ordered by class (ticks: class), and its
+    eigen-spectrum (log scale)."""
+    eigenvalues = np.linalg.eigvalsh(kernel)[::-1]
+    fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11.5, 4.9))
+    fig.subplots_adjust(wspace=0.4, top=0.84)
+    image = _kernel_heatmap(ax_k, kernel, labels)
+    fig.colorbar(image, ax=ax_k, fraction=0.046, label="K(x, x')")
+    ax_k.set_title("kernel, images ordered by class", fontsize=10)
     positive = eigenvalues[eigenvalues > 0]
     ax_s.semilogy(np.arange(1, len(positive) + 1), positive, ".-", ms=3)
-    ax_s.set_xlabel("index")
+    ax_s.set_xlabel("eigenvalue index (decreasing)")
     ax_s.set_ylabel("eigenvalue")
-    ax_s.set_title("eigen-spectrum")
+    ax_s.set_title("eigen-spectrum", fontsize=10)
     ax_s.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
+def plot_kernel_grid(
+    panels: dict[str, list[tuple[float, np.ndarray]]], labels: np.ndarray, title: str, path: str
+) -> None:
+    """Every kernel of each run (one row per run, one column per epoch) on one shared colour
+    scale, images ordered by class."""
+    n_cols = max(len(kernels) for kernels in panels.values())
+    values = np.concatenate([k.ravel() for run in panels.values() for _, k in run])
+    vmin, vmax = np.percentile(values, [0.5, 99.5])
+    fig, axes = plt.subplots(
+        len(panels), n_cols, figsize=(2.3 * n_cols + 1.2, 2.5 * len(panels) + 0.9), squeeze=False
+    )
+    image = None
+    for r, (run, kernels) in enumerate(panels.items()):
+        for c in range(n_cols):
+            ax = axes[r, c]
+            if c >= len(kernels):
+                ax.axis("off")
+                continue
+            epoch, kernel = kernels[c]
+            image = _kernel_heatmap(ax, kernel, labels, vmin, vmax, ticks=False)
+            ax.set_title(f"epoch {epoch:g}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(run, fontsize=9)
+    fig.colorbar(image, ax=axes, fraction=0.02, pad=0.01, label="K(x, x') (shared scale)")
+    fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
 
@@ -241,4 +310,55 @@ def plot_attack_table(
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_training_curves(rows: list[dict], title: str, path: str) -> None:
+    """metrics.csv of run_exp.py (TrainingLog.numeric rows): training loss, training and test
+    accuracy, and learning rate against epoch; phase 2's epochs follow phase 1's (dashed line
+    at the switch)."""
+    trained = [r for r in rows if r["loss"] is not None]
+    tests = [r for r in rows if r["test_clean"] is not None]
+    phase1_end = max((r["epoch"] for r in trained if r["phase"] == 1), default=0.0)
+
+    def x_of(r):
+        return (r["epoch"] or 0.0) + (phase1_end if r["phase"] == 2 else 0.0)
+
+    fig, (ax_l, ax_a, ax_r) = plt.subplots(1, 3, figsize=(15, 4.3))
+    fig.subplots_adjust(wspace=0.3, top=0.83)
+    for phase, style in ((1, "C0"), (2, "C1")):
+        part = [r for r in trained if r["phase"] == phase]
+        if not part:
+            continue
+        xs = [x_of(r) for r in part]
+        label = f"phase {phase}"
+        ax_l.plot(xs, [r["loss"] for r in part], ".-", color=style, ms=3, label=label)
+        ax_a.plot(
+            xs, [r["train_accuracy"] for r in part], ".-", color=style, ms=3,
+            label=f"{label} train",
+        )  # fmt: skip
+        ax_r.plot(xs, [r["lr"] for r in part], ".-", color=style, ms=3, label=label)
+    for key, marker, name in (("test_clean", "o", "clean"), ("test_linf", "s", "PGD-Linf"),
+                              ("test_l2", "^", "PGD-L2")):  # fmt: skip
+        points = [(x_of(r), r[key]) for r in tests if r[key] is not None]
+        if points:
+            ax_a.plot(*zip(*points, strict=True), marker, color="k", mfc="none",
+                      label=f"test {name}")  # fmt: skip
+    for ax in (ax_l, ax_a, ax_r):
+        if trained and any(r["phase"] == 2 for r in trained) and phase1_end > 0:
+            ax.axvline(phase1_end, color="grey", ls="--", lw=0.8)
+        ax.set_xlabel("epoch (phase 2 after phase 1)")
+        ax.grid(True, alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    ax_l.set_ylabel("mean training loss")
+    ax_l.set_yscale("log")
+    ax_l.set_title("training loss", fontsize=10)
+    ax_a.set_ylabel("accuracy")
+    ax_a.set_ylim(0, 1.02)
+    ax_a.set_title("accuracy (test: after each phase)", fontsize=10)
+    ax_r.set_ylabel("learning rate")
+    ax_r.set_yscale("log")
+    ax_r.set_title("learning rate", fontsize=10)
+    fig.suptitle(title, fontsize=11)
     _save(fig, path)

@@ -8,6 +8,8 @@ examples are made with BatchNorm in inference mode (running statistics), whateve
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -22,7 +24,7 @@ from data import iterate_batches, num_batches
 from ntk_evolution.attacks import pgd_linf_train
 from ntk_evolution.dynamics import Dynamics, forward, loss_fn
 from ntk_evolution.parallel import replicate, shard_batch
-from utils import UserError
+from utils import UserError, progress_bar, write_csv
 
 MOMENTUM = 0.9
 
@@ -127,7 +129,7 @@ def _record(totals: dict, bar: tqdm, description: str, i: int, metrics: dict) ->
         )
     for name in totals:
         totals[name] += float(metrics[name])
-    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}")
+    bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.3f}", refresh=False)
 
 
 def run_epoch(
@@ -152,13 +154,7 @@ def run_epoch(
     state = replicate(state)
     totals = {"loss": 0.0, "accuracy": 0.0}
     n_steps = num_batches(len(x), batch_size)
-    bar = tqdm(
-        iterate_batches(x, y, batch_size, rng),
-        total=n_steps,
-        desc=description,
-        leave=False,
-        disable=None,
-    )
+    bar = progress_bar(iterate_batches(x, y, batch_size, rng), total=n_steps, desc=description)
     # one call for every step's key (the same keys as fold_in(key, i) step by step), on the host
     keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, np.arange(n_steps)))
     pending = []  # the previous step's (index, metrics), read after the next step is dispatched
@@ -181,3 +177,54 @@ def run_epoch(
     flush()
     bar.close()
     return state, {name: total / max(n_steps, 1) for name, total in totals.items()}
+
+
+METRICS_FIELDS = (
+    "phase", "epoch", "adversarial", "lr", "loss", "train_accuracy", "epoch_time_s",
+    "wall_time_s", "test_clean", "test_linf", "test_l2",
+)  # fmt: skip
+
+
+class TrainingLog:
+    """metrics.csv of a run_exp.py run: one row per trained epoch (phase, epoch, whether it was
+    adversarial, learning rate, mean training loss and accuracy, the epoch's time and the
+    run's cumulative training time) and one row per test (the test figures in test_clean,
+    test_linf, test_l2). Rewritten whole and atomically after each row. A resumed run keeps the
+    rows up to its resume point and appends after them."""
+
+    def __init__(self, path: str, resume_at: tuple[int, int] | None = None):
+        self.path = path
+        self.rows: list[dict] = []
+        if resume_at is not None and os.path.isfile(path):
+            with open(path, newline="") as f:
+                self.rows = [
+                    row
+                    for row in csv.DictReader(f)
+                    if (int(row["phase"]), float(row["epoch"] or 0)) <= resume_at
+                ]
+        times = [float(r["wall_time_s"]) for r in self.rows if r.get("wall_time_s")]
+        self.wall_time = times[-1] if times else 0.0
+
+    def epoch(self, phase: int, epoch: int, adversarial: bool, lr: float, metrics: dict,
+              seconds: float) -> None:  # fmt: skip
+        self.wall_time += seconds
+        self._add(
+            phase=phase, epoch=epoch, adversarial=int(adversarial), lr=lr, loss=metrics["loss"],
+            train_accuracy=metrics["accuracy"], epoch_time_s=round(seconds, 3),
+            wall_time_s=round(self.wall_time, 3),
+        )  # fmt: skip
+
+    def test(self, phase: int, epoch: float | None, results: dict) -> None:
+        self._add(phase=phase, epoch="" if epoch is None else epoch,
+                  **{f"test_{k}": v for k, v in results.items()})  # fmt: skip
+
+    def _add(self, **row) -> None:
+        self.rows.append({name: row.get(name, "") for name in METRICS_FIELDS})
+        write_csv(self.rows, self.path, METRICS_FIELDS)
+
+    def numeric(self) -> list[dict]:
+        """The rows with numbers as floats and blanks as None (for plotting)."""
+        return [
+            {k: (float(v) if v not in ("", None) else None) for k, v in row.items()}
+            for row in self.rows
+        ]

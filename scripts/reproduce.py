@@ -224,7 +224,7 @@ def main(argv=None) -> None:
                 f"--test_path {out}/ntk_attack/adv_examples_{name}.pkl --save_name ntk_{name}",
                 log,
             )
-            row.append(evaluated["acc_clean"])
+            row.append(evaluated["acc_transfer"])
         transfer.append(row)
     timings["NTK attacks and transfer"] = time.time() - t
 

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import tempfile
 
 import numpy as np
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The scripts' persistent compilation cache (parallel.initialize) goes to a folder of this test
+# session, not the user's cache; subprocesses started by the tests share it.
+os.environ["NTK_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="ntk_test_jax_cache_")
 
 
 def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed: int = 0):

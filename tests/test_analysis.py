@@ -43,6 +43,7 @@ from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times
 from ntk_evolution.predictors import evaluate_predictor
 from ntk_evolution.similarity import cka as cka_value
 from ntk_evolution.similarity import gram, hsic, make_layer_fn, unbiased_hsic
+from utils import load_pickle
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -241,6 +242,16 @@ def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
             [*common, "--model_path", path, "--dataset_size", "40", "--save_name", f"k_{epoch}"]
         )
         kernels.append(os.path.join(bonus, f"k_{epoch}_40.pkl"))
+    # one call for both checkpoints (a glob): the same kernels, each named by its epoch
+    records = calculate_kernel.main(
+        [*common, "--model_path", os.path.join(bonus, "parameters_checkpoint_*.pkl"),
+         "--dataset_size", "40", "--save_name", "many"]
+    )  # fmt: skip
+    assert [r["epoch"] for r in records] == [0.0, 1.5]
+    for epoch, single in zip(("0", "1.5"), kernels, strict=True):
+        many = load_pickle(os.path.join(bonus, f"many_epoch_{epoch}_40.pkl"))
+        np.testing.assert_array_equal(many["kernel"], load_pickle(single)["kernel"])
+        assert os.path.isfile(os.path.join(bonus, f"many_epoch_{epoch}_40.png"))
     table = analyze_kernels.main([*kernels, "--out_dir", str(out)])
     (rows,) = table.values()
     assert [r["epoch"] for r in rows] == [0.0, 1.5]
@@ -257,7 +268,11 @@ def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
     transfer = eval_and_make_adv.main(
         [*common, "--model_path", checkpoints[1], "--test_path", str(examples), "--no_adv"]
     )
-    assert 0 <= transfer["acc_clean"] <= 1 and len(transfer["predictions_clean"]) == 30
+    assert 0 <= transfer["acc_transfer"] <= 1 and len(transfer["predictions_clean"]) == 30
+    assert transfer["acc_clean"] is None  # the images were another model's, not the test set
+    saved = os.path.join(os.path.dirname(checkpoints[1]), "test_results_transfer_ntk.pkl")
+    assert load_pickle(saved)["acc_transfer"] == transfer["acc_transfer"]
+    assert not os.path.exists(saved.replace("transfer_ntk", "test_results"))
 
     result = eigen_features.main(
         ["--dataset", "digits", "--kernel", "relu_ntk", "--dataset_size", "50", "--n_test", "20",
