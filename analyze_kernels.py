@@ -10,6 +10,7 @@ the polar view (formulas in kernel_analysis.py). Writes into --out_dir:
   kernel_evolution.csv / .json   one row per (run, epoch)
   kernel_evolution.png           the quantities against epoch, runs side by side
   kernel_spectra.png             eigen-spectra of each run, coloured by epoch
+  kernel_grid.png                the kernels themselves, one row per run on one colour scale
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from ntk_evolution.checkpoints import epoch_from_name, load_kernel
 from ntk_evolution.cli import Parser, add_out_dir_flag, add_shared_flags, expand_paths
 from ntk_evolution.kernel_analysis import evolution, spectrum, target_matrix
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_spectra
+from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_grid, plot_kernel_spectra
 from utils import UserError, run_main, write_csv, write_json
 
 
@@ -62,6 +63,8 @@ def read_kernel(path: str, trust: bool) -> dict:
         "labels": np.asarray(record["labels"]),
         "indices": record.get("indices"),
         "class_index": int(record.get("class_index", -1)),
+        "model": record.get("model"),
+        "dataset": record.get("dataset"),
         "run": (os.path.abspath(run_dir), int(record.get("class_index", -1)), len(kernel)),
     }
 
@@ -100,6 +103,19 @@ def run_label(key: tuple, keys: list[tuple]) -> str:
     return label
 
 
+def grid_title(record: dict) -> str:
+    """What the kernels are: model, dataset, N, logit (the first kernel's; the runs share N)."""
+    which = (
+        f"logit {record['class_index']}" if record["class_index"] >= 0 else "averaged over logits"
+    )
+    model = record.get("model") or "?"
+    dataset = record.get("dataset") or "?"
+    return (
+        f"empirical NTKs over training: {model} on {dataset}, N = {len(record['kernel'])}, "
+        f"{which}; images ordered by class, one colour scale per run"
+    )
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
@@ -112,7 +128,7 @@ def main(argv=None) -> dict:
     labels = args.names or [run_label(key, keys) for key in keys]
 
     n_classes = int(max(int(r["labels"].max()) for r in records)) + 1
-    table, spectra = {}, {}
+    table, spectra, grid = {}, {}, {}
     for label, key in zip(labels, keys, strict=True):
         members = runs[key]
         target = target_matrix(members[0]["labels"], n_classes, members[0]["class_index"])
@@ -120,6 +136,7 @@ def main(argv=None) -> dict:
         epochs = [r["epoch"] for r in members]
         table[label] = evolution(kernels, epochs, target)
         spectra[label] = (epochs, [spectrum(k) for k in kernels])
+        grid[label] = [(r["epoch"], r["kernel"], r["labels"]) for r in members]
 
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [{"run": label, **row} for label, run_rows in table.items() for row in run_rows]
@@ -128,6 +145,7 @@ def main(argv=None) -> dict:
     write_json(table, os.path.join(args.out_dir, "kernel_evolution.json"))
     plot_kernel_evolution(table, os.path.join(args.out_dir, "kernel_evolution.png"))
     plot_kernel_spectra(spectra, os.path.join(args.out_dir, "kernel_spectra.png"))
+    plot_kernel_grid(grid, grid_title(records[0]), os.path.join(args.out_dir, "kernel_grid.png"))
     for label, run_rows in table.items():
         print(
             f"{label}: {len(run_rows)} kernels, "
@@ -141,7 +159,7 @@ def main(argv=None) -> dict:
                 f"{row['distance_to_last']:9.4f}  {velocity:>9}  {row['alignment']:9.4f}  "
                 f"{row['energy_top10']:.4f}"
             )
-    print(f"wrote {csv_path}, kernel_evolution.json and two PNGs into {args.out_dir}")
+    print(f"wrote {csv_path}, kernel_evolution.json and three PNGs into {args.out_dir}")
     return table
 
 

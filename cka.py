@@ -53,6 +53,12 @@ def build_parser() -> Parser:
     )
     p.add_argument("--savedir", default="./results", help="Output folder.")
     p.add_argument("--suffix", default="", help="Outputs are cka_<suffix>.pkl and .png.")
+    p.add_argument(
+        "--names",
+        nargs="+",
+        default=None,
+        help="A name per side for the heatmap (1 or 2); default: each checkpoint's folder.",
+    )
     p.add_argument("--n_images", type=positive_int, default=500, help="First N test images.")
     add_eps_flag(p)
     add_seed_flag(p, "attacks")
@@ -63,7 +69,7 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    for name in ("model_path", "model", "adv"):
+    for name in ("model_path", "model", "adv", "names"):
         if len(getattr(args, name) or []) > 2:
             p.error(f"--{name} takes one or two values")
     return args
@@ -97,6 +103,13 @@ def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
         )
         x = np.concatenate([to_host(inputs["adv"])[:n_real] for inputs, _, n_real in batches])
     return layer_grams(model, params, net_state, x)
+
+
+def run_name(path: str) -> str:
+    """A checkpoint's folder and, unless it is parameters_final.pkl, its file stem."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return folder if stem == "parameters_final" else f"{folder}/{stem}"
 
 
 def main(argv=None) -> dict:
@@ -138,12 +151,9 @@ def main(argv=None) -> dict:
     suffix = f"_{args.suffix}" if args.suffix else ""
     path = os.path.join(args.savedir, f"cka{suffix}.pkl")
     save_pickle(result, path)
-    sides = [
-        f"{os.path.basename(os.path.dirname(os.path.abspath(p)))}/{os.path.basename(p)}"
-        + (" (PGD inputs)" if a else "")
-        for p, a in zip(paths[:2], adv, strict=True)
-    ]
-    plot_cka(result, sides, path[:-4] + ".png")
+    names = (args.names * 2)[:2] if args.names else [run_name(p) for p in paths[:2]]
+    sides = [n + (" (PGD inputs)" if a else "") for n, a in zip(names, adv, strict=True)]
+    plot_cka(result, sides, path[:-4] + ".png", (rows, cols))
     diagonal = np.diag(result["linear"]) if len(rows) == len(cols) else None
     if diagonal is not None:
         print("linear CKA, layer i vs layer i:", " ".join(f"{v:.3f}" for v in diagonal))

@@ -6,14 +6,16 @@ scikit-learn's embedded 8x8 handwritten digits, for offline runs, demos and test
 
 from __future__ import annotations
 
+import contextlib
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from utils import UserError, load_pickle
+from utils import UserError, atomic_file, load_pickle, user_cache_dir
 
 DATASETS = ("cifar10", "cifar100", "digits")
 # (image shape (H, W, C), number of classes) of each dataset, known without loading it
@@ -49,7 +51,32 @@ def load_dataset(name: str, data_root: str = "./data") -> Dataset:
 
 def _load_digits() -> Dataset:
     """scikit-learn digits at native 8x8x1, values 0..16 scaled to [0, 1], fixed stratified
-    80/20 split (1437 train, 360 test)."""
+    80/20 split (1437 train, 360 test). The split is kept in the user cache folder
+    (digits_cache_path) after the first load: importing scikit-learn costs seconds."""
+    path = digits_cache_path()
+    try:
+        with np.load(path) as cached:
+            arrays = [cached[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        return Dataset("digits", *arrays, 10)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass  # not there yet (or unreadable): split afresh, then keep it
+    ds = _split_digits()
+    arrays = {k: getattr(ds, k) for k in ("x_train", "y_train", "x_test", "y_test")}
+    with contextlib.suppress(OSError, UserError):  # no cache folder: only slower next time
+        with atomic_file(path) as f:
+            np.savez(f, **arrays)
+    return ds
+
+
+def digits_cache_path() -> str:
+    """Where the digits split is kept: named by scikit-learn's version, whose data and split
+    it is."""
+    from importlib.metadata import version
+
+    return os.path.join(user_cache_dir(), f"digits_sklearn_{version('scikit-learn')}.npz")
+
+
+def _split_digits() -> Dataset:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

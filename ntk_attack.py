@@ -35,7 +35,11 @@ from ntk_evolution.evaluation import NAMES, load_transfer, masking_warnings, pri
 from ntk_evolution.kernel_regression import one_hot, regression_coefficients
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_image_grid
-from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
+from ntk_evolution.predictors import (
+    evaluate_predictor,
+    predicted_labels,
+    support_kernel_from_args,
+)
 from utils import run_main, save_pickle, write_json
 
 N_SHOWN = 8
@@ -111,13 +115,25 @@ def main(argv=None) -> dict:
     }
     summary_path = os.path.join(args.out_dir, f"ntk_attack_{args.save_name}.json")
     write_json(summary, summary_path)
-    perturbation = 0.5 + (adversarial[:N_SHOWN] - x[:N_SHOWN]) * (0.5 * 255.0 / max(args.eps, 1e-9))
+    shown_clean, shown_adv = x[:N_SHOWN], adversarial[:N_SHOWN]
+    projection = np.eye(ds.n_classes)
+    before = predicted_labels(support, coefficients, projection, shown_clean)
+    after = predicted_labels(support, coefficients, projection, shown_adv)
+    perturbation = 0.5 + (shown_adv - shown_clean) * (0.5 * 255.0 / max(args.eps, 1e-9))
+
+    def caption(label, predicted):
+        return f"{'!' if predicted != label else ''}label {label}, pred {predicted}"
+
     plot_image_grid(
-        {"clean": x[:N_SHOWN], "adversarial": adversarial[:N_SHOWN], "delta": perturbation},
-        f"NTK attack ({support.description}), eps {args.eps:g}/255\n"
-        f"kernel regression accuracy clean {accuracies['clean']:.3f}, "
-        f"adversarial {accuracies['linf']:.3f}",
+        {"clean": shown_clean, "adversarial": shown_adv, "perturbation": perturbation},
+        f"NTK attack on kernel regression ({support.description}), eps {args.eps:g}/255: "
+        f"accuracy clean {accuracies['clean']:.3f}, PGD-Linf {accuracies['linf']:.3f}\n"
+        "red: predicted label wrong; perturbation: grey = 0, black/white = -/+ eps",
         summary_path[:-5] + ".png",
+        captions={
+            "clean": [caption(int(t), int(p)) for t, p in zip(y, before, strict=False)],
+            "adversarial": [caption(int(t), int(p)) for t, p in zip(y, after, strict=False)],
+        },
     )
     print(f"wrote {examples_path}, {summary_path} and the PNG")
     return summary

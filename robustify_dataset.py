@@ -249,7 +249,7 @@ def main(argv=None) -> dict:
     plot_robustified(
         original[shown], images[shown], history,
         f"{choice.description}, eps {args.eps:g}/255: original vs optimised support images",
-        path[:-4] + ".png",
+        path[:-4] + ".png", labels[shown],
     )  # fmt: skip
     print(f"wrote {path} and the PNG")
     return record

@@ -22,6 +22,15 @@ from tqdm import tqdm
 LOG_INTERVAL_S = 10.0  # seconds between progress lines when stderr is not a terminal
 
 
+def user_cache_dir() -> str:
+    """This project's cache folder (compiled functions, the digits split): $NTK_CACHE_DIR, else
+    $XDG_CACHE_HOME/ntk_evolution, else ~/.cache/ntk_evolution."""
+    if os.environ.get("NTK_CACHE_DIR"):
+        return os.environ["NTK_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ntk_evolution")
+
+
 class UserError(Exception):
     """An error the user caused and can fix (bad path, bad flag, wrong checkpoint)."""
 
@@ -43,7 +52,8 @@ class _LogLines:
 def progress_bar(iterable=None, *, desc: str, total: int | None = None, enabled: bool = True):
     """A progress bar on a terminal; elsewhere (stderr redirected to a log) a line
     `desc: n/total (p%) [elapsed<remaining, rate]` about every LOG_INTERVAL_S seconds (none for
-    a loop that ends sooner), so that long loops are visible in logs too. Transient on a terminal (cleared when done)."""
+    a loop that ends sooner), so that long loops are visible in logs too. Transient on a
+    terminal (cleared when done)."""
     if not enabled:
         return tqdm(iterable, total=total, disable=True)
     if sys.stderr.isatty():

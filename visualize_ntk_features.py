@@ -20,7 +20,7 @@ import os
 import numpy as np
 
 from data import class_balanced_subset
-from ntk_evolution.checkpoints import load_kernel, model_and_dataset
+from ntk_evolution.checkpoints import checkpoint_epoch, load_kernel, model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_kernel_subset_flags,
@@ -37,7 +37,7 @@ from ntk_evolution.ntk_features import (
     top_eigenvectors,
 )
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_image_grid
+from ntk_evolution.plots import plot_eigen_feature_images
 from utils import UserError, run_main, save_pickle
 
 
@@ -59,10 +59,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
-    """(kernel, training-set indices, class) from --kernel_path, checked against the flags."""
-    expect = {"dataset": args.dataset, "model": args.model}
-    record = load_kernel(args.kernel_path, args.trust_pickle, expect)
+def read_class_kernel(args) -> dict:
+    """The --kernel_path pickle, checked to be a class kernel before anything slow is done."""
+    record = load_kernel(args.kernel_path, args.trust_pickle)
+    kernel_class = int(record.get("class_index", -1))
+    if kernel_class < 0:
+        raise UserError(
+            f"{args.kernel_path} is averaged over logits; eigen-features need a class kernel "
+            "(of one logit): calculate_kernel.py --model_path <checkpoint> --class_index 0 "
+            f"--dataset_size {len(record['kernel'])}"
+        )
+    return record
+
+
+def load_class_kernel(args, ds, record: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """(kernel, training-set indices, class) from the --kernel_path record, checked against the
+    flags."""
+    for key in ("dataset", "model"):
+        if record.get(key) is not None and record[key] != getattr(args, key):
+            raise UserError(
+                f"{args.kernel_path} was computed with --{key} {record[key]}, not "
+                f"{getattr(args, key)}; pass --{key} {record[key]}"
+            )
     if "indices" not in record:
         raise UserError(
             f"{args.kernel_path} does not record which images it was computed on (no "
@@ -87,13 +105,14 @@ def load_class_kernel(args, ds) -> tuple[np.ndarray, np.ndarray, int]:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
+    record = read_class_kernel(args) if args.kernel_path else None
     loaded, ds = model_and_dataset(args)
     model = loaded.model
     params = loaded.lin_params if args.use_linear_params else loaded.params
     net_state = loaded.net_state
 
-    if args.kernel_path:
-        kernel, indices, class_index = load_class_kernel(args, ds)
+    if record is not None:
+        kernel, indices, class_index = load_class_kernel(args, ds, record)
     else:
         class_index = args.class_index
         if not 0 <= class_index < ds.n_classes:
@@ -128,12 +147,21 @@ def main(argv=None) -> dict:
     out_dir = os.path.dirname(os.path.abspath(args.model_path))
     path = os.path.join(out_dir, f"{args.save_name}_class_{class_index}_{args.dataset_size}.pkl")
     save_pickle(result, path)
-    plot_image_grid(
-        {"pos": result["pos_images"], "neg": result["neg_images"], "w": optimised[2 * n :]},
-        f"NTK eigen-features, class {class_index}, {args.dataset} "
-        f"(cosine pos {', '.join(f'{c:.2f}' for c in cosines[:n])}; w {cosines[-1]:.2f})",
+    captions = {
+        "pos": [f"u{i + 1}, eig {eigenvalues[i]:.3g}\ncos {cosines[i]:.2f}" for i in range(n)],
+        "neg": [f"-u{i + 1}\ncos {cosines[n + i]:.2f}" for i in range(n)],
+        "w": [f"regression weights w\ncos {cosines[-1]:.2f}"],
+    }
+    run = os.path.basename(out_dir)
+    epoch = checkpoint_epoch(loaded.meta, args.model_path)
+    at = f"epoch {epoch:g}" if epoch is not None else os.path.basename(args.model_path)
+    plot_eigen_feature_images(
+        result["pos_images"], result["neg_images"], result["w_image"], captions,
+        f"NTK eigen-features of {run}, {at}: {args.model} on {args.dataset}, logit "
+        f"{class_index}, N = {len(kernel)}\nimages whose NTK feature has the largest cosine "
+        "with each top eigenvector's feature (u_i, -u_i) and with the regression weights'",
         path[:-4] + ".png",
-    )
+    )  # fmt: skip
     print(f"wrote {path} and {path[:-4]}.png")
     return result
 

@@ -21,7 +21,7 @@ from data import DATASETS
 from models import MODELS
 from ntk_evolution.attacks import EVAL_PGD_STEPS, L2_EPS, eps_from_255
 from ntk_evolution.kernel_regression import KERNELS
-from utils import UserError
+from utils import UserError, user_cache_dir
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "cifar10"
@@ -117,7 +117,7 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
         "--compile_cache",
         default=default_compile_cache(),
         help="Folder of JAX's persistent compilation cache: a second run of a script reuses the "
-        "first one's compiled functions ($NTK_COMPILE_CACHE overrides the default).",
+        "first one's compiled functions ($NTK_CACHE_DIR moves the default).",
     )
     p.add_argument(
         "--no_compile_cache",
@@ -127,12 +127,8 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
 
 
 def default_compile_cache() -> str:
-    """$NTK_COMPILE_CACHE, else $XDG_CACHE_HOME/ntk_evolution/jax, else
-    ~/.cache/ntk_evolution/jax."""
-    if os.environ.get("NTK_COMPILE_CACHE"):
-        return os.environ["NTK_COMPILE_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ntk_evolution", "jax")
+    """The folder jax/ in the user cache folder (utils.user_cache_dir: $NTK_CACHE_DIR moves it)."""
+    return os.path.join(user_cache_dir(), "jax")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:

@@ -87,75 +87,135 @@ def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -
     _save(fig, path)
 
 
+KERNEL_GRID_COLUMNS = 10  # at most this many epochs per run in kernel_grid.png
+
+
 def plot_kernel_grid(
-    panels: dict[str, list[tuple[float, np.ndarray]]], labels: np.ndarray, title: str, path: str
+    panels: dict[str, list[tuple[float, np.ndarray, np.ndarray]]], title: str, path: str
 ) -> None:
-    """Every kernel of each run (one row per run, one column per epoch) on one shared colour
-    scale, images ordered by class."""
-    n_cols = max(len(kernels) for kernels in panels.values())
-    values = np.concatenate([k.ravel() for run in panels.values() for _, k in run])
-    vmin, vmax = np.percentile(values, [0.5, 99.5])
+    """The kernels of each run (one row per run: (epoch, kernel, labels) ordered by epoch) on
+    one colour scale per run, images ordered by class; runs with more than
+    KERNEL_GRID_COLUMNS kernels show that many, evenly spread from the first to the last."""
+    shown = {}
+    for run, kernels in panels.items():
+        pick = np.unique(np.linspace(0, len(kernels) - 1, KERNEL_GRID_COLUMNS).round().astype(int))
+        shown[run] = [kernels[i] for i in pick]
+    n_cols = max(len(kernels) for kernels in shown.values())
     fig, axes = plt.subplots(
-        len(panels), n_cols, figsize=(2.3 * n_cols + 1.2, 2.5 * len(panels) + 0.9), squeeze=False
+        len(shown), n_cols, figsize=(2.2 * n_cols + 1.5, 2.45 * len(shown) + 0.9), squeeze=False
     )
-    image = None
-    for r, (run, kernels) in enumerate(panels.items()):
+    for r, (run, kernels) in enumerate(shown.items()):
+        values = np.concatenate([k.ravel() for _, k, _ in kernels])
+        vmin, vmax = np.percentile(values, [0.5, 99.5])
+        image = None
         for c in range(n_cols):
             ax = axes[r, c]
             if c >= len(kernels):
                 ax.axis("off")
                 continue
-            epoch, kernel = kernels[c]
+            epoch, kernel, labels = kernels[c]
             image = _kernel_heatmap(ax, kernel, labels, vmin, vmax, ticks=False)
             ax.set_title(f"epoch {epoch:g}", fontsize=9)
             if c == 0:
                 ax.set_ylabel(run, fontsize=9)
-    fig.colorbar(image, ax=axes, fraction=0.02, pad=0.01, label="K(x, x') (shared scale)")
+        fig.colorbar(image, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01, label="K(x, x')")
     fig.suptitle(title, fontsize=11)
     _save(fig, path)
 
 
-def _image_rows(fig, rows: dict[str, np.ndarray]) -> None:
+def _show_image(ax, image: np.ndarray, caption: str = "", colour: str = "black") -> None:
+    """An (H, W, C) image in [0, 1] without ticks, its caption above it."""
+    image = np.clip(image, 0, 1)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if caption:
+        ax.set_title(caption, fontsize=8, color=colour)
+
+
+def _image_rows(
+    fig, rows: dict[str, np.ndarray], captions: dict[str, list[str]] | None = None
+) -> None:
     """One row of axes per entry of `rows` (label -> images (n, H, W, C) in [0, 1]) in `fig`
-    (a figure or subfigure)."""
+    (a figure or subfigure): the row's label on the left, each image captioned by
+    `captions[label][i]` (a caption starting with '!' is drawn in red: a wrong prediction)."""
     n_cols = max(len(images) for images in rows.values())
     axes = fig.subplots(len(rows), n_cols, squeeze=False)
     for r, (label, images) in enumerate(rows.items()):
+        texts = (captions or {}).get(label, [""] * len(images))
         for c in range(n_cols):
             ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c < len(images):
-                image = np.clip(images[c], 0, 1)
-                ax.imshow(
-                    image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1
-                )
-                ax.set_title(f"{label} {c}" if len(images) > 1 else label, fontsize=8)
-            else:
+            if c >= len(images):
                 ax.axis("off")
+                continue
+            text = texts[c]
+            wrong = text.startswith("!")
+            _show_image(ax, images[c], text.lstrip("!"), "red" if wrong else "black")
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
 
 
-def plot_image_grid(rows: dict[str, np.ndarray], title: str, path: str) -> None:
-    """One row per entry of `rows` (label -> images (n, H, W, C) in [0, 1])."""
+def plot_image_grid(
+    rows: dict[str, np.ndarray],
+    title: str,
+    path: str,
+    captions: dict[str, list[str]] | None = None,
+) -> None:
+    """One row per entry of `rows` (label -> images (n, H, W, C) in [0, 1]), each image
+    captioned from `captions` (see _image_rows)."""
     n_cols = max(len(images) for images in rows.values())
-    fig = plt.figure(figsize=(1.8 * n_cols, 1.9 * len(rows)))
-    _image_rows(fig, rows)
-    fig.suptitle(title)
+    fig = plt.figure(figsize=(1.45 * n_cols + 0.6, 1.75 * len(rows) + 0.8))
+    _image_rows(fig, rows, captions)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+
+
+def plot_eigen_feature_images(
+    pos: np.ndarray,
+    neg: np.ndarray,
+    w: np.ndarray,
+    captions: dict[str, list[str]],
+    title: str,
+    path: str,
+) -> None:
+    """Images that maximise the cosine with each top eigenvector's feature (+ row) and its
+    negative (- row), one column per eigenvector, and the regression weights' image on the
+    right spanning both rows."""
+    n = len(pos)
+    fig = plt.figure(figsize=(1.9 * (n + 1.4) + 0.6, 4.6))
+    grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [1.4], wspace=0.15, hspace=0.35)
+    for row, (label, images) in enumerate((("+ eigenvector", pos), ("- eigenvector", neg))):
+        key = "pos" if row == 0 else "neg"
+        for c in range(n):
+            ax = fig.add_subplot(grid[row, c])
+            _show_image(ax, images[c], captions[key][c])
+            if c == 0:
+                ax.set_ylabel(label, fontsize=9)
+    ax = fig.add_subplot(grid[:, n])
+    _show_image(ax, w, captions["w"][0])
+    fig.suptitle(title, fontsize=10)
     _save(fig, path)
 
 
 def plot_robustified(
-    original: np.ndarray, optimised: np.ndarray, history: dict, title: str, path: str
+    original: np.ndarray,
+    optimised: np.ndarray,
+    history: dict,
+    title: str,
+    path: str,
+    labels: np.ndarray | None = None,
 ) -> None:
-    """Left: original and optimised support images and their difference (grey = none, scaled
-    to the largest change). Right: the adversarial loss and accuracy on the targets per step."""
+    """Left: original and optimised support images (captioned with their labels) and their
+    difference (grey = none, scaled to the largest change). Right: the adversarial loss and
+    accuracy on the targets per step."""
     delta = optimised - original
     scale = max(float(np.abs(delta).max()), 1e-12)
     rows = {"original": original, "optimised": optimised, "change": 0.5 + 0.5 * delta / scale}
     n_cols = len(original)
     fig = plt.figure(figsize=(1.6 * n_cols + 5, 5.4))
     left, right = fig.subfigures(1, 2, width_ratios=[1.6 * n_cols, 5])
-    _image_rows(left, rows)
+    captions = None if labels is None else {"original": [f"label {int(c)}" for c in labels]}
+    _image_rows(left, rows, captions)
     left.suptitle(f"change scaled by 1/{scale:.3f}", fontsize=9, y=0.02)
     ax = right.subplots()
     steps = np.arange(1, len(history["loss"]) + 1)
@@ -189,7 +249,9 @@ def plot_eigen_features(result: dict, path: str) -> None:
         ax_e.set_ylabel("eigenvalue")
         ax_c.set_xlabel("eigen-component i (decreasing eigenvalue)")
         ax_c.set_ylabel("test accuracy")
-        ax_c.legend(loc="upper right")
+        handles = ax_c.get_legend_handles_labels()
+        twin = ax_e.get_legend_handles_labels()
+        ax_c.legend(handles[0] + twin[0], handles[1] + twin[1], loc="upper right", fontsize=8)
     ax_c.set_title("single eigen-components")
     clean = np.array(result["clean_cumulative"])
     ax_k.semilogx(np.arange(1, len(clean) + 1), clean, "-", label="clean (every k)")
@@ -222,8 +284,8 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
         ("alignment", "centered kernel-target alignment", False),
         ("energy_top10", "spectral energy in top 10", False),
     )
-    fig = plt.figure(figsize=(15, 8.5))
-    fig.subplots_adjust(wspace=0.3, hspace=0.35)
+    fig = plt.figure(figsize=(15, 9.5))
+    fig.subplots_adjust(wspace=0.32, hspace=0.45, top=0.9)
     for i, (key, title, log_y) in enumerate(panels):
         ax = fig.add_subplot(2, 3, i + 1)
         for label, rows in table.items():
@@ -233,8 +295,9 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
         _epoch_axis(ax)
         if log_y:
             ax.set_yscale("log")
-        ax.set_title(title)
-    ax.legend(fontsize=8)
+        ax.set_ylabel(title.split(" (")[0])
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=7)
     ax = fig.add_subplot(2, 3, 6, projection="polar")
     for label, rows in table.items():
         points = [
@@ -244,11 +307,16 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
             ax.plot(*zip(*points, strict=True), ".-", label=label)
     ax.set_thetamin(0)
     ax.set_thetamax(90)
-    ax.set_title(
-        "polar view\nr = d(first, t) / d(first, last), angle = arccos(alignment)",
-        fontsize=9,
-        pad=14,
-    )
+    ax.set_xlabel("angle = arccos(alignment)", fontsize=8)
+    ax.set_title("polar view", fontsize=10, pad=6)
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.25, 1.12))
+    ax.text(
+        0.5, -0.3,
+        "radius = d(first, t) / d(first, last): 1 at the last kernel;\n"
+        "above 1 where a kernel was farther from the first than the last one is",
+        transform=ax.transAxes, ha="center", va="top", fontsize=8,
+    )  # fmt: skip
+    fig.suptitle(f"kernel evolution of {', '.join(table)}", fontsize=12)
     _save(fig, path)
 
 
@@ -268,29 +336,52 @@ def plot_kernel_spectra(
                 lw=1,
                 label=f"epoch {epoch:g}",
             )
-        ax.set_xlabel("index")
+        ax.set_xlabel("eigenvalue index (decreasing)")
         ax.set_ylabel("eigenvalue")
-        ax.set_title(label)
+        ax.set_title(f"eigen-spectra of {label}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=7, ncol=2)
     _save(fig, path)
 
 
-def plot_cka(result: dict, sides: list[str], path: str) -> None:
-    """Heatmaps of linear and debiased CKA: rows are side 0's layers, columns side 1's."""
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.6))
-    fig.subplots_adjust(wspace=0.45)
+CELL_VALUES_UP_TO = 12  # CKA heatmaps print each cell's value up to this many rows/columns
+
+
+def short_layer_name(index: int, name: str) -> str:
+    """'3: stage1_block0/relu_1' for 'resnet18/~/stage1_block0/~/relu_1' (index as in
+    --model0_layers)."""
+    parts = name.split("/~/")
+    return f"{index}: {'/'.join(parts[1:] if len(parts) > 1 else parts)}"
+
+
+def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> None:
+    """Heatmaps of linear and debiased CKA: rows are side 0's layers, columns side 1's; cell
+    values printed up to CELL_VALUES_UP_TO layers a side. `sides`: each side's name (run name
+    and input kind); `layer_indices`: (rows, columns) indices of the layers shown."""
+    rows, cols = layer_indices or (range(len(result["layers0"])), range(len(result["layers1"])))
+    names0 = [short_layer_name(i, n) for i, n in zip(rows, result["layers0"], strict=True)]
+    names1 = [short_layer_name(j, n) for j, n in zip(cols, result["layers1"], strict=True)]
+    size = max(len(names0), len(names1))
+    tick = 9 if size <= 12 else 7
+    fig, axes = plt.subplots(1, 2, figsize=(8 + 0.55 * len(names1) * 2, 3.5 + 0.4 * len(names0)))
+    fig.subplots_adjust(wspace=0.55, top=0.86)
     for ax, estimator in zip(axes, ("linear", "debiased"), strict=True):
-        image = ax.imshow(
-            result[estimator], origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto"
-        )
-        fig.colorbar(image, ax=ax, fraction=0.046)
-        ax.set_title(f"{estimator} CKA")
-        ax.set_yticks(range(len(result["layers0"])), result["layers0"], fontsize=6)
-        ax.set_xticks(range(len(result["layers1"])), result["layers1"], fontsize=6, rotation=90)
-        ax.set_ylabel(sides[0], fontsize=8)
-        ax.set_xlabel(sides[1], fontsize=8)
-    fig.suptitle(f"CKA on {result['n_images']} test images")
+        values = np.asarray(result[estimator])
+        image = ax.imshow(values, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
+        fig.colorbar(image, ax=ax, fraction=0.046, label=f"{estimator} CKA")
+        if size <= CELL_VALUES_UP_TO:
+            for (i, j), v in np.ndenumerate(values):
+                colour = "black" if v > 0.6 else "white"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
+        ax.set_title(f"{estimator} CKA", fontsize=10)
+        ax.set_yticks(range(len(names0)), names0, fontsize=tick)
+        ax.set_xticks(range(len(names1)), names1, fontsize=tick, rotation=60, ha="right")
+        ax.set_ylabel(f"{sides[0]}: layer", fontsize=10)
+        ax.set_xlabel(f"{sides[1]}: layer", fontsize=10)
+    fig.suptitle(
+        f"CKA between the layers of {sides[0]} and {sides[1]}, {result['n_images']} test images",
+        fontsize=11,
+    )
     _save(fig, path)
 
 

@@ -31,7 +31,7 @@ from ntk_evolution.kernel_regression import (
     relu_ntk,
     relu_support_kernel,
 )
-from ntk_evolution.parallel import replicate
+from ntk_evolution.parallel import replicate, shard_batch
 from utils import UserError, load_pickle, to_host
 
 
@@ -167,6 +167,16 @@ def _autoattack_fn(apply: Callable, name: str, norm: str) -> Callable:
         )
 
     return jax.jit(attack)
+
+
+def predicted_labels(
+    support: SupportKernel, coefficients: np.ndarray, projection: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    """argmax of z -> K(z, X) B P on the images x (a few: one padded batch)."""
+    apply, operand = support.operator(coefficients)
+    operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
+    (z,) = shard_batch(x, pad=True)
+    return np.argmax(to_host(_predict_fn(apply)(operand, projection, z))[: len(x)], axis=1)
 
 
 def evaluate_predictor(

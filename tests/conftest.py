@@ -11,9 +11,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The scripts' persistent compilation cache (parallel.initialize) goes to a folder of this test
-# session, not the user's cache; subprocesses started by the tests share it.
-os.environ["NTK_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="ntk_test_jax_cache_")
+# The scripts' cache folder (compiled functions, the digits split: utils.user_cache_dir) is a
+# folder of this test session, not the user's; subprocesses started by the tests share it.
+os.environ["NTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="ntk_test_cache_")
 
 
 def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed: int = 0):

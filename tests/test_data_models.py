@@ -25,6 +25,24 @@ def test_digits_native_size_fixed_stratified_split():
     np.testing.assert_array_equal(load_dataset("digits").y_test, ds.y_test)
 
 
+def test_digits_split_is_kept_in_the_cache_and_matches_scikit_learn(tmp_path, monkeypatch):
+    import data
+
+    monkeypatch.setenv("NTK_CACHE_DIR", str(tmp_path))
+    fresh = data._split_digits()  # scikit-learn's split, computed here
+    first = load_dataset("digits")  # computes it and keeps it
+    assert os.path.isfile(data.digits_cache_path())
+    cached = load_dataset("digits")  # read back
+    for ds in (first, cached):
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            np.testing.assert_array_equal(getattr(ds, key), getattr(fresh, key))
+            assert getattr(ds, key).dtype == getattr(fresh, key).dtype
+    with open(data.digits_cache_path(), "wb") as f:
+        f.write(b"not an npz")  # a damaged cache is recomputed and replaced
+    np.testing.assert_array_equal(load_dataset("digits").x_test, fresh.x_test)
+    np.testing.assert_array_equal(load_dataset("digits").y_train, fresh.y_train)
+
+
 @pytest.mark.slow
 def test_cifar10_fixture_goes_through_torchvision_parser(tmp_path, skip_cifar_md5):
     write_cifar10_fixture(str(tmp_path), n_train=100, n_test=40)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import pickle
@@ -32,11 +33,15 @@ class RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
+TIMED = {"metrics.csv"}  # holds wall times; compared without them (metrics_rows)
+
+
 def digest(folder) -> dict:
+    """sha256 of every file in `folder`, but metrics.csv, which holds wall times."""
     return {
         name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
         for name in sorted(os.listdir(folder))
-        if os.path.isfile(os.path.join(folder, name))
+        if os.path.isfile(os.path.join(folder, name)) and name not in TIMED
     }
 
 
@@ -144,6 +149,7 @@ def test_same_command_and_seed_give_identical_outputs(reference_run, tmp_path):
     folder, results = reference_run
     assert run_in(tmp_path / "again") == results
     assert digest(folder) == digest(tmp_path / "again")  # every file, byte for byte
+    assert untimed_metrics(folder) == untimed_metrics(tmp_path / "again")
 
 
 @pytest.mark.slow
@@ -170,6 +176,19 @@ def test_interrupted_run_resumes_to_identical_results(
     for name in ("results.pkl", "parameters_final.pkl"):
         expected = open(folder / name, "rb").read()
         assert open(tmp_path / "resumed" / name, "rb").read() == expected, name
+    # metrics.csv: the resumed run appended to the interrupted one's rows; the same rows as
+    # the uninterrupted run's but for the times
+    expected = untimed_metrics(folder)
+    assert untimed_metrics(tmp_path / "resumed") == expected and len(expected) > 2
+    assert (tmp_path / "resumed" / "training_curves.png").is_file()
+
+
+def untimed_metrics(folder) -> list[dict]:
+    """metrics.csv's rows without the wall-time columns."""
+    with open(folder / "metrics.csv", newline="") as f:
+        return [
+            {k: v for k, v in row.items() if not k.endswith("time_s")} for row in csv.DictReader(f)
+        ]
 
 
 # ----------------------------------------------------------------------------- bad input
