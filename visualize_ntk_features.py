@@ -157,9 +157,9 @@ def main(argv=None) -> dict:
     at = f"epoch {epoch:g}" if epoch is not None else os.path.basename(args.model_path)
     plot_eigen_feature_images(
         result["pos_images"], result["neg_images"], result["w_image"], captions,
-        f"NTK eigen-features of {run}, {at}: {args.model} on {args.dataset}, logit "
-        f"{class_index}, N = {len(kernel)}\nimages whose NTK feature has the largest cosine "
-        "with each top eigenvector's feature (u_i, -u_i) and with the regression weights'",
+        f"NTK eigen-features of {run}, {at}\n{args.model} on {args.dataset}, logit "
+        f"{class_index}, N = {len(kernel)}: images whose NTK feature is closest (cosine)\n"
+        "to each top eigenvector's feature (u_i and -u_i) and to the regression weights'",
         path[:-4] + ".png",
     )  # fmt: skip
     print(f"wrote {path} and {path[:-4]}.png")

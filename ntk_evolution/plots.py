@@ -182,8 +182,10 @@ def plot_eigen_feature_images(
     negative (- row), one column per eigenvector, and the regression weights' image on the
     right spanning both rows."""
     n = len(pos)
-    fig = plt.figure(figsize=(1.9 * (n + 1.4) + 0.6, 4.6))
-    grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [1.4], wspace=0.15, hspace=0.35)
+    fig = plt.figure(figsize=(max(2.1 * (n + 1.4) + 0.6, 8.5), 5.6))
+    grid = fig.add_gridspec(
+        2, n + 1, width_ratios=[1] * n + [1.4], wspace=0.2, hspace=0.45, top=0.76, bottom=0.03
+    )
     for row, (label, images) in enumerate((("+ eigenvector", pos), ("- eigenvector", neg))):
         key = "pos" if row == 0 else "neg"
         for c in range(n):
@@ -307,13 +309,13 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
             ax.plot(*zip(*points, strict=True), ".-", label=label)
     ax.set_thetamin(0)
     ax.set_thetamax(90)
-    ax.set_xlabel("angle = arccos(alignment)", fontsize=8)
     ax.set_title("polar view", fontsize=10, pad=6)
-    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.25, 1.12))
+    ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.1, 1.12))
     ax.text(
-        0.5, -0.3,
-        "radius = d(first, t) / d(first, last): 1 at the last kernel;\n"
-        "above 1 where a kernel was farther from the first than the last one is",
+        0.5, -0.12,
+        "angle = arccos(alignment); radius = d(first, t) / d(first, last):\n"
+        "1 at the last kernel, above 1 where a kernel was farther from the\n"
+        "first than the last one is",
         transform=ax.transAxes, ha="center", va="top", fontsize=8,
     )  # fmt: skip
     fig.suptitle(f"kernel evolution of {', '.join(table)}", fontsize=12)
@@ -435,10 +437,11 @@ def plot_training_curves(rows: list[dict], title: str, path: str) -> None:
         if points:
             ax_a.plot(*zip(*points, strict=True), marker, color="k", mfc="none",
                       label=f"test {name}")  # fmt: skip
+    both = phase1_end > 0 and any(r["phase"] == 2 for r in trained)
     for ax in (ax_l, ax_a, ax_r):
-        if trained and any(r["phase"] == 2 for r in trained) and phase1_end > 0:
+        if both:
             ax.axvline(phase1_end, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("epoch (phase 2 after phase 1)")
+        ax.set_xlabel("epoch (phase 2 after phase 1)" if both else "epoch")
         ax.grid(True, alpha=0.3)
         if ax.has_data():
             ax.legend(fontsize=8)
