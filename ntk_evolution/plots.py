@@ -239,8 +239,8 @@ def plot_eigen_features(result: dict, path: str) -> None:
     rows = result["rows"]
     single = [r for r in rows if r["kind"] == "component"]
     top = [r for r in rows if r["kind"] == "top_k"]
-    fig, (ax_c, ax_k) = plt.subplots(1, 2, figsize=(12, 4.4))
-    fig.subplots_adjust(wspace=0.4)
+    fig, (ax_c, ax_k) = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig.subplots_adjust(wspace=0.4, top=0.82)
     if single:
         index = np.array([r["k"] for r in single])
         ax_c.bar(index - 0.2, [r["clean"] for r in single], 0.4, label="clean")
@@ -265,7 +265,12 @@ def plot_eigen_features(result: dict, path: str) -> None:
     ax_k.grid(True, which="both", alpha=0.3)
     ax_k.legend()
     ax_k.set_title("cumulative top-k")
-    fig.suptitle(f"{result['kernel']}, {result['dataset']}, eps {result['eps']:g}/255")
+    fig.suptitle(
+        f"kernel regression restricted to eigen-components: {result['kernel']}, "
+        f"{result['dataset']}\n{result['support_size']} support images, {result['n_test']} test "
+        f"images, PGD-Linf eps {result['eps']:g}/255 ({result['pgd_steps']} steps)",
+        fontsize=11,
+    )
     _save(fig, path)
 
 
