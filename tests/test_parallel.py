@@ -54,19 +54,24 @@ def test_four_devices_and_two_hosts_match_one_device(tmp_path):
     assert int(one["devices"]) == 1 and int(four["devices"]) == 4
     assert int(four["shards"]) == 4  # the batch really is split
 
-    # training: 8 steps (4 clean, 4 adversarial with 20-step PGD) from the same start
-    # (measured here: 1.2e-7 apart at most, BatchNorm statistics 2e-7, the kernel 1e-7 relative)
-    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(four["bn"], one["bn"], rtol=1e-5, atol=1e-5)
+    # training: 8 steps (4 clean, 4 adversarial with 20-step PGD) from the same start. One and
+    # four devices sum in different orders, and PGD's sign steps turn rounding differences into
+    # a few flipped pixels: how far apart depends on the CPU. Measured: 1.2e-7 apart at most
+    # (BatchNorm statistics 2e-7, the kernel 1e-7 relative, 99.9% of PGD pixels equal) on one
+    # machine; 4.5e-5 (BatchNorm 3.8e-5, kernel 6.8e-5 relative, 99.5% of pixels) on the 2-core
+    # AMD EPYC of 2026-12-02, where the code before the compilation cache gives the same. A
+    # sharding bug (statistics or gradients of one shard) moves them by 1e-2 and more.
+    np.testing.assert_allclose(four["params"], one["params"], rtol=1e-5, atol=2e-4)
+    np.testing.assert_allclose(four["bn"], one["bn"], rtol=1e-5, atol=2e-4)
     # PGD: a sign step could flip where a gradient is ~0; (nearly) every pixel agrees
     agree = np.isclose(four["adversarial"], one["adversarial"], atol=1e-5)
-    assert agree.mean() > 0.999, agree.mean()
+    assert agree.mean() > 0.99, agree.mean()
     assert np.abs(four["adversarial"] - one["adversarial"]).max() <= 2 * 32 / 255 + 1e-6
     np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=2 / 150)
     # AutoAttack's four attacks, sharded: the same accuracies within two of the 100 examples
     np.testing.assert_allclose(four["autoattack"], one["autoattack"], atol=2 / 100)
     np.testing.assert_allclose(hosts["autoattack"], four["autoattack"], atol=2 / 100)
-    np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=5e-4, atol=1e-6)
     # a training batch that does not divide over the devices is a clear error
     assert str(one["error"]) == ""
     assert "cannot be split over 4 devices" in str(four["error"])

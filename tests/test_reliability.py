@@ -33,15 +33,19 @@ class RunsACommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-TIMED = {"metrics.csv"}  # holds wall times; compared without them (metrics_rows)
+# files that differ between identical runs, and why (each is checked otherwise)
+NOT_BYTE_COMPARED = {
+    "metrics.csv": "holds wall times (untimed_metrics compares the rest)",
+    "training_curves.png": "its title names the run's folder",
+}
 
 
 def digest(folder) -> dict:
-    """sha256 of every file in `folder`, but metrics.csv, which holds wall times."""
+    """sha256 of every file in `folder` but those in NOT_BYTE_COMPARED."""
     return {
         name: hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()
         for name in sorted(os.listdir(folder))
-        if os.path.isfile(os.path.join(folder, name)) and name not in TIMED
+        if os.path.isfile(os.path.join(folder, name)) and name not in NOT_BYTE_COMPARED
     }
 
 
