@@ -20,7 +20,12 @@ import os
 import numpy as np
 
 from data import class_balanced_subset
-from ntk_evolution.checkpoints import checkpoint_epoch, load_kernel, model_and_dataset
+from ntk_evolution.checkpoints import (
+    check_kernel_record,
+    checkpoint_epoch,
+    load_kernel,
+    model_and_dataset,
+)
 from ntk_evolution.cli import (
     Parser,
     add_kernel_subset_flags,
@@ -75,12 +80,7 @@ def read_class_kernel(args) -> dict:
 def load_class_kernel(args, ds, record: dict) -> tuple[np.ndarray, np.ndarray, int]:
     """(kernel, training-set indices, class) from the --kernel_path record, checked against the
     flags."""
-    for key in ("dataset", "model"):
-        if record.get(key) is not None and record[key] != getattr(args, key):
-            raise UserError(
-                f"{args.kernel_path} was computed with --{key} {record[key]}, not "
-                f"{getattr(args, key)}; pass --{key} {record[key]}"
-            )
+    check_kernel_record(record, args.kernel_path, {"dataset": args.dataset, "model": args.model})
     if "indices" not in record:
         raise UserError(
             f"{args.kernel_path} does not record which images it was computed on (no "

@@ -239,10 +239,16 @@ def load_kernel(path: str, trust: bool = False, expect: dict | None = None) -> d
     record = load_pickle(path, "kernel pickle", trust)
     if not isinstance(record, dict) or not {"kernel", "labels"} <= set(record):
         raise UserError(f"{path} is not a kernel pickle of calculate_kernel.py")
-    for key, value in (expect or {}).items():
-        if key in record and record[key] != value:
+    check_kernel_record(record, path, expect or {})
+    return {**record, "kernel": np.asarray(record["kernel"], np.float64)}
+
+
+def check_kernel_record(record: dict, path: str, expect: dict) -> None:
+    """A value recorded in the kernel pickle at `path` that differs from `expect` = {key:
+    value} is an error naming the flag to pass."""
+    for key, value in expect.items():
+        if record.get(key) is not None and record[key] != value:
             raise UserError(
                 f"{path} was computed with --{key} {record[key]}, not {value}; "
                 f"pass --{key} {record[key]}"
             )
-    return {**record, "kernel": np.asarray(record["kernel"], np.float64)}
