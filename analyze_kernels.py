@@ -21,7 +21,13 @@ import os
 import numpy as np
 
 from ntk_evolution.checkpoints import epoch_from_name, load_kernel
-from ntk_evolution.cli import Parser, add_out_dir_flag, add_shared_flags, expand_paths
+from ntk_evolution.cli import (
+    Parser,
+    add_out_dir_flag,
+    add_shared_flags,
+    check_out_dir,
+    expand_paths,
+)
 from ntk_evolution.kernel_analysis import evolution, spectrum, target_matrix
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_grid, plot_kernel_spectra
@@ -118,6 +124,7 @@ def grid_title(record: dict) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
     paths = expand_paths(args.kernels, "kernel pickle")
     records = [read_kernel(path, args.trust_pickle) for path in paths]

@@ -32,6 +32,7 @@ from ntk_evolution.cli import (
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
+    check_out_dir,
     expand_paths,
     finite_float,
 )
@@ -100,6 +101,10 @@ def main(argv=None) -> dict | list[dict]:
     args = parse_args(argv)
     initialize(args)
     paths = expand_paths(args.model_path, "checkpoint")
+    for path in paths:
+        check_out_dir(
+            os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir), "--bonus_dir"
+        )
     first = load_model_from_args(args, paths[0])  # fills in --model and --dataset
     ds = load_dataset(args.dataset, args.data_root)
     if not -1 <= args.class_index < ds.n_classes:

@@ -21,7 +21,14 @@ from data import DATASETS, load_dataset
 from models import MODELS
 from ntk_evolution.attacks import attack_settings, eps_from_255
 from ntk_evolution.checkpoints import LoadedModel, load_model
-from ntk_evolution.cli import Parser, add_eps_flag, add_seed_flag, add_shared_flags, positive_int
+from ntk_evolution.cli import (
+    Parser,
+    add_eps_flag,
+    add_seed_flag,
+    add_shared_flags,
+    check_out_dir,
+    positive_int,
+)
 from ntk_evolution.dynamics import Dynamics
 from ntk_evolution.evaluation import attacked_batches, make_attack_fn
 from ntk_evolution.parallel import initialize
@@ -114,6 +121,7 @@ def run_name(path: str) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out_dir(args.savedir, "--savedir")
     initialize(args)
     paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
     models = (args.model * 2)[:2] if args.model else [None, None]

@@ -11,11 +11,10 @@ import os
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from utils import UserError, atomic_file, load_pickle, user_cache_dir
+from utils import UserError, atomic_file, user_cache_dir
 
 DATASETS = ("cifar10", "cifar100", "digits")
 # (image shape (H, W, C), number of classes) of each dataset, known without loading it
@@ -192,32 +191,3 @@ def padded_batches(
             xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
             yb = np.concatenate([yb, np.repeat(yb[:1], pad, axis=0)])
         yield xb, yb, n_real
-
-
-def load_examples(
-    path: str, image_shape: tuple[int, ...], trust: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Images (NHWC float32) and labels of an adv_examples pickle ({images: (N, C, H, W) in
-    [0, 1], labels: (N,)}, as eval_and_make_adv.py, ntk_attack.py and robustify_dataset.py
-    write it), checked against the dataset's image shape."""
-    return examples_from_record(load_pickle(path, "examples file", trust=trust), path, image_shape)
-
-
-def examples_from_record(
-    examples: Any, path: str, image_shape: tuple[int, ...]
-) -> tuple[np.ndarray, np.ndarray]:
-    """load_examples on an already loaded pickle (which may hold more keys)."""
-    if not isinstance(examples, dict) or not {"images", "labels"} <= set(examples):
-        raise UserError(f"{path} is not an adv_examples pickle (expected keys images, labels)")
-    images = np.asarray(examples["images"], np.float32)
-    labels = np.asarray(examples["labels"]).astype(np.int32)
-    h, w, c = image_shape
-    if images.ndim != 4 or images.shape[1:] != (c, h, w):
-        raise UserError(
-            f"{path}: images have shape {images.shape}, expected (N, {c}, {h}, {w}) for the dataset"
-        )
-    if labels.shape != (len(images),):
-        raise UserError(f"{path}: {labels.shape} labels for {len(images)} images")
-    if not np.all(np.isfinite(images)) or images.min() < 0 or images.max() > 1:
-        raise UserError(f"{path}: image values must lie in [0, 1]")
-    return images.transpose(0, 2, 3, 1), labels

@@ -25,6 +25,7 @@ from ntk_evolution.cli import (
     add_out_dir_flag,
     add_shared_flags,
     autoattack_threat,
+    check_out_dir,
     non_negative_int,
 )
 from ntk_evolution.evaluation import masking_warnings
@@ -75,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
     loaded, ds = model_and_dataset(args)
     classes = sorted(set(args.classes)) if args.classes else list(range(ds.n_classes))

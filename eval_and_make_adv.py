@@ -31,10 +31,9 @@ import os
 import jax
 import numpy as np
 
-from data import load_examples
 from ntk_evolution.attacks import attack_settings, eps_from_255
 from ntk_evolution.autoattack import AUTOATTACK
-from ntk_evolution.checkpoints import model_and_dataset
+from ntk_evolution.checkpoints import load_examples, model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_autoattack_flags,
@@ -45,6 +44,7 @@ from ntk_evolution.cli import (
     add_shared_flags,
     autoattack_eps,
     autoattack_threat,
+    check_out_dir,
     positive_int,
 )
 from ntk_evolution.dynamics import Dynamics
@@ -128,6 +128,10 @@ def default_save_name(test_path: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
+    check_out_dir(
+        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir),
+        "--bonus_dir",
+    )
     if args.test_path and args.transfer_path:
         raise UserError(
             "--test_path and --transfer_path both give transfer examples; use one (--test_path "
@@ -143,7 +147,7 @@ def main(argv=None) -> dict:
     w, theta_t, net_state = replicate((w, theta_t, loaded.net_state))
 
     if args.test_path:
-        x, y = load_examples(args.test_path, ds.image_shape, args.trust_pickle)
+        x, y = load_examples(args.test_path, ds.image_shape, ds.n_classes, args.trust_pickle)
         x = to_8_bits(x)
     else:
         x, y = ds.x_test, ds.y_test
@@ -154,7 +158,9 @@ def main(argv=None) -> dict:
 
     transfer = None
     if args.transfer_path:
-        transfer = load_transfer(args.transfer_path, x, y, ds.image_shape, args.trust_pickle)
+        transfer = load_transfer(
+            args.transfer_path, x, y, ds.image_shape, ds.n_classes, args.trust_pickle
+        )
 
     dynamics = Dynamics(linear=args.linear, centering=args.centering)
     components_fn = make_components_fn(model, dynamics)

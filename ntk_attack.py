@@ -30,6 +30,7 @@ from ntk_evolution.cli import (
     add_robustness_flags,
     add_shared_flags,
     autoattack_threat,
+    check_out_dir,
 )
 from ntk_evolution.evaluation import NAMES, load_transfer, masking_warnings, print_warnings
 from ntk_evolution.kernel_regression import one_hot, regression_coefficients
@@ -61,13 +62,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
     loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     transfer = None
     if args.transfer_path:
-        transfer = load_transfer(args.transfer_path, x, y, ds.image_shape, args.trust_pickle)
+        transfer = load_transfer(
+            args.transfer_path, x, y, ds.image_shape, ds.n_classes, args.trust_pickle
+        )
     coefficients = regression_coefficients(
         support.kernel, one_hot(support.labels, ds.n_classes), args.ridge
     )

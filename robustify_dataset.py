@@ -43,6 +43,7 @@ from ntk_evolution.cli import (
     add_out_dir_flag,
     add_shared_flags,
     autoattack_threat,
+    check_out_dir,
     finite_float,
     positive_int,
 )
@@ -189,6 +190,7 @@ def robustify(
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
     loaded, ds = model_and_dataset(args)
     choice = kernel_from_args(args, ds, loaded)

@@ -25,14 +25,16 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from data import Dataset, load_dataset, load_examples, num_batches
+from data import Dataset, load_dataset, num_batches
 from models import get_model, init_model
 from ntk_evolution.attacks import eps_from_255
 from ntk_evolution.checkpoints import (
     LoadedModel,
+    check_tree_matches,
     checkpoint_epoch,
     checkpoint_meta,
     checkpoint_name,
+    load_examples,
     load_model_from_args,
     save_checkpoint,
 )
@@ -50,6 +52,7 @@ from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.evaluation import evaluate
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_training_curves
+from ntk_evolution.schemas import RESUME_TODO, check_resume_state
 from ntk_evolution.training import (
     TrainingLog,
     TrainState,
@@ -165,6 +168,27 @@ RESUME_CONFIG = (
 )  # fmt: skip
 
 
+class Position:
+    """Where training is (phase, epoch being run, step within it) and the last epoch whose
+    resume state is saved: what Ctrl-C reports (interrupt_message)."""
+
+    at: tuple[int, int, int] | None = None
+    saved: tuple[int, int] | None = None
+
+
+def interrupt_message() -> str:
+    """The one line Ctrl-C prints (run_main's on_interrupt)."""
+    if Position.at is None:
+        where = "interrupted before training started"
+    else:
+        where = "interrupted at phase {} epoch {} step {}".format(*Position.at)
+    if Position.saved is None:
+        return f"{where}; no epoch is complete yet; run the same command to start again"
+    return (
+        f"{where}; the last complete epoch is saved; run the same command with --resume to continue"
+    )
+
+
 def save_resume_state(args, phase: int, epoch: int, state: TrainState, results: dict) -> None:
     """Everything needed to continue after `epoch` epochs of `phase`: parameters, BatchNorm and
     optimizer state, results so far. Data order and PRNG keys derive from (seed, phase, epoch)."""
@@ -179,14 +203,15 @@ def save_resume_state(args, phase: int, epoch: int, state: TrainState, results: 
         "results": results,
     }
     save_pickle(record, os.path.join(args.save_path, RESUME_FILE))
+    Position.saved = (phase, epoch)
 
 
-def load_resume_state(args) -> dict | None:
+def load_resume_state(args, run: Run) -> dict | None:
     path = os.path.join(args.save_path, RESUME_FILE)
     if not os.path.exists(path):
         print(f"--resume: no {RESUME_FILE} in {args.save_path}; starting from the beginning")
         return None
-    record = load_pickle(path, "resume state")
+    record = check_resume_state(load_pickle(path, "resume state"), path)
     parser = build_parser()
     for name in RESUME_CONFIG:  # a flag added since the file was written: its default
         value = record["config"].get(name, parser.get_default(name))
@@ -201,8 +226,33 @@ def load_resume_state(args) -> dict | None:
             f"--resume: {path} is past phase {record['phase']} epoch {record['epoch']}, more "
             f"than the {epochs} epochs asked for"
         )
+    check_resume_shapes(record, path, run)
+    Position.saved = (record["phase"], record["epoch"])
     print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
     return record
+
+
+def check_resume_shapes(record: dict, path: str, run: Run) -> None:
+    """The resume state's trees against the network and its optimizer: the same leaves and
+    shapes (check_resume_state checked their types and values)."""
+    params, net_state = jax.eval_shape(
+        lambda: init_model(run.model, jax.random.PRNGKey(0), run.ds.image_shape)
+    )
+    where = f"--resume: {path}"
+    check_tree_matches(record["w"], params, f"{where} [w]", RESUME_TODO)
+    if record["theta_t"] is not None:
+        check_tree_matches(record["theta_t"], params, f"{where} [theta_t]", RESUME_TODO)
+    if record["phase"] == 2 and record["theta_t"] is None:
+        raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
+    check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
+    if record["opt_state_leaves"] is not None:
+        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(make_optimizer(0.0).init(params))]
+        got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
+        if got != wanted:
+            raise UserError(
+                f"{path}: its optimizer state has {len(got)} arrays that do not fit the network's "
+                f"{len(wanted)} ({RESUME_TODO})"
+            )
 
 
 def restore_train_state(record: dict) -> TrainState:
@@ -239,6 +289,7 @@ def train_phase(
                 adversarial_dynamics=adversarial_dynamics,
             )
         set_learning_rate(state, lr_for_epoch(epoch))
+        Position.at = (phase, epoch, 0)
         save_hook(epoch, None, lambda state=state: state)
         start = time.time()
         state, metrics = run_epoch(
@@ -250,7 +301,7 @@ def train_phase(
             seed=(args.random_seed, phase, epoch),
             key=jax.random.fold_in(key, epoch),
             description=f"phase {phase} epoch {epoch}/{epochs}",
-            on_step=lambda i, s, epoch=epoch: save_hook(epoch, i, s),
+            on_step=lambda i, s, epoch=epoch: track_step(phase, epoch, i, s, save_hook),
         )
         save_resume_state(args, phase, epoch, state, results)
         run.log.epoch(phase, epoch, adversarial, lr_for_epoch(epoch), metrics, time.time() - start)
@@ -261,6 +312,12 @@ def train_phase(
         )
     draw_curves(args, run)
     return state
+
+
+def track_step(phase: int, epoch: int, step: int, get_state, save_hook) -> None:
+    """Before step `step` of the epoch: note the position, then the phase's save hook."""
+    Position.at = (phase, epoch, step)
+    save_hook(epoch, step, get_state)
 
 
 def draw_curves(args, run: Run) -> None:
@@ -300,9 +357,9 @@ def setup(args) -> tuple[Run, LoadedModel | None]:
     loaded = load_model_from_args(args, args.base_model_path)
     ds = load_dataset(args.dataset, args.data_root)
     if args.train_path:
-        x_train, y_train = load_examples(args.train_path, ds.image_shape, args.trust_pickle)
-        if np.any((y_train < 0) | (y_train >= ds.n_classes)):
-            raise UserError(f"{args.train_path}: labels must lie in 0..{ds.n_classes - 1}")
+        x_train, y_train = load_examples(
+            args.train_path, ds.image_shape, ds.n_classes, args.trust_pickle
+        )
         ds = dataclasses.replace(ds, x_train=x_train, y_train=y_train)
         print(f"training on the {len(x_train)} images of {args.train_path}")
     if len(ds.x_train) < args.batch_size:
@@ -493,9 +550,10 @@ def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    Position.at = Position.saved = None
     initialize(args)
     run, base = setup(args)
-    resume = load_resume_state(args) if args.resume else None
+    resume = load_resume_state(args, run) if args.resume else None
     resume_at = None if resume is None else (resume["phase"], resume["epoch"])
     run = run._replace(log=TrainingLog(os.path.join(args.save_path, METRICS_FILE), resume_at))
     results = (
@@ -524,4 +582,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, on_interrupt=interrupt_message)

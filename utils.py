@@ -4,14 +4,17 @@ Nothing here imports the `ntk_evolution` package, so every module can import thi
 
 from __future__ import annotations
 
+import _compat_pickle
+import collections
 import contextlib
 import csv
+import io
 import json
 import os
 import pickle
 import sys
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -71,13 +74,27 @@ def progress_bar(iterable=None, *, desc: str, total: int | None = None, enabled:
     )
 
 
-def run_main(main: Callable[[Sequence[str] | None], Any], argv: Sequence[str] | None = None):
-    """Run an entry script's main(); a UserError ends in one line on stderr and exit code 2."""
+INTERRUPTED = (
+    "interrupted; nothing half-written was left (every output is written whole or not at all); "
+    "run the same command again for the outputs not yet written"
+)
+
+
+def run_main(
+    main: Callable[[Sequence[str] | None], Any],
+    argv: Sequence[str] | None = None,
+    on_interrupt: Callable[[], str] | None = None,
+):
+    """Run an entry script's main(); a UserError ends in one line on stderr and exit code 2,
+    Ctrl-C in one line (`on_interrupt()`, else INTERRUPTED) and exit code 130."""
     try:
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        print(on_interrupt() if on_interrupt else INTERRUPTED, file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
 
 
 # ----------------------------------------------------------------------------- pickles
@@ -144,7 +161,8 @@ def atomic_file(path: str, mode: str = "wb") -> Iterator[Any]:
 
 
 def write_json(obj: Any, path: str) -> None:
-    """`obj` as indented JSON, atomically (process 0 only)."""
+    """`obj` as indented JSON, atomically (process 0 only), after check_output."""
+    check_output(obj, path)
     if is_writer():
         with atomic_file(path, "w") as f:
             json.dump(obj, f, indent=2)
@@ -159,63 +177,214 @@ def write_csv(rows: list[dict], path: str, fields: Sequence[str] | None = None) 
             writer.writerows(rows)
 
 
+def check_output(obj: Any, path: str) -> None:
+    """Before writing `path`: every floating-point number and array in `obj` is finite (a NaN
+    is never saved). Containers are walked without recursion."""
+    stack = [("", obj)]
+    while stack:
+        field, value = stack.pop()
+        if isinstance(value, Mapping):
+            stack.extend((f"{field}[{k!r}]", v) for k, v in value.items())
+        elif isinstance(value, list | tuple):
+            stack.extend((f"{field}[{i}]", v) for i, v in enumerate(value))
+        elif isinstance(value, float | np.floating | np.ndarray | jax.Array):
+            array = np.asarray(value)
+            if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
+                bad = int(array.size - np.count_nonzero(np.isfinite(array)))
+                raise UserError(
+                    f"not writing {path}: {field.lstrip() or 'the value'} has {bad} NaN or "
+                    "infinite values (the computation overflowed: check the inputs it came from)"
+                )
+
+
 def save_pickle(obj: Any, path: str) -> None:
-    """Write `obj` to `path` atomically (arrays as NumPy). With several processes every one
-    calls this (arrays are gathered) and process 0 writes."""
+    """Write `obj` to `path` atomically (arrays as NumPy), after check_output (no NaN is ever
+    saved). With several processes every one calls this (arrays are gathered) and process 0
+    writes."""
     obj = to_numpy(obj)
+    check_output(obj, path)
     if is_writer():
         with atomic_file(path) as f:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-# What a pickle of NumPy arrays, dtypes, scalars and plain containers refers to (NumPy 1 and 2).
-SAFE_GLOBALS = {
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
-    ("collections", "OrderedDict"),
-    *(
-        (f"numpy.{core}.multiarray", name)
+MAX_DEPTH = 16  # nesting of containers in any file this project reads (a checkpoint: 4)
+
+
+class _Refused:
+    """What find_class returns for numpy.ndarray: a token _reconstruct accepts, which cannot be
+    called or instantiated (NEWOBJ ndarray(shape) would allocate a size read from the file)."""
+
+
+_NDARRAY = _Refused()
+
+
+def _refuse(what: str) -> pickle.UnpicklingError:
+    return pickle.UnpicklingError(f"it asks to allocate {what}")
+
+
+def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """numpy's _reconstruct(ndarray, (0,), b'b'), the empty array numpy's pickles then fill
+    with BUILD (whose data must match the shape): any other size is refused."""
+    if subtype is not _NDARRAY or tuple(shape) != (0,):
+        raise _refuse(f"an array of shape {shape!r} before its data")
+    return _multiarray._reconstruct(np.ndarray, (0,), typecode)
+
+
+def _scalar(dtype: Any, data: Any = None) -> Any:
+    """numpy's scalar(dtype, bytes): only from exactly itemsize bytes of a plain dtype."""
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise _refuse(f"a scalar of dtype {dtype!r}")
+    if not isinstance(data, bytes) or len(data) != dtype.itemsize:
+        raise _refuse(f"a scalar of {dtype.itemsize} bytes from {type(data).__name__}")
+    return _NUMPY_SCALAR(dtype, data)
+
+
+def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    """numpy's _frombuffer: reshapes the bytes the file carries, allocates nothing more."""
+    return _NUMPY_FROMBUFFER(buffer, dtype, shape, order)
+
+
+def _from_containers(kind: type) -> Callable[..., Any]:
+    """kind() or kind(a list, tuple, dict or set the pickle built): never kind(n) or kind of
+    an iterator, which could allocate more than the file holds."""
+
+    def make(*args: Any) -> Any:
+        if len(args) > 1 or (args and not isinstance(args[0], list | tuple | dict | set)):
+            raise _refuse(f"a {kind.__name__} from {type(args[0]).__name__}")
+        return kind(*args)
+
+    return make
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """bytearray(bytes) or bytearray(str, 'latin-1'), as pickle writes it; never bytearray(n)."""
+    if not args or not isinstance(args[0], bytes | str) or len(args) > 2:
+        raise _refuse("a bytearray of a size given in the file")
+    return bytearray(*args)
+
+
+def _encode(text: Any, encoding: str = "latin1") -> bytes:
+    """_codecs.encode(str, 'latin1'), how protocol-2 pickles carry bytes."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise _refuse(f"bytes by the codec {encoding!r}")
+    return text.encode("latin1")
+
+
+def _complex(real: Any = 0.0, imag: Any = 0.0) -> complex:
+    if not all(isinstance(v, int | float) for v in (real, imag)):
+        raise _refuse("a complex number from non-numbers")
+    return complex(real, imag)
+
+
+try:  # NumPy 2, else 1
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
+except ImportError:  # pragma: no cover
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
+_NUMPY_SCALAR, _NUMPY_FROMBUFFER = _multiarray.scalar, _numeric._frombuffer
+
+# What a pickle of NumPy arrays, dtypes, scalars and plain containers refers to (NumPy 1 and 2),
+# each mapped to a version that allocates no more than the bytes the file carries.
+SAFE_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _encode,
+    ("collections", "OrderedDict"): _from_containers(collections.OrderedDict),
+    ("builtins", "complex"): _complex,
+    ("builtins", "bytearray"): _bytearray,
+    **{
+        ("builtins", kind.__name__): _from_containers(kind)
+        for kind in (dict, list, tuple, set, frozenset)
+    },
+    **{
+        (f"numpy.{core}.{module}", name): function
         for core in ("core", "_core")
-        for name in ("_reconstruct", "scalar")
-    ),
-    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
-    *(
-        ("builtins", name)
-        for name in ("dict", "list", "tuple", "set", "frozenset", "complex", "bytearray")
-    ),
+        for module, name, function in (
+            ("multiarray", "_reconstruct", _reconstruct),
+            ("multiarray", "scalar", _scalar),
+            ("numeric", "_frombuffer", _frombuffer),
+        )
+    },
 }
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    """Admits only SAFE_GLOBALS: loading can build arrays and containers, never call code."""
+class _SafeUnpickler(pickle._Unpickler):  # the Python one: its memo is a dict, not an array
+    """Admits only SAFE_GLOBALS: loading can build arrays and containers from the file's own
+    bytes, never call code or allocate a size the file merely names."""
 
     def find_class(self, module: str, name: str):
+        if self.proto < 3 and self.fix_imports:  # Python 2 names, as pickle.Unpickler maps them
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         if (module, name) not in SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"it refers to {module}.{name}")
-        return super().find_class(module, name)
+        return SAFE_GLOBALS[module, name]
+
+
+def nesting_depth(obj: Any, limit: int = MAX_DEPTH) -> int:
+    """Depth of nested dicts, lists, tuples and sets in `obj` (0 for a leaf), without recursion;
+    stops counting past `limit`."""
+    deepest, stack = 0, [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = list(item.keys()) + list(item.values())
+        elif isinstance(item, list | tuple | set | frozenset):
+            children = list(item)
+        else:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > limit:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
     """Load a pickle of NumPy arrays and plain containers (what this project writes). Anything
-    else is refused, because unpickling can run arbitrary code; `trust=True` (--trust_pickle)
-    allows a full unpickle of a file the user trusts, e.g. one written by the original code."""
+    else is refused, because unpickling can run arbitrary code, and so is a constructor call
+    that would allocate more than the file's own bytes, or nesting deeper than MAX_DEPTH;
+    `trust=True` (--trust_pickle) allows a full unpickle of a file the user trusts, e.g. one
+    written by the original code. What the loaded object holds is checked by the file kind's
+    schema (ntk_evolution.schemas)."""
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
         with open(path, "rb") as f:
-            return pickle.load(f) if trust else _SafeUnpickler(f).load()
+            data = f.read()  # sizes named in the file then cannot make a read allocate more
     except PermissionError:
         raise UserError(f"{what} is not readable: {path}") from None
+    except OSError as err:
+        raise UserError(f"{what} {path} cannot be read ({err.strerror})") from None
+    try:
+        if trust:
+            obj = pickle.loads(data)
+        else:
+            obj = _SafeUnpickler(io.BytesIO(data)).load()
     except pickle.UnpicklingError as err:
         if not trust and str(err).startswith("it refers to"):
             raise UserError(
                 f"{what} {path} holds more than arrays and plain containers ({err}); refusing to "
                 "load it, since unpickling can run code; pass --trust_pickle if you trust it"
             ) from None
+        if not trust and str(err).startswith("it asks to allocate"):
+            raise UserError(f"{path}: not a valid {what} ({err}; refusing it)") from None
         raise UserError(f"{what} {path} is not a valid pickle ({err})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
-        raise UserError(f"{what} {path} is not a valid or complete pickle ({err})") from None
+    except (MemoryError, RecursionError, OverflowError) as err:
+        raise UserError(
+            f"{path}: not a valid {what} ({type(err).__name__} while unpickling it)"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - arbitrary bytes can raise anything while parsed
+        detail = str(err) or type(err).__name__
+        raise UserError(f"{what} {path} is not a valid or complete pickle ({detail})") from None
+    if nesting_depth(obj) > MAX_DEPTH:
+        raise UserError(
+            f"{path}: containers nested more than {MAX_DEPTH} deep (not a file this project "
+            "writes; recreate it)"
+        )
+    return obj
 
 
 def tree_size(tree: Any) -> int:

@@ -32,6 +32,7 @@ from ntk_evolution.cli import (
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
+    check_out_dir,
     positive_int,
 )
 from ntk_evolution.ntk import empirical_ntk
@@ -105,6 +106,7 @@ def load_class_kernel(args, ds, record: dict) -> tuple[np.ndarray, np.ndarray, i
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize(args)
+    check_out_dir(os.path.dirname(os.path.abspath(args.model_path)), "--model_path's folder")
     record = read_class_kernel(args) if args.kernel_path else None
     loaded, ds = model_and_dataset(args)
     model = loaded.model

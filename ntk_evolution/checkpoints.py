@@ -24,6 +24,7 @@ from data import SHAPES, Dataset, load_dataset
 from models import get_model, init_model
 from ntk_evolution import __version__
 from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL
+from ntk_evolution.schemas import check_checkpoint, check_examples, check_kernel
 from utils import UserError, load_pickle, save_pickle
 
 # ----------------------------------------------------------------------------- names
@@ -109,16 +110,15 @@ def save_checkpoint(
 def load_checkpoint(path: str, trust: bool = False) -> dict:
     """The checkpoint dict at `path`, lin_params defaulting to params and meta to None. Its
     shapes are checked against a network by load_model."""
-    ckpt = load_pickle(path, "checkpoint", trust=trust)
-    if not isinstance(ckpt, dict) or not {"params", "net_state"} <= set(ckpt):
-        raise UserError(f"{path} is not a checkpoint (expected a dict with params, net_state)")
-    ckpt.setdefault("lin_params", ckpt["params"])
-    ckpt.setdefault("meta", None)
-    return ckpt
+    return check_checkpoint(load_pickle(path, "checkpoint", trust=trust), path)
 
 
-def check_tree_matches(tree: Any, reference: Any, where: str) -> None:
-    """Raise a UserError naming the first leaf whose path or shape differs from `reference`."""
+FIT_TODO = "pass the --model and --dataset it was trained with"
+
+
+def check_tree_matches(tree: Any, reference: Any, where: str, todo: str = FIT_TODO) -> None:
+    """Raise a UserError naming the first leaf whose path or shape differs from `reference`
+    (`todo`: what the user can do about it)."""
     got = {
         jax.tree_util.keystr(k): np.shape(v) for k, v in jax.tree_util.tree_leaves_with_path(tree)
     }
@@ -130,15 +130,12 @@ def check_tree_matches(tree: Any, reference: Any, where: str) -> None:
         missing = sorted(want.keys() - got.keys())
         extra = sorted(got.keys() - want.keys())
         detail = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
-        raise UserError(
-            f"{where} does not fit the chosen --model/--dataset ({detail}); "
-            "pass the --model and --dataset it was trained with"
-        )
+        raise UserError(f"{where} does not fit the chosen --model/--dataset ({detail}); {todo}")
     for name, shape in want.items():
         if got[name] != shape:
             raise UserError(
                 f"{where} does not fit the chosen --model/--dataset: {name} has shape "
-                f"{got[name]}, expected {shape}; pass the --model and --dataset it was trained with"
+                f"{got[name]}, expected {shape}; {todo}"
             )
 
 
@@ -233,14 +230,13 @@ def checkpoint_epoch(meta: dict | None, path: str) -> float | None:
 
 def load_kernel(path: str, trust: bool = False, expect: dict | None = None) -> dict:
     """A kernel pickle of calculate_kernel.py: {'kernel': (N, N), 'labels', 'indices',
-    'class_index', 'dataset', 'model', 'model_path', 'epoch', ...}, with the kernel as float64.
+    'class_index', 'dataset', 'model', 'model_path', 'epoch', ...} (schemas.check_kernel), with
+    the kernel as float64.
     `expect` = {key: value} (e.g. dataset, model, class_index): a recorded value that differs
     is an error naming the flag to pass."""
-    record = load_pickle(path, "kernel pickle", trust)
-    if not isinstance(record, dict) or not {"kernel", "labels"} <= set(record):
-        raise UserError(f"{path} is not a kernel pickle of calculate_kernel.py")
+    record = check_kernel(load_pickle(path, "kernel pickle", trust), path)
     check_kernel_record(record, path, expect or {})
-    return {**record, "kernel": np.asarray(record["kernel"], np.float64)}
+    return record
 
 
 def check_kernel_record(record: dict, path: str, expect: dict) -> None:
@@ -252,3 +248,15 @@ def check_kernel_record(record: dict, path: str, expect: dict) -> None:
                 f"{path} was computed with --{key} {record[key]}, not {value}; "
                 f"pass --{key} {record[key]}"
             )
+
+
+# ----------------------------------------------------------------------------- example pickles
+
+
+def load_examples(
+    path: str, image_shape: tuple[int, ...], n_classes: int, trust: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (NHWC float32) and labels of an adv_examples pickle or robust set ({images: (N, C,
+    H, W) in [0, 1], labels: (N,)}, as eval_and_make_adv.py, ntk_attack.py and
+    robustify_dataset.py write it), checked against the dataset (schemas.check_examples)."""
+    return check_examples(load_pickle(path, "examples file", trust), path, image_shape, n_classes)

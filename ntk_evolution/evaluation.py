@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import load_examples, padded_batches
+from data import padded_batches
 from ntk_evolution.attacks import (
     attack_key,
     attack_settings,
@@ -26,6 +26,7 @@ from ntk_evolution.attacks import (
     pgd_restarts,
 )
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
+from ntk_evolution.checkpoints import load_examples
 from ntk_evolution.dynamics import Dynamics, components, forward
 from ntk_evolution.parallel import replicate, shard_batch
 from utils import UserError, progress_bar, to_host
@@ -120,9 +121,11 @@ def attacked_batches(
     bar.close()
 
 
-def load_transfer(path: str, x: np.ndarray, y: np.ndarray, image_shape, trust: bool) -> np.ndarray:
+def load_transfer(
+    path: str, x: np.ndarray, y: np.ndarray, image_shape, n_classes: int, trust: bool
+) -> np.ndarray:
     """Another model's adversarial examples of the test images x (same order and labels)."""
-    images, labels = load_examples(path, image_shape, trust)
+    images, labels = load_examples(path, image_shape, n_classes, trust)
     if len(images) != len(x):
         raise UserError(
             f"--transfer_path {path} has {len(images)} examples for {len(x)} test images; "

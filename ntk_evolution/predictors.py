@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import Dataset, class_balanced_subset, examples_from_record
+from data import Dataset, class_balanced_subset
 from models import get_model, init_model
 from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, pgd_step_size
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
@@ -32,6 +32,7 @@ from ntk_evolution.kernel_regression import (
     relu_support_kernel,
 )
 from ntk_evolution.parallel import replicate, shard_batch
+from ntk_evolution.schemas import check_examples
 from utils import UserError, load_pickle, to_host
 
 
@@ -46,7 +47,7 @@ def support_kernel_from_args(
         raise UserError("pass --kernel_path or --support_path, not both")
     if args.support_path:
         saved = load_pickle(args.support_path, "--support_path file", args.trust_pickle)
-        images, labels = examples_from_record(saved, args.support_path, ds.image_shape)
+        images, labels = check_examples(saved, args.support_path, ds.image_shape, ds.n_classes)
         indices = np.asarray(saved.get("indices", np.arange(len(images))))
     elif args.kernel_path:
         checked = ["dataset"] + (["model", "class_index"] if args.kernel == "empirical" else [])
