@@ -246,7 +246,8 @@ def check_resume_shapes(record: dict, path: str, run: Run) -> None:
         raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
     check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
     if record["opt_state_leaves"] is not None:
-        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(make_optimizer(0.0).init(params))]
+        opt_state = jax.eval_shape(make_optimizer(0.0).init, params)
+        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(opt_state)]
         got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
         if got != wanted:
             raise UserError(

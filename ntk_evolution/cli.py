@@ -229,7 +229,12 @@ def add_autoattack_flags(p: argparse.ArgumentParser) -> None:
         choices=("linf", "l2"),
         help="threat model of --autoattack: linf (radius --eps/255) or l2 (radius --eps_l2)",
     )
-    p.add_argument("--eps_l2", type=float, default=L2_EPS, help="L2 radius of --autoattack_norm l2")
+    p.add_argument(
+        "--eps_l2",
+        type=finite_float(0.0, inclusive=False),
+        default=L2_EPS,
+        help="L2 radius of --autoattack_norm l2",
+    )
     p.add_argument(
         "--eps_sweep",
         type=eps_list,

@@ -187,6 +187,44 @@ def test_interrupted_run_resumes_to_identical_results(
     assert (tmp_path / "resumed" / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_says_how_to_resume_and_resuming_gives_identical_results(
+    reference_run, tmp_path
+):
+    folder, results = reference_run
+    save_path = tmp_path / "interrupted"
+    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
+    process = subprocess.Popen(
+        [*command, "--save_path", str(save_path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state_path = save_path / "resume_state.pkl"
+    deadline = time.time() + 300
+    while not state_path.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert process.poll() is None, "the run ended before its first epoch was saved"
+    process.send_signal(signal.SIGINT)  # Ctrl-C, after phase 1 epoch 1 is saved
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and err.strip().endswith(lines[0]), err
+    assert lines[0].startswith("interrupted at phase ")
+    assert lines[0].endswith(
+        "; the last complete epoch is saved; run the same command with --resume to continue"
+    )
+    assert not (save_path / "results.pkl").exists()
+    state = load_pickle(str(state_path))  # intact, and loadable by the resume
+    assert (state["phase"], state["epoch"]) >= (1, 1)
+    assert run_in(save_path, "--resume") == results
+    for name in ("results.pkl", "parameters_final.pkl"):
+        expected = open(folder / name, "rb").read()
+        assert open(save_path / name, "rb").read() == expected, name
+
+
 def untimed_metrics(folder) -> list[dict]:
     """metrics.csv's rows without the wall-time columns."""
     with open(folder / "metrics.csv", newline="") as f:
