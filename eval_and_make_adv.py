@@ -62,7 +62,8 @@ from ntk_evolution.evaluation import (
     sweep_warnings,
 )
 from ntk_evolution.parallel import initialize, replicate, shard_batch
-from utils import UserError, run_main, save_pickle, to_host
+from ntk_evolution.schemas import check_results
+from utils import UserError, run_main, save_pickle, to_host, to_numpy
 
 SHORT_N_TEST = 1000
 
@@ -253,7 +254,7 @@ def main(argv=None) -> dict:
         os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
     )
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
-    save_pickle(results, results_path)
+    save_pickle(check_results(to_numpy(results), results_path), results_path)
     restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
     labels = {
         "acc_clean": "clean accuracy",

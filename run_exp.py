@@ -52,7 +52,7 @@ from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.evaluation import evaluate
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_training_curves
-from ntk_evolution.schemas import RESUME_TODO, check_resume_state
+from ntk_evolution.schemas import RESUME_TODO, check_results, check_resume_state
 from ntk_evolution.training import (
     TrainingLog,
     TrainState,
@@ -64,7 +64,7 @@ from ntk_evolution.training import (
     run_epoch,
     set_learning_rate,
 )
-from utils import UserError, load_pickle, run_main, save_pickle
+from utils import UserError, load_pickle, run_main, save_pickle, to_numpy
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1
@@ -576,7 +576,8 @@ def main(argv=None) -> dict:
         state, start_epoch = start_phase2(args, run, end, results, end_epoch), 0
     print(format_results("phase 1 (standard dynamics) test accuracy", results["standard"]))
     phase2(args, run, state, start_epoch, results)
-    save_pickle(results, os.path.join(args.save_path, "results.pkl"))
+    results_path = os.path.join(args.save_path, "results.pkl")
+    save_pickle(check_results(to_numpy(results), results_path), results_path)
     draw_curves(args, run)
     print(f"wrote results.pkl, {METRICS_FILE} and training_curves.png into {args.save_path}")
     return results

@@ -257,7 +257,7 @@ def check_results(results: Any, path: str, todo: str = "") -> dict:
                 stack.append((f"{field}[{key!r}]", item))
         elif isinstance(value, list | tuple):
             stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
-        elif value is None or isinstance(value, bool | str):
+        elif value is None or isinstance(value, bool | np.bool_ | str):
             continue
         else:
             if isinstance(value, np.ndarray):
@@ -270,12 +270,14 @@ def check_results(results: Any, path: str, todo: str = "") -> dict:
 # ----------------------------------------------------------------------------- kernels
 
 KERNEL_TODO = "recompute it with calculate_kernel.py"
+SYMMETRY_RTOL = 1e-3  # of max |K|: float32 blocks computed apart differ by ~1e-6
 
 
 def check_kernel(record: Any, path: str) -> dict:
-    """calculate_kernel.py's pickle: kernel (N, N) finite real; labels (N,) whole numbers in
-    [0, classes); indices (N,) whole numbers >= 0 (optional); class_index -1 or a class;
-    dataset and model known names (optional); epoch a finite number >= 0 (optional)."""
+    """calculate_kernel.py's pickle: kernel (N, N) finite, real and symmetric; labels (N,)
+    whole numbers in [0, classes); indices (N,) whole numbers >= 0 (optional); class_index -1
+    or a class; dataset and model known names (optional); epoch a finite number >= 0
+    (optional)."""
     record = require_dict(
         record, path, {"kernel", "labels"}, "a kernel pickle of calculate_kernel.py", KERNEL_TODO
     )
@@ -284,6 +286,11 @@ def check_kernel(record: Any, path: str) -> dict:
     if kernel.shape != (n, n) or n == 0:
         raise invalid(
             path, f"the kernel has shape {kernel.shape}, not (N, N) with N >= 1", KERNEL_TODO
+        )
+    asymmetry = float(np.max(np.abs(kernel - kernel.T)))
+    if asymmetry > SYMMETRY_RTOL * float(np.max(np.abs(kernel))):
+        raise invalid(
+            path, f"the kernel is not symmetric (max |K - K^T| = {asymmetry:.3g})", KERNEL_TODO
         )
     dataset = choice(record.get("dataset"), path, "dataset", tuple(SHAPES), KERNEL_TODO)
     choice(record.get("model"), path, "model", MODELS, KERNEL_TODO)

@@ -40,11 +40,10 @@ import eigen_features
 import eval_and_make_adv
 import ntk_attack
 import run_exp
-from ntk_evolution.checkpoints import format_epoch
+from ntk_evolution.checkpoints import format_epoch, load_kernel
 from ntk_evolution.cli import Parser
 from ntk_evolution.kernel_analysis import kernel_distance
 from ntk_evolution.reports import call, open_log, table
-from utils import load_pickle
 
 KINDS = (("benign", "C"), ("adversarial", "A"))
 
@@ -137,12 +136,10 @@ def main(argv=None) -> None:
     )
     timings["kernels and evolution"] = time.time() - t
     final_kernels = {
-        kind: np.asarray(load_pickle(kernel_paths[kind][kernel_epochs[-1]])["kernel"])
-        for kind, _ in KINDS
+        kind: load_kernel(kernel_paths[kind][kernel_epochs[-1]])["kernel"] for kind, _ in KINDS
     }
     initial_kernels = {
-        kind: np.asarray(load_pickle(kernel_paths[kind][kernel_epochs[0]])["kernel"])
-        for kind, _ in KINDS
+        kind: load_kernel(kernel_paths[kind][kernel_epochs[0]])["kernel"] for kind, _ in KINDS
     }
     between_finals = kernel_distance(final_kernels["benign"], final_kernels["adversarial"])
 

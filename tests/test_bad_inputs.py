@@ -14,6 +14,7 @@ import pickle
 import shlex
 import shutil
 import struct
+import sys
 
 import numpy as np
 import pytest
@@ -156,6 +157,7 @@ def files(tmp_path_factory):
         "k_labels_str.pkl": {**kernel, "labels": kernel["labels"].astype(str)},
         "k_labels_frac.pkl": {**kernel, "labels": kernel["labels"] + 0.5},
         "k_labels_range.pkl": {**kernel, "labels": kernel["labels"] + 10},
+        "k_asymmetric.pkl": {**kernel, "kernel": np.triu(kernel["kernel"])},
         "k_kernel_dict.pkl": {**kernel, "kernel": {"values": kernel["kernel"]}},
         "k_empty.pkl": {**kernel, "kernel": np.zeros((0, 0)), "labels": np.zeros(0, int)},
         "k_indices_neg.pkl": {**kernel, "indices": -kernel["indices"] - 1},
@@ -284,6 +286,8 @@ CASES = [
     ("analyze_kernels", f"{B}/k_labels_frac.pkl --out_dir {B}/ka", "fractional"),
     ("analyze_kernels", f"{B}/k_labels_range.pkl --out_dir {B}/ka", "above 9"),
     ("analyze_kernels", f"{B}/k_empty.pkl --out_dir {B}/ka", "N >= 1"),
+    ("analyze_kernels", f"{B}/k_asymmetric.pkl --out_dir {B}/ka", "not symmetric"),
+    ("analyze_kernels", f"{B}/ex_nan.pkl --out_dir {B}/ka", "not a kernel pickle"),
     ("analyze_kernels", f"{B}/k_indices_neg.pkl --out_dir {B}/ka", "indices"),
     ("analyze_kernels", f"{B}/k_dataset.pkl --out_dir {B}/ka", "mnist"),
     ("analyze_kernels", f"{B}/ck_nan.pkl --out_dir {B}/ka", "not a kernel pickle"),
@@ -358,3 +362,23 @@ def test_outputs_with_nan_are_refused_before_writing(tmp_path):
     with pytest.raises(UserError, match="not writing"):
         write_json({"acc": [0.5, float("inf")]}, str(tmp_path / "a.json"))
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "script, command",
+    [("analyze_kernels", "{kernel} --out_dir {out}"), ("calculate_kernel", "--model_path {ckpt}")],
+)
+def test_ctrl_c_in_other_scripts_is_one_line_and_exit_code_130(
+    files, capsys, monkeypatch, tmp_path, script, command
+):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    module = sys.modules[SCRIPTS[script].__module__]
+    monkeypatch.setattr(module, "expand_paths", ctrl_c)  # Ctrl-C while the inputs are read
+    command = command.format(kernel=files["kernel"], ckpt=files["ckpt"], out=tmp_path / "out")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(SCRIPTS[script], shlex.split(command))
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted; nothing half-written") and len(err.splitlines()) == 1
