@@ -310,6 +310,32 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+class _BoundedReader:
+    """The file as the unpickler reads it, refusing a read of more bytes than the file has left
+    (a length named in the file must not make the read allocate it)."""
+
+    def __init__(self, f: io.BufferedReader):
+        self.f = f
+        self.size = os.fstat(f.fileno()).st_size
+
+    def _check(self, n: int) -> None:
+        left = self.size - self.f.tell()
+        if n > left:
+            raise pickle.UnpicklingError(f"it names {n} bytes where the file has {left} left")
+
+    def read(self, n: int = -1) -> bytes:
+        if n >= 0:
+            self._check(n)
+        return self.f.read(n)
+
+    def readinto(self, buffer) -> int:
+        self._check(len(memoryview(buffer).cast("B")))
+        return self.f.readinto(buffer)
+
+    def readline(self) -> bytes:
+        return self.f.readline()
+
+
 class _SafeUnpickler(pickle._Unpickler):  # the Python one: its memo is a dict, not an array
     """Admits only SAFE_GLOBALS: loading can build arrays and containers from the file's own
     bytes, never call code or allocate a size the file merely names."""
@@ -352,17 +378,14 @@ def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
     if not os.path.isfile(path):
         raise UserError(f"{what} not found: {path}")
     try:
-        with open(path, "rb") as f:
-            data = f.read()  # sizes named in the file then cannot make a read allocate more
+        f = open(path, "rb")
     except PermissionError:
         raise UserError(f"{what} is not readable: {path}") from None
     except OSError as err:
         raise UserError(f"{what} {path} cannot be read ({err.strerror})") from None
     try:
-        if trust:
-            obj = pickle.loads(data)
-        else:
-            obj = _SafeUnpickler(io.BytesIO(data)).load()
+        with f:
+            obj = pickle.load(f) if trust else _SafeUnpickler(_BoundedReader(f)).load()
     except pickle.UnpicklingError as err:
         if not trust and str(err).startswith("it refers to"):
             raise UserError(
