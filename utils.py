@@ -376,36 +376,40 @@ def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
     written by the original code. What the loaded object holds is checked by the file kind's
     schema (ntk_evolution.schemas)."""
     if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
+        kind = "not found: it is a folder" if os.path.isdir(path) else "not found"
+        raise UserError(f"{path}: {what} {kind} (check the path)")
     try:
         f = open(path, "rb")
-    except PermissionError:
-        raise UserError(f"{what} is not readable: {path}") from None
     except OSError as err:
-        raise UserError(f"{what} {path} cannot be read ({err.strerror})") from None
+        raise UserError(
+            f"{path}: {what} cannot be read, {err.strerror} (check the path and its permissions)"
+        ) from None
+    redo = f"pass a {what} written by this project, or recreate it"
     try:
         with f:
             obj = pickle.load(f) if trust else _SafeUnpickler(_BoundedReader(f)).load()
     except pickle.UnpicklingError as err:
         if not trust and str(err).startswith("it refers to"):
             raise UserError(
-                f"{what} {path} holds more than arrays and plain containers ({err}); refusing to "
-                "load it, since unpickling can run code; pass --trust_pickle if you trust it"
+                f"{path}: {what} holds more than arrays and plain containers ({err}); refusing to "
+                "load it, since unpickling can run code (pass --trust_pickle if you trust it)"
             ) from None
         if not trust and str(err).startswith("it asks to allocate"):
-            raise UserError(f"{path}: not a valid {what} ({err}; refusing it)") from None
-        raise UserError(f"{what} {path} is not a valid pickle ({err})") from None
+            raise UserError(f"{path}: not a valid {what}, {err} ({redo})") from None
+        raise UserError(f"{path}: not a valid {what} pickle, {err} ({redo})") from None
     except (MemoryError, RecursionError, OverflowError) as err:
         raise UserError(
-            f"{path}: not a valid {what} ({type(err).__name__} while unpickling it)"
+            f"{path}: not a valid {what}, {type(err).__name__} while unpickling ({redo})"
         ) from None
     except Exception as err:  # noqa: BLE001 - arbitrary bytes can raise anything while parsed
         detail = str(err) or type(err).__name__
-        raise UserError(f"{what} {path} is not a valid or complete pickle ({detail})") from None
+        raise UserError(
+            f"{path}: not a valid or complete {what} pickle, {detail} ({redo})"
+        ) from None
     if nesting_depth(obj) > MAX_DEPTH:
         raise UserError(
-            f"{path}: containers nested more than {MAX_DEPTH} deep (not a file this project "
-            "writes; recreate it)"
+            f"{path}: not a valid {what}, containers nested more than {MAX_DEPTH} deep (a "
+            f"{what} of this project nests 4 deep; recreate it)"
         )
     return obj
 

@@ -383,4 +383,4 @@ def test_command_line_errors_are_one_line_in_a_real_process(tmp_path):
         cwd=tmp_path,
     )
     assert done.returncode == 2
-    assert done.stderr.strip() == "error: checkpoint not found: nope.pkl"
+    assert done.stderr.strip() == "error: nope.pkl: checkpoint not found (check the path)"
