@@ -31,7 +31,7 @@ from ntk_evolution.cli import (
 from ntk_evolution.kernel_analysis import evolution, spectrum, target_matrix
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_kernel_evolution, plot_kernel_grid, plot_kernel_spectra
-from utils import UserError, run_main, write_csv, write_json
+from utils import UserError, check_output, run_main, write_csv, write_json
 
 
 def build_parser() -> Parser:
@@ -148,6 +148,7 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     rows = [{"run": label, **row} for label, run_rows in table.items() for row in run_rows]
     csv_path = os.path.join(args.out_dir, "kernel_evolution.csv")
+    check_output(table, csv_path)  # before the first of the outputs is written
     write_csv(rows, csv_path)
     write_json(table, os.path.join(args.out_dir, "kernel_evolution.json"))
     plot_kernel_evolution(table, os.path.join(args.out_dir, "kernel_evolution.png"))

@@ -63,7 +63,7 @@ from ntk_evolution.evaluation import (
 )
 from ntk_evolution.parallel import initialize, replicate, shard_batch
 from ntk_evolution.schemas import check_results
-from utils import UserError, run_main, save_pickle, to_host, to_numpy
+from utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy
 
 SHORT_N_TEST = 1000
 
@@ -254,6 +254,7 @@ def main(argv=None) -> dict:
         os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
     )
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
+    check_output(adv_images, os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
     save_pickle(check_results(to_numpy(results), results_path), results_path)
     restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
     labels = {

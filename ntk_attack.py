@@ -41,7 +41,7 @@ from ntk_evolution.predictors import (
     predicted_labels,
     support_kernel_from_args,
 )
-from utils import run_main, save_pickle, write_json
+from utils import check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
 
@@ -102,8 +102,6 @@ def main(argv=None) -> dict:
     warnings = masking_warnings(accuracies)
     print_warnings(warnings)
 
-    examples_path = os.path.join(args.out_dir, f"adv_examples_{args.save_name}.pkl")
-    save_pickle({"images": adversarial.transpose(0, 3, 1, 2), "labels": y}, examples_path)
     summary = {
         "kernel": support.description,
         "support_size": len(support.images),
@@ -118,6 +116,9 @@ def main(argv=None) -> dict:
         **{f"accuracy_{name}": value for name, value in accuracies.items()},
     }
     summary_path = os.path.join(args.out_dir, f"ntk_attack_{args.save_name}.json")
+    check_output(summary, summary_path)  # both outputs checked before either is written
+    examples_path = os.path.join(args.out_dir, f"adv_examples_{args.save_name}.pkl")
+    save_pickle({"images": adversarial.transpose(0, 3, 1, 2), "labels": y}, examples_path)
     write_json(summary, summary_path)
     shown_clean, shown_adv = x[:N_SHOWN], adversarial[:N_SHOWN]
     projection = np.eye(ds.n_classes)
