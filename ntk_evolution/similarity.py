@@ -52,6 +52,54 @@ def unbiased_hsic(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
     return float((trace + total - cross) / (n * (n - 3)))
 
 
+def unbiased_hsic_matrix(grams0: np.ndarray, grams1: np.ndarray) -> np.ndarray:
+    """HSIC_u (module docstring) between every Gram matrix of grams0 (a, n, n) and every one of
+    grams1 (b, n, n), as an (a, b) array: the same formula as unbiased_hsic, with the traces
+    and sums of all pairs as matrix products."""
+    a, n, _ = grams0.shape
+    if n <= 3:
+        raise ValueError(f"the unbiased HSIC needs more than 3 examples, got {n}")
+    off = 1.0 - np.eye(n)
+    k, l = grams0 * off, grams1 * off  # noqa: E741 (zero diagonals)
+    trace = k.reshape(a, -1) @ l.reshape(len(l), -1).T  # tr(K~ L~) = sum(K~ * L~), symmetric
+    rows_k, rows_l = k.sum(axis=2), l.sum(axis=2)  # K~ 1, L~ 1
+    total = np.outer(rows_k.sum(axis=1), rows_l.sum(axis=1)) / ((n - 1) * (n - 2))
+    cross = 2.0 / (n - 2) * rows_k @ rows_l.T
+    return (trace + total - cross) / (n * (n - 3))
+
+
+class MinibatchCKA:
+    """Debiased CKA accumulated over minibatches (Nguyen, Raghu & Kornblith, ICLR 2021): for
+    minibatches i of the same images through both sides,
+
+        CKA(layer a, layer b) = sum_i HSIC_u(K_a,i, L_b,i)
+                                / sqrt(sum_i HSIC_u(K_a,i, K_a,i) * sum_i HSIC_u(L_b,i, L_b,i)),
+
+    so the memory held is the (a, b) sums and each batch's Gram matrices, whatever the number of
+    images. With one batch of all the images it is cka_matrix(..., 'debiased')."""
+
+    def __init__(self, n_layers0: int, n_layers1: int):
+        self.cross = np.zeros((n_layers0, n_layers1))
+        self.self0 = np.zeros(n_layers0)
+        self.self1 = np.zeros(n_layers1)
+        self.batches = 0
+
+    def update(self, features0: list[np.ndarray], features1: list[np.ndarray]) -> None:
+        """One minibatch: each layer's features (batch, ...) on side 0 and side 1."""
+        grams0 = np.stack([gram(f) for f in features0])
+        grams1 = np.stack([gram(f) for f in features1])
+        self.cross += unbiased_hsic_matrix(grams0, grams1)
+        self.self0 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams0]
+        self.self1 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams1]
+        self.batches += 1
+
+    def result(self) -> np.ndarray:
+        """The (a, b) CKA matrix of the batches so far (NaN where a side's HSIC is not > 0)."""
+        denominator = np.sqrt(np.maximum(np.outer(self.self0, self.self1), 0.0))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(denominator > 0, self.cross / denominator, np.nan)
+
+
 def _normalised(cross: float, self_k: float, self_l: float) -> float:
     denominator = np.sqrt(self_k * self_l)
     return float(cross / denominator) if denominator > 0 else float("nan")

@@ -41,8 +41,16 @@ from ntk_evolution.kernel_regression import (
 )
 from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times
 from ntk_evolution.predictors import evaluate_predictor
+from ntk_evolution.similarity import (
+    MinibatchCKA,
+    cka_matrix,
+    gram,
+    hsic,
+    make_layer_fn,
+    unbiased_hsic,
+    unbiased_hsic_matrix,
+)
 from ntk_evolution.similarity import cka as cka_value
-from ntk_evolution.similarity import gram, hsic, make_layer_fn, unbiased_hsic
 from utils import load_pickle
 
 # ----------------------------------------------------------------------------- kernels
@@ -201,6 +209,43 @@ def test_cka_definitions_and_invariances():
         base = cka_value(kx, ky, estimator)
         assert cka_value(gram(x @ rotation), ky, estimator) == pytest.approx(base)
         assert cka_value(gram(3.7 * x), ky, estimator) == pytest.approx(base)
+
+
+def test_minibatch_cka_against_its_definition_and_the_full_batch_estimator():
+    rng = np.random.default_rng(2)
+    n, batch = 40, 8
+    side0 = [rng.normal(size=(n, 6)), rng.normal(size=(n, 3, 2))]  # two layers
+    mixed = side0[0] @ rng.normal(size=(6, 5)) + 0.3 * rng.normal(size=(n, 5))
+    side1 = [mixed, rng.normal(size=(n, 4)), np.abs(side0[1].reshape(n, -1))]
+    grams0, grams1 = [gram(f) for f in side0], [gram(f) for f in side1]
+
+    # every pair at once equals the brute-force U-statistic
+    pairs = unbiased_hsic_matrix(np.stack(grams0)[:, :7, :7], np.stack(grams1)[:, :7, :7])
+    for (a, b), value in np.ndenumerate(pairs):
+        expected = brute_force_unbiased_hsic(grams0[a][:7, :7], grams1[b][:7, :7])
+        assert value == pytest.approx(expected)
+
+    # one batch of all the images: the full-batch debiased CKA
+    online = MinibatchCKA(2, 3)
+    online.update(side0, side1)
+    np.testing.assert_allclose(online.result(), cka_matrix(grams0, grams1, "debiased"))
+
+    # several batches: sum of HSIC_u over batches, normalised by the sums of the self terms
+    online = MinibatchCKA(2, 3)
+    batches = [slice(i, i + batch) for i in range(0, n, batch)]
+    for b in batches:
+        online.update([f[b] for f in side0], [f[b] for f in side1])
+    for a, b in np.ndindex(2, 3):
+
+        def total(x, y):
+            return sum(unbiased_hsic(gram(x[s]), gram(y[s])) for s in batches)
+
+        expected = total(side0[a], side1[b]) / np.sqrt(
+            total(side0[a], side0[a]) * total(side1[b], side1[b])
+        )
+        assert online.result()[a, b] == pytest.approx(expected)
+    assert online.result()[0, 0] > 0.5 > abs(online.result()[0, 1])  # related vs independent
+    assert online.cross.shape == (2, 3) and online.batches == len(batches)
 
 
 def test_layer_outputs_are_every_relu_then_the_logits():
