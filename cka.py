@@ -7,6 +7,11 @@ from the same test images, so rows stay paired. Writes into --savedir:
   cka_<suffix>.pkl  {'linear', 'debiased': (layers0, layers1) matrices, 'layers0', 'layers1',
                      'model_paths', 'adv', 'n_images'}
   cka_<suffix>.png  the heatmaps
+
+With --batch_size B the CKA is computed online (similarity.MinibatchCKA: unbiased HSIC
+accumulated over minibatches, Nguyen et al. 2021) over --dataset_passes shuffled passes of the
+first --num_images test images, in full batches of B; memory then stays constant in the number
+of images, and only the debiased estimator exists ('linear' is None in the pickle).
 """
 
 from __future__ import annotations
@@ -33,8 +38,14 @@ from ntk_evolution.dynamics import Dynamics
 from ntk_evolution.evaluation import attacked_batches, make_attack_fn
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_cka
-from ntk_evolution.similarity import ESTIMATORS, cka_matrix, layer_grams
-from utils import UserError, run_main, save_pickle, to_host
+from ntk_evolution.similarity import (
+    ESTIMATORS,
+    MinibatchCKA,
+    cka_matrix,
+    layer_grams,
+    make_layer_fn,
+)
+from utils import UserError, progress_bar, run_main, save_pickle, to_host
 
 
 def build_parser() -> Parser:
@@ -66,7 +77,21 @@ def build_parser() -> Parser:
         default=None,
         help="A name per side for the heatmap (1 or 2); default: each checkpoint's folder.",
     )
-    p.add_argument("--n_images", type=positive_int, default=500, help="First N test images.")
+    p.add_argument(
+        "--n_images", "--num_images", type=positive_int, default=500, help="First N test images."
+    )
+    p.add_argument(
+        "--batch_size",
+        type=positive_int,
+        default=None,
+        help="Online minibatch CKA in batches of this size (> 3); default: one full batch.",
+    )
+    p.add_argument(
+        "--dataset_passes",
+        type=positive_int,
+        default=1,
+        help="Shuffled passes over the images of the online CKA (with --batch_size).",
+    )
     add_eps_flag(p)
     add_seed_flag(p, "attacks")
     add_shared_flags(p)
@@ -135,6 +160,9 @@ def main(argv=None) -> dict:
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
     if len(x) < 4:
         raise UserError("--n_images must be at least 4 for the debiased estimator")
+    if args.batch_size is not None:
+        result = online_cka(args, loaded0, loaded1, adv, x, y)
+        return finish(args, result, paths, adv, *result.pop("_selection"))
 
     names0, grams0 = side_grams(loaded0, adv[0], x, y, args)
     if same and adv[1] == adv[0]:
@@ -156,15 +184,92 @@ def main(argv=None) -> dict:
             "n_images": len(x),
         }
     )
+    return finish(args, result, paths, adv, rows, cols)
+
+
+def online_cka(args, loaded0: LoadedModel, loaded1: LoadedModel, adv, x, y) -> dict:
+    """Debiased CKA accumulated over --dataset_passes shuffled passes of full batches of
+    --batch_size images (similarity.MinibatchCKA); each side's layer outputs (on its own PGD
+    examples with --adv 1) are computed a batch at a time."""
+    if not 3 < args.batch_size <= len(x):
+        raise UserError(f"--batch_size must lie in 4..{len(x)} (the images) for online CKA")
+    pairs = zip((loaded0, loaded1), adv, strict=True)
+    sides = [side_batch_fn(loaded, adversarial, args) for loaded, adversarial in pairs]
+    per_pass = len(x) // args.batch_size
+    accumulator, selection = None, None
+    key = jax.random.PRNGKey(args.random_seed)
+    bar = progress_bar(desc="online CKA", total=per_pass * args.dataset_passes)
+    for p in range(args.dataset_passes):
+        order = np.random.default_rng([args.random_seed, p]).permutation(len(x))
+        for b in range(per_pass):
+            batch = order[b * args.batch_size : (b + 1) * args.batch_size]
+            step_key = jax.random.fold_in(key, p * per_pass + b)
+            (names0, f0), (names1, f1) = (side(x[batch], y[batch], step_key) for side in sides)
+            if accumulator is None:
+                rows = select_layers(args.model0_layers, names0, "--model0_layers")
+                cols = select_layers(args.model1_layers, names1, "--model1_layers")
+                selection = (rows, cols, names0, names1)
+                accumulator = MinibatchCKA(len(rows), len(cols))
+            rows, cols = selection[:2]
+            accumulator.update([f0[i] for i in rows], [f1[j] for j in cols])
+            bar.update()
+    bar.close()
+    rows, cols, names0, names1 = selection
+    return {
+        "linear": None,
+        "debiased": accumulator.result(),
+        "layers0": [names0[i] for i in rows],
+        "layers1": [names1[j] for j in cols],
+        "adv": adv,
+        "n_images": len(x),
+        "batch_size": args.batch_size,
+        "dataset_passes": args.dataset_passes,
+        "batches": accumulator.batches,
+        "_selection": (rows, cols),
+    }
+
+
+def side_batch_fn(loaded: LoadedModel, adversarial: bool, args):
+    """fn(x, y, key) -> (layer names, layer outputs as NumPy arrays) of one side on a batch: its
+    checkpoint's network on x, or with `adversarial` on L-inf PGD examples of x."""
+    layer_fn, names = make_layer_fn(loaded.model)
+    model, params, net_state = loaded.model, loaded.params, loaded.net_state
+    attack = None
+    if adversarial:
+        settings = attack_settings(eps_from_255(args.eps))["linf"]
+        attack = make_attack_fn(model, Dynamics(), **settings)
+
+    def features(x, y, key):
+        if attack is not None:
+            x = attack(params, params, net_state, x, y, key)
+        outputs = [np.asarray(to_host(out)) for out in layer_fn(params, net_state, x)]
+        return list(names), outputs  # names are known once layer_fn has been traced
+
+    return features
+
+
+def finish(args, result: dict, paths, adv, rows, cols) -> dict:
+    """Write cka_<suffix>.pkl and .png, print the diagonal."""
+    result["model_paths"] = paths[:2]
     suffix = f"_{args.suffix}" if args.suffix else ""
     path = os.path.join(args.savedir, f"cka{suffix}.pkl")
-    save_pickle(result, path)
+    undefined = [
+        f"{estimator} CKA of {result['layers0'][i]} vs {result['layers1'][j]}"
+        for estimator in ESTIMATORS
+        if result[estimator] is not None
+        for i, j in zip(*np.nonzero(np.isnan(result[estimator])), strict=True)
+    ]
+    if undefined:  # a layer whose features are constant on these images: CKA is 0/0
+        print(f"warning: {len(undefined)} values are undefined (NaN: a constant layer), e.g. "
+              f"{undefined[0]}")  # fmt: skip
+    save_pickle(result, path, allow_nan=bool(undefined))
     names = (args.names * 2)[:2] if args.names else [run_name(p) for p in paths[:2]]
     sides = [n + (" (PGD inputs)" if a else "") for n, a in zip(names, adv, strict=True)]
     plot_cka(result, sides, path[:-4] + ".png", (rows, cols))
-    diagonal = np.diag(result["linear"]) if len(rows) == len(cols) else None
-    if diagonal is not None:
-        print("linear CKA, layer i vs layer i:", " ".join(f"{v:.3f}" for v in diagonal))
+    estimator = "linear" if result["linear"] is not None else "debiased"
+    if len(rows) == len(cols):
+        diagonal = np.diag(result[estimator])
+        print(f"{estimator} CKA, layer i vs layer i:", " ".join(f"{v:.3f}" for v in diagonal))
     print(f"wrote {path} and {path[:-4]}.png")
     return result
 

@@ -197,12 +197,13 @@ def check_output(obj: Any, path: str) -> None:
                 )
 
 
-def save_pickle(obj: Any, path: str) -> None:
-    """Write `obj` to `path` atomically (arrays as NumPy), after check_output (no NaN is ever
-    saved). With several processes every one calls this (arrays are gathered) and process 0
-    writes."""
+def save_pickle(obj: Any, path: str, allow_nan: bool = False) -> None:
+    """Write `obj` to `path` atomically (arrays as NumPy), after check_output (no NaN is saved
+    unless `allow_nan`: a value that is undefined, said so by the caller). With several
+    processes every one calls this (arrays are gathered) and process 0 writes."""
     obj = to_numpy(obj)
-    check_output(obj, path)
+    if not allow_nan:
+        check_output(obj, path)
     if is_writer():
         with atomic_file(path) as f:
             pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL)

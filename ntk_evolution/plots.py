@@ -370,9 +370,14 @@ def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> N
     names1 = [short_layer_name(j, n) for j, n in zip(cols, result["layers1"], strict=True)]
     size = max(len(names0), len(names1))
     tick = 9 if size <= 12 else 7
-    fig, axes = plt.subplots(1, 2, figsize=(8 + 0.55 * len(names1) * 2, 3.5 + 0.4 * len(names0)))
+    estimators = [e for e in ("linear", "debiased") if result.get(e) is not None]
+    panels = len(estimators)
+    fig, axes = plt.subplots(
+        1, panels, figsize=(4 * panels + 0.55 * len(names1) * panels, 3.5 + 0.4 * len(names0)),
+        squeeze=False,
+    )  # fmt: skip
     fig.subplots_adjust(wspace=0.55, top=0.86)
-    for ax, estimator in zip(axes, ("linear", "debiased"), strict=True):
+    for ax, estimator in zip(axes[0], estimators, strict=True):
         values = np.asarray(result[estimator])
         image = ax.imshow(values, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
         fig.colorbar(image, ax=ax, fraction=0.046, label=f"{estimator} CKA")
@@ -386,7 +391,12 @@ def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> N
         ax.set_ylabel(f"{sides[0]}: layer", fontsize=10)
         ax.set_xlabel(f"{sides[1]}: layer", fontsize=10)
     fig.suptitle(
-        f"CKA between the layers of {sides[0]} and {sides[1]}, {result['n_images']} test images",
+        f"CKA between the layers of {sides[0]} and {sides[1]}, {result['n_images']} test images"
+        + (
+            f" (online: {result['dataset_passes']} passes, batches of {result['batch_size']})"
+            if "batch_size" in result
+            else ""
+        ),
         fontsize=11,
     )
     _save(fig, path)

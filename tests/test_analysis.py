@@ -21,6 +21,7 @@ import cka
 import eigen_features
 import eval_and_make_adv
 import ntk_attack
+from data import load_dataset
 from ntk_evolution.checkpoints import save_checkpoint
 from ntk_evolution.kernel_analysis import (
     centered_alignment,
@@ -332,3 +333,39 @@ def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
          "--savedir", str(tmp_path / "cka")]
     )  # fmt: skip
     assert matrix["linear"].shape == (4, 4) and (tmp_path / "cka" / "cka.png").exists()
+
+
+def test_online_cka_script_against_the_full_batch_run_and_its_definition(tmp_path):
+    model, params, net_state = small_model("cnn_small")
+    ckpt = str(tmp_path / "run" / "parameters_final.pkl")
+    save_checkpoint(ckpt, params, params, net_state)
+    common = ["--model", "cnn_small", "--dataset", "digits", "--model_path", ckpt, "--n_images"]
+
+    def run(*flags):
+        return cka.main([*common, "24", *flags, "--savedir", str(tmp_path / "cka")])
+
+    full = run()
+    one_batch = run("--batch_size", "24", "--suffix", "one")
+    np.testing.assert_allclose(one_batch["debiased"], full["debiased"], rtol=1e-5, atol=1e-7)
+    assert one_batch["linear"] is None and (tmp_path / "cka" / "cka_one.png").exists()
+
+    online = run("--num_images", "24", "--batch_size", "8", "--dataset_passes", "2")
+    assert online["batches"] == 6
+    # independently: every layer on all the images, then the definition over the same batches
+    layer_fn, _ = make_layer_fn(model)
+    x = load_dataset("digits").x_test[:24]
+    features = [np.asarray(f, np.float64).reshape(24, -1) for f in layer_fn(params, net_state, x)]
+    batches = [
+        order[i : i + 8]
+        for p in range(2)
+        for order in [np.random.default_rng([0, p]).permutation(24)]
+        for i in range(0, 24, 8)
+    ]
+
+    def total(a, b):
+        return sum(unbiased_hsic(gram(a[s]), gram(b[s])) for s in batches)
+
+    for (i, j), value in np.ndenumerate(online["debiased"]):
+        a, b = features[i], features[j]
+        expected = total(a, b) / np.sqrt(total(a, a) * total(b, b))
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-6)
