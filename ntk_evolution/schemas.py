@@ -242,8 +242,9 @@ def check_resume_state(record: Any, path: str) -> dict:
 
 
 def check_results(results: Any, path: str, todo: str = "") -> dict:
-    """A results dict (run_exp.py's results.pkl, eval_and_make_adv.py's test_results): string
-    keys; values None, booleans, strings, finite numbers, or such dicts and lists."""
+    """A results dict (run_exp.py's results.pkl, eval_and_make_adv.py's test_results): keys
+    names or finite numbers; values None, booleans, strings, finite numbers, or such dicts and
+    lists."""
     todo = todo or "rerun the script that wrote it"
     if not isinstance(results, dict):
         raise invalid(path, f"the results are a {type(results).__name__}, not a dict", todo)
@@ -252,8 +253,8 @@ def check_results(results: Any, path: str, todo: str = "") -> dict:
         field, value = stack.pop()
         if isinstance(value, dict):
             for key, item in value.items():
-                if not isinstance(key, str):
-                    raise invalid(path, f"{field} has a key {key!r:.40} that is not a name", todo)
+                if not isinstance(key, str):  # a name, or a number (e.g. eps_sweep's radii)
+                    number(key, path, f"a key of {field}", todo)
                 stack.append((f"{field}[{key!r}]", item))
         elif isinstance(value, list | tuple):
             stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
