@@ -1,0 +1,106 @@
+"""PyTorch networks for CKA (ntk_evolution/torch_models.py): checkpoints in the CKA project's
+format, layer features by forward hooks, and torchattacks' PGD in its eps-balls."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ntk_evolution.torch_models import (
+    LAYER_TYPES,
+    TORCH_MODELS,
+    layer_features,
+    layer_names,
+    load_torch_model,
+    pgd_examples,
+)
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def wrn_checkpoint(tmp_path_factory):
+    """A random WRN-28-1 saved as the CKA project saves it: {'state_dict'} of a DataParallel
+    model ('module.' prefixes), in a .pth.tar file."""
+    torch.manual_seed(0)
+    network = TORCH_MODELS["wrn_28_1"](10)
+    for module in network.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path_factory.mktemp("wrn") / "cifar10_wrn_28_1_last.pth.tar"
+    state = {f"module.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"state_dict": state, "epoch": 3}, path)
+    return str(path), network.eval()
+
+
+def test_checkpoint_in_the_cka_projects_format_loads_to_the_same_network(wrn_checkpoint):
+    path, network = wrn_checkpoint
+    loaded = load_torch_model("wrn_28_1", path, 10)
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), network(x))
+    assert sum(p.numel() for p in TORCH_MODELS["wrn_28_4"](10).parameters()) == pytest.approx(
+        5.85e6, rel=0.01
+    )  # WRN-28-4's size
+
+
+def test_hooked_features_are_the_modules_outputs(wrn_checkpoint):
+    _, network = wrn_checkpoint
+    x = torch.rand(3, 3, 32, 32)
+    names = ["conv1", "block1.layer.0.relu1", "block3.layer.3.bn2", "avgpool", "fc"]
+    features = layer_features(network, names, x)
+    with torch.no_grad():
+        conv = network.conv1(x)
+        block = network.block1.layer[0]
+        expected_relu = torch.relu(block.bn1(conv))
+        logits = network(x)
+    np.testing.assert_allclose(features[0], conv.flatten(1).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(features[1], expected_relu.flatten(1).numpy(), rtol=1e-6)
+    assert features[2].shape == (3, 64 * 8 * 8) and features[3].shape == (3, 64)
+    np.testing.assert_allclose(features[4], logits.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_all_layers_are_every_conv_bn_relu_pool_and_linear_module(wrn_checkpoint):
+    _, network = wrn_checkpoint
+    names = layer_names(network, "all", "--model0_layers")
+    modules = dict(network.named_modules())
+    assert all(isinstance(modules[n], LAYER_TYPES) for n in names)
+    assert names[0] == "conv1" and names[-1] == "fc" and "avgpool" in names
+    # WRN-28: 12 blocks of 2 BN, 2 ReLU, 2 conv; 2 shortcuts; stem conv, final BN, ReLU, pool, fc
+    assert len(names) == 12 * 6 + 2 + 5
+    assert layer_names(network, "fc, block1.layer.0.conv1", "--x") == ["fc", "block1.layer.0.conv1"]
+    with pytest.raises(UserError, match="no module 'fc2'"):
+        layer_names(network, "fc2", "--model0_layers")
+
+
+def test_bad_torch_checkpoints_are_one_sentence(wrn_checkpoint, tmp_path):
+    path, _ = wrn_checkpoint
+    with pytest.raises(UserError, match="does not fit --model wrn_28_4"):
+        load_torch_model("wrn_28_4", path, 10)
+    garbage = tmp_path / "garbage.pth.tar"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="not a loadable PyTorch checkpoint"):
+        load_torch_model("wrn_28_1", str(garbage), 10)
+    nan = tmp_path / "nan.pth.tar"
+    state = torch.load(path, weights_only=True)["state_dict"]
+    state["module.fc.weight"] = torch.full_like(state["module.fc.weight"], float("nan"))
+    torch.save({"state_dict": state}, nan)
+    with pytest.raises(UserError, match="fc.weight has NaN"):
+        load_torch_model("wrn_28_1", str(nan), 10)
+
+
+@pytest.mark.parametrize("norm, eps", [("linf", 8 / 255), ("l2", 0.5)])
+def test_torchattacks_pgd_stays_in_its_ball_and_raises_the_loss(wrn_checkpoint, norm, eps):
+    _, network = wrn_checkpoint
+    x = torch.rand(6, 3, 32, 32)
+    with torch.no_grad():
+        y = network(x).argmax(1)
+    adversarial = pgd_examples(network, x, y, norm, eps, steps=5, seed=0)
+    delta = (adversarial - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert float(size.max()) <= eps + 1e-5
+    assert float(adversarial.min()) >= 0 and float(adversarial.max()) <= 1
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert loss(network(adversarial), y) > loss(network(x), y)
