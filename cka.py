@@ -21,8 +21,9 @@ import os
 
 import jax
 import numpy as np
+import torch
 
-from data import DATASETS, load_dataset
+from data import DATASETS, SHAPES, load_dataset
 from models import MODELS
 from ntk_evolution.attacks import attack_settings, eps_from_255
 from ntk_evolution.checkpoints import LoadedModel, load_model
@@ -32,6 +33,7 @@ from ntk_evolution.cli import (
     add_seed_flag,
     add_shared_flags,
     check_out_dir,
+    finite_float,
     positive_int,
 )
 from ntk_evolution.dynamics import Dynamics
@@ -45,6 +47,14 @@ from ntk_evolution.similarity import (
     layer_grams,
     make_layer_fn,
 )
+from ntk_evolution.torch_models import (
+    TORCH_MODELS,
+    is_torch_checkpoint,
+    layer_names,
+    load_torch_model,
+    pgd_examples,
+)
+from ntk_evolution.torch_models import layer_grams as torch_layer_grams
 from utils import UserError, progress_bar, run_main, save_pickle, to_host
 
 
@@ -54,8 +64,9 @@ def build_parser() -> Parser:
         "--model",
         nargs="+",
         default=None,
-        choices=MODELS,
-        help="Network of each side (1 or 2); default: each checkpoint's, else resnet18.",
+        choices=sorted(set(MODELS) | set(TORCH_MODELS)),
+        help="Network of each side (1 or 2); default: each checkpoint's, else resnet18. For a "
+        "PyTorch checkpoint (.pth, .pth.tar, .pt): " + ", ".join(TORCH_MODELS) + ".",
     )
     p.add_argument(
         "--dataset",
@@ -70,6 +81,24 @@ def build_parser() -> Parser:
         "--adv", type=int, nargs="+", default=[0], choices=(0, 1), help="PGD inputs, per side."
     )
     p.add_argument("--savedir", default="./results", help="Output folder.")
+    p.add_argument(
+        "--attack",
+        default="linf",
+        choices=("linf", "l2"),
+        help="PyTorch models: the PGD of --adv 1 (torchattacks), radius --eps/255 or --eps_l2.",
+    )
+    p.add_argument(
+        "--eps_l2",
+        type=finite_float(0.0, inclusive=False),
+        default=0.5,
+        help="--attack l2's radius.",
+    )
+    p.add_argument(
+        "--pgd_steps",
+        type=positive_int,
+        default=20,
+        help="PyTorch models: PGD steps (step 2.5 eps / n).",
+    )
     p.add_argument("--suffix", default="", help="Outputs are cka_<suffix>.pkl and .png.")
     p.add_argument(
         "--names",
@@ -137,10 +166,78 @@ def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
     return layer_grams(model, params, net_state, x)
 
 
+def torch_cka(args, paths: list[str], adv: list[int]) -> dict:
+    """CKA between the layers of PyTorch networks (torch_models: the CKA project's checkpoints):
+    debiased CKA accumulated over full batches of --batch_size images (default: one batch of
+    all, i.e. the full-batch debiased CKA) and --dataset_passes shuffled passes; each layer's
+    Gram matrix is made in its forward hook, so memory holds batch^2 numbers per layer."""
+    if not args.model:
+        raise UserError(f"a PyTorch checkpoint needs --model: one of {', '.join(TORCH_MODELS)}")
+    models = (args.model * 2)[:2]
+    args.dataset = args.dataset or "cifar10"
+    n_classes = SHAPES[args.dataset][1]
+    networks = [load_torch_model(models[0], paths[0], n_classes)]
+    same = paths[1] == paths[0] and models[1] == models[0]
+    networks.append(networks[0] if same else load_torch_model(models[1], paths[1], n_classes))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    networks = [network.to(device) for network in networks]
+    names = [
+        layer_names(networks[0], args.model0_layers, "--model0_layers"),
+        layer_names(networks[1], args.model1_layers, "--model1_layers"),
+    ]
+    ds = load_dataset(args.dataset, args.data_root)
+    x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
+    batch_size = args.batch_size or len(x)
+    if not 3 < batch_size <= len(x):
+        raise UserError(f"--batch_size must lie in 4..{len(x)} (the images)")
+    eps = eps_from_255(args.eps) if args.attack == "linf" else args.eps_l2
+    per_pass = len(x) // batch_size
+    accumulator = MinibatchCKA(len(names[0]), len(names[1]))
+    bar = progress_bar(desc="CKA batches", total=per_pass * args.dataset_passes)
+    print(
+        f"{len(names[0])} x {len(names[1])} layers on {device}; {args.dataset_passes} passes of "
+        f"{per_pass} batches of {batch_size}"
+    )
+    for p in range(args.dataset_passes):
+        order = np.random.default_rng([args.random_seed, p]).permutation(len(x))
+        for b in range(per_pass):
+            batch = order[b * batch_size : (b + 1) * batch_size]
+            xb = torch.from_numpy(np.ascontiguousarray(x[batch].transpose(0, 3, 1, 2))).to(device)
+            yb = torch.from_numpy(y[batch].astype(np.int64)).to(device)
+            grams = []
+            for side in range(2):
+                inputs = xb
+                if adv[side]:
+                    seed = args.random_seed + 1000 * side + p * per_pass + b
+                    inputs = pgd_examples(
+                        networks[side], xb, yb, args.attack, eps, args.pgd_steps, seed
+                    )
+                grams.append(torch_layer_grams(networks[side], names[side], inputs))
+            accumulator.update_grams(*grams)
+            bar.update()
+    bar.close()
+    result = {
+        "linear": None,
+        "debiased": accumulator.result(),
+        "layers0": names[0],
+        "layers1": names[1],
+        "models": models,
+        "adv": adv,
+        "attack": args.attack,
+        "eps": eps,
+        "n_images": len(x),
+        "batch_size": batch_size,
+        "dataset_passes": args.dataset_passes,
+        "batches": accumulator.batches,
+    }
+    return finish(args, result, paths, adv, range(len(names[0])), range(len(names[1])))
+
+
 def run_name(path: str) -> str:
     """A checkpoint's folder and, unless it is parameters_final.pkl, its file stem."""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    stem = os.path.splitext(os.path.basename(path))[0]
+    stem = os.path.basename(path).removesuffix(".tar")
+    stem = os.path.splitext(stem)[0]
     return folder if stem == "parameters_final" else f"{folder}/{stem}"
 
 
@@ -149,6 +246,16 @@ def main(argv=None) -> dict:
     check_out_dir(args.savedir, "--savedir")
     initialize(args)
     paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
+    kinds = {is_torch_checkpoint(path) for path in paths}
+    if len(kinds) > 1:
+        raise UserError("--model_path: give two PyTorch checkpoints or two of this project's")
+    if kinds == {True}:
+        return torch_cka(args, paths, (args.adv * 2)[:2])
+    if any(model not in MODELS for model in args.model or []):
+        raise UserError(
+            f"--model {' '.join(args.model)}: this project's checkpoints (.pkl) take "
+            f"{', '.join(MODELS)}"
+        )
     models = (args.model * 2)[:2] if args.model else [None, None]
     adv = (args.adv * 2)[:2]
     loaded0 = load_model(paths[0], models[0], args.dataset, args.trust_pickle)
@@ -260,8 +367,10 @@ def finish(args, result: dict, paths, adv, rows, cols) -> dict:
         for i, j in zip(*np.nonzero(np.isnan(result[estimator])), strict=True)
     ]
     if undefined:  # a layer whose features are constant on these images: CKA is 0/0
-        print(f"warning: {len(undefined)} values are undefined (NaN: a constant layer), e.g. "
-              f"{undefined[0]}")  # fmt: skip
+        print(
+            f"warning: {len(undefined)} values are undefined (NaN: a constant layer), e.g. "
+            f"{undefined[0]}"
+        )
     save_pickle(result, path, allow_nan=bool(undefined))
     names = (args.names * 2)[:2] if args.names else [run_name(p) for p in paths[:2]]
     sides = [n + (" (PGD inputs)" if a else "") for n, a in zip(names, adv, strict=True)]

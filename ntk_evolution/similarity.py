@@ -86,8 +86,12 @@ class MinibatchCKA:
 
     def update(self, features0: list[np.ndarray], features1: list[np.ndarray]) -> None:
         """One minibatch: each layer's features (batch, ...) on side 0 and side 1."""
-        grams0 = np.stack([gram(f) for f in features0])
-        grams1 = np.stack([gram(f) for f in features1])
+        self.update_grams(
+            np.stack([gram(f) for f in features0]), np.stack([gram(f) for f in features1])
+        )
+
+    def update_grams(self, grams0: np.ndarray, grams1: np.ndarray) -> None:
+        """One minibatch given by its Gram matrices: (a, batch, batch) and (b, batch, batch)."""
         self.cross += unbiased_hsic_matrix(grams0, grams1)
         self.self0 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams0]
         self.self1 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams1]

@@ -203,6 +203,29 @@ def layer_features(network: nn.Module, names: list[str], x: torch.Tensor) -> lis
     return [outputs[name].flatten(1).double().cpu().numpy() for name in names]
 
 
+@torch.no_grad()
+def layer_grams(network: nn.Module, names: list[str], x: torch.Tensor) -> np.ndarray:
+    """Gram matrices (len(names), N, N), float64, of the modules' outputs on the batch x, each
+    computed when its hook fires: memory holds N x N per layer, never all layers' features."""
+    modules = dict(network.named_modules())
+    grams: dict[str, torch.Tensor] = {}
+
+    def keep(name: str, out: torch.Tensor) -> None:
+        flat = out.detach().flatten(1).double()
+        grams[name] = flat @ flat.T
+
+    hooks = [
+        modules[name].register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
+        for name in names
+    ]
+    try:
+        network(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return np.stack([grams[name].cpu().numpy() for name in names])
+
+
 def pgd_examples(
     network: nn.Module,
     x: torch.Tensor,

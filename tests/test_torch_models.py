@@ -104,3 +104,63 @@ def test_torchattacks_pgd_stays_in_its_ball_and_raises_the_loss(wrn_checkpoint, 
     loss = torch.nn.functional.cross_entropy
     with torch.no_grad():
         assert loss(network(adversarial), y) > loss(network(x), y)
+
+
+# The CKA project's README commands, verbatim (its seed README in the project's history)
+SEED_COMMANDS = [
+    "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --dataset cifar10 --model0_layers all "
+    "--model1_layers all --model_path ./pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar "
+    "--savedir ./results",
+    "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --dataset cifar10 --model0_layers all "
+    "--model1_layers all --model_path ./pretrained/cifar10_wrn_28_4_robust_linf_last.pth.tar "
+    "--savedir ./results --suffix adv_model",
+    "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --dataset cifar10 --model0_layers all "
+    "--model1_layers all --model_path ./pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar "
+    "./pretrained/cifar10_wrn_28_4_robust_linf_last.pth.tar --savedir ./results --suffix "
+    "cross_model",
+]
+
+
+def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
+    tmp_path, monkeypatch, skip_cifar_md5
+):
+    from conftest import write_cifar10_fixture
+
+    import cka
+    from data import load_dataset
+    from ntk_evolution.similarity import cka_matrix, gram
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar10_fixture("data")  # the default --data_root
+    (tmp_path / "pretrained").mkdir()
+    for seed, name in [(0, "nonrobust"), (1, "robust_linf")]:
+        torch.manual_seed(seed)
+        state = TORCH_MODELS["wrn_28_4"](10).state_dict()
+        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}},
+                   tmp_path / "pretrained" / f"cifar10_wrn_28_4_{name}_last.pth.tar")  # fmt: skip
+    results = []
+    for command in SEED_COMMANDS:
+        words = command.split()
+        assert words[:3] == ["CUDA_VISIBLE_DEVICES=0", "python", "cka.py"]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+        results.append(cka.main([*words[3:], "--n_images", "12"]))  # scaled down for a CPU
+    for suffix in ("", "_adv_model", "_cross_model"):
+        assert (tmp_path / "results" / f"cka{suffix}.png").is_file()
+
+    # independently: every layer's features by a plain forward pass per module, then the
+    # full-batch debiased CKA of their Gram matrices
+    x = load_dataset("cifar10", "data").x_test[:12].transpose(0, 3, 1, 2)
+    networks = [
+        load_torch_model("wrn_28_4", f"pretrained/cifar10_wrn_28_4_{n}_last.pth.tar", 10)
+        for n in ("nonrobust", "robust_linf")
+    ]
+    names = layer_names(networks[0], "all", "--model0_layers")
+    grams = [
+        [gram(f) for f in layer_features(net, names, torch.from_numpy(np.ascontiguousarray(x)))]
+        for net in networks
+    ]
+    for result, (a, b) in zip(results, [(0, 0), (1, 1), (0, 1)], strict=True):
+        assert result["layers0"] == names and result["linear"] is None
+        expected = cka_matrix(grams[a], grams[b], "debiased")
+        np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
+    assert np.allclose(np.diag(results[0]["debiased"]), 1.0)
