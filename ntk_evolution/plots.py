@@ -270,6 +270,7 @@ def plot_eigen_features(result: dict, path: str) -> None:
         f"{result['dataset']}\n{result['support_size']} support images, {result['n_test']} test "
         f"images, PGD-Linf eps {result['eps']:g}/255 ({result['pgd_steps']} steps)",
         fontsize=11,
+        wrap=True,
     )
     _save(fig, path)
 
@@ -369,14 +370,16 @@ def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> N
     names0 = [short_layer_name(i, n) for i, n in zip(rows, result["layers0"], strict=True)]
     names1 = [short_layer_name(j, n) for j, n in zip(cols, result["layers1"], strict=True)]
     size = max(len(names0), len(names1))
-    tick = 9 if size <= 12 else 7
+    tick = 9 if size <= 12 else 7 if size <= 30 else 6
+    every = -(-size // 40)  # a tick label every `every` layers beyond 40 a side
     estimators = [e for e in ("linear", "debiased") if result.get(e) is not None]
     panels = len(estimators)
+    width = min(0.55 * len(names1), 0.2 * len(names1) + 4, 13)  # the figure grows, then caps
+    height = min(0.4 * len(names0), 0.15 * len(names0) + 4, 11)
     fig, axes = plt.subplots(
-        1, panels, figsize=(4 * panels + 0.55 * len(names1) * panels, 3.5 + 0.4 * len(names0)),
-        squeeze=False,
-    )  # fmt: skip
-    fig.subplots_adjust(wspace=0.55, top=0.86)
+        1, panels, figsize=(4 * panels + width * panels, 3.5 + height), squeeze=False
+    )
+    fig.subplots_adjust(wspace=0.55, top=0.9)
     for ax, estimator in zip(axes[0], estimators, strict=True):
         values = np.asarray(result[estimator])
         image = ax.imshow(values, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
@@ -386,14 +389,16 @@ def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> N
                 colour = "black" if v > 0.6 else "white"
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
         ax.set_title(f"{estimator} CKA", fontsize=10)
-        ax.set_yticks(range(len(names0)), names0, fontsize=tick)
-        ax.set_xticks(range(len(names1)), names1, fontsize=tick, rotation=60, ha="right")
+        shown0, shown1 = range(0, len(names0), every), range(0, len(names1), every)
+        ax.set_yticks(shown0, [names0[i] for i in shown0], fontsize=tick)
+        ax.set_xticks(shown1, [names1[j] for j in shown1], fontsize=tick, rotation=70, ha="right")
         ax.set_ylabel(f"{sides[0]}: layer", fontsize=10)
         ax.set_xlabel(f"{sides[1]}: layer", fontsize=10)
     fig.suptitle(
         f"CKA between the layers of {sides[0]} and {sides[1]}, {result['n_images']} test images"
         + (
-            f" (online: {result['dataset_passes']} passes, batches of {result['batch_size']})"
+            f" (online: {result['dataset_passes']} pass{'es' * (result['dataset_passes'] > 1)}, "
+            f"batches of {result['batch_size']})"
             if "batch_size" in result
             else ""
         ),
