@@ -66,6 +66,10 @@ NOT_RUN_HERE = {
     ),
     "# one host, all its GPUs": "trains ResNet-18 on CIFAR-10 for 100 epochs",
     "# on host 0": "needs two hosts (tests/test_parallel.py runs this path on one machine)",
+    "CUDA_VISIBLE_DEVICES=0 python cka.py": (
+        "the CKA project's command on its WRN-28-4 checkpoints: tests/test_torch_models.py runs "
+        "it on fixture checkpoints"
+    ),
 }
 
 # the python3 a README block calls: records its arguments, one JSON line per call
