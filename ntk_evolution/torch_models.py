@@ -183,15 +183,20 @@ def layer_names(network: nn.Module, spec: str, flag: str) -> list[str]:
 
 
 @torch.no_grad()
-def layer_features(network: nn.Module, names: list[str], x: torch.Tensor) -> list[np.ndarray]:
-    """The outputs of the modules `names` on the batch x (N, C, H, W), in the order of
-    `names`, as float64 NumPy arrays (N, features); each copied when its hook fires, before an
-    in-place operation could change it. A module called twice keeps its last output."""
+def hooked_forward(
+    network: nn.Module,
+    names: list[str],
+    x: torch.Tensor,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+) -> list[torch.Tensor]:
+    """keep(output) of each module in `names` on the batch x, in the order of `names`, applied
+    when its hook fires (before an in-place operation could change the output). A module called
+    twice keeps its last output."""
     modules = dict(network.named_modules())
-    outputs: dict[str, torch.Tensor] = {}
+    kept: dict[str, torch.Tensor] = {}
     hooks = [
         modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().clone())
+            lambda _m, _i, out, name=name: kept.__setitem__(name, keep(out.detach()))
         )
         for name in names
     ]
@@ -200,30 +205,25 @@ def layer_features(network: nn.Module, names: list[str], x: torch.Tensor) -> lis
     finally:
         for hook in hooks:
             hook.remove()
-    return [outputs[name].flatten(1).double().cpu().numpy() for name in names]
+    return [kept[name] for name in names]
 
 
-@torch.no_grad()
+def layer_features(network: nn.Module, names: list[str], x: torch.Tensor) -> list[np.ndarray]:
+    """The outputs of the modules `names` on the batch x (N, C, H, W) as float64 NumPy arrays
+    (N, features)."""
+    outputs = hooked_forward(network, names, x, lambda out: out.flatten(1).double())
+    return [out.cpu().numpy() for out in outputs]
+
+
 def layer_grams(network: nn.Module, names: list[str], x: torch.Tensor) -> np.ndarray:
     """Gram matrices (len(names), N, N), float64, of the modules' outputs on the batch x, each
-    computed when its hook fires: memory holds N x N per layer, never all layers' features."""
-    modules = dict(network.named_modules())
-    grams: dict[str, torch.Tensor] = {}
+    made when its hook fires: memory holds N x N per layer, never all layers' features."""
 
-    def keep(name: str, out: torch.Tensor) -> None:
-        flat = out.detach().flatten(1).double()
-        grams[name] = flat @ flat.T
+    def gram(out: torch.Tensor) -> torch.Tensor:
+        flat = out.flatten(1).double()
+        return flat @ flat.T
 
-    hooks = [
-        modules[name].register_forward_hook(lambda _m, _i, out, name=name: keep(name, out))
-        for name in names
-    ]
-    try:
-        network(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return np.stack([grams[name].cpu().numpy() for name in names])
+    return np.stack([g.cpu().numpy() for g in hooked_forward(network, names, x, gram)])
 
 
 def pgd_examples(
