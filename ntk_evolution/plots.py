@@ -407,6 +407,29 @@ def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> N
     _save(fig, path)
 
 
+def plot_cka_panels(panels: list[tuple[str, dict]], title: str, path: str) -> None:
+    """The CKA project's summary figure: one heatmap per (title, cka result) side by side on one
+    colour scale (the debiased CKA, else the linear), layer index on both axes, layers counted
+    from the input at the bottom left."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 4.0), squeeze=False)
+    image = None
+    fig.subplots_adjust(wspace=0.25)
+    for k, (ax, (name, result)) in enumerate(zip(axes[0], panels, strict=True)):
+        estimator = "debiased" if result.get("debiased") is not None else "linear"
+        values = np.asarray(result[estimator])
+        image = ax.imshow(values, origin="lower", cmap="inferno", vmin=0, vmax=1)
+        step = max(1, -(-max(values.shape) // 5))
+        ax.set_xticks(range(0, values.shape[1], step))
+        ax.set_yticks(range(0, values.shape[0], step))
+        ax.set_title(f"{name}\n({estimator} CKA, {result['n_images']} images)", fontsize=10)
+        ax.set_xlabel("layer (second network)", fontsize=9)
+        if k == 0:
+            ax.set_ylabel("layer (first network)", fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="CKA")
+    fig.suptitle(title, fontsize=11)
+    _save(fig, path)
+
+
 def plot_attack_table(
     rows: dict[str, list[float]], columns: tuple[str, ...], title: str, path: str
 ) -> None:
