@@ -66,6 +66,9 @@ NOT_RUN_HERE = {
     ),
     "# one host, all its GPUs": "trains ResNet-18 on CIFAR-10 for 100 epochs",
     "# on host 0": "needs two hosts (tests/test_parallel.py runs this path on one machine)",
+    "python3 scripts/plot_cka.py": (
+        "draws the CKA project's three results: tests/test_torch_models.py runs it after them"
+    ),
     "CUDA_VISIBLE_DEVICES=0 python cka.py": (
         "the CKA project's command on its WRN-28-4 checkpoints: tests/test_torch_models.py runs "
         "it on fixture checkpoints"

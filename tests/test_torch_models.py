@@ -106,6 +106,18 @@ def test_torchattacks_pgd_stays_in_its_ball_and_raises_the_loss(wrn_checkpoint, 
         assert loss(network(adversarial), y) > loss(network(x), y)
 
 
+def load_script(relative: str):
+    """A script of scripts/ as a module."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("script", os.path.join(root, relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # The CKA project's README commands, verbatim (its seed README in the project's history)
 SEED_COMMANDS = [
     "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --dataset cifar10 --model0_layers all "
@@ -146,6 +158,10 @@ def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
         results.append(cka.main([*words[3:], "--n_images", "12"]))  # scaled down for a CPU
     for suffix in ("", "_adv_model", "_cross_model"):
         assert (tmp_path / "results" / f"cka{suffix}.png").is_file()
+    # the project's plotting step: the three analyses in one figure
+    plot_cka = load_script("scripts/plot_cka.py")
+    assert plot_cka.main([]) == "./results/cka_plot.png"
+    assert (tmp_path / "results" / "cka_plot.png").is_file()
 
     # independently: every layer's features by a plain forward pass per module, then the
     # full-batch debiased CKA of their Gram matrices
