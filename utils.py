@@ -385,7 +385,7 @@ def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
         raise UserError(
             f"{path}: {what} cannot be read, {err.strerror} (check the path and its permissions)"
         ) from None
-    redo = f"pass a {what} written by this project, or recreate it"
+    redo = "pass one this project wrote, or recreate it"
     try:
         with f:
             obj = pickle.load(f) if trust else _SafeUnpickler(_BoundedReader(f)).load()
@@ -395,18 +395,14 @@ def load_pickle(path: str, what: str = "file", trust: bool = False) -> Any:
                 f"{path}: {what} holds more than arrays and plain containers ({err}); refusing to "
                 "load it, since unpickling can run code (pass --trust_pickle if you trust it)"
             ) from None
-        if not trust and str(err).startswith("it asks to allocate"):
-            raise UserError(f"{path}: not a valid {what}, {err} ({redo})") from None
-        raise UserError(f"{path}: not a valid {what} pickle, {err} ({redo})") from None
+        raise UserError(f"{path}: not a valid {what}, {err} ({redo})") from None  # e.g. allocation
     except (MemoryError, RecursionError, OverflowError) as err:
         raise UserError(
             f"{path}: not a valid {what}, {type(err).__name__} while unpickling ({redo})"
         ) from None
     except Exception as err:  # noqa: BLE001 - arbitrary bytes can raise anything while parsed
         detail = str(err) or type(err).__name__
-        raise UserError(
-            f"{path}: not a valid or complete {what} pickle, {detail} ({redo})"
-        ) from None
+        raise UserError(f"{path}: not a valid or complete {what}, {detail} ({redo})") from None
     if nesting_depth(obj) > MAX_DEPTH:
         raise UserError(
             f"{path}: not a valid {what}, containers nested more than {MAX_DEPTH} deep (a "
