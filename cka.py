@@ -44,6 +44,7 @@ from ntk_evolution.similarity import (
     ESTIMATORS,
     MinibatchCKA,
     cka_matrix,
+    gram,
     layer_grams,
     make_layer_fn,
 )
@@ -187,49 +188,36 @@ def torch_cka(args, paths: list[str], adv: list[int]) -> dict:
     ]
     ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
-    batch_size = args.batch_size or len(x)
-    if not 3 < batch_size <= len(x):
-        raise UserError(f"--batch_size must lie in 4..{len(x)} (the images)")
     eps = eps_from_255(args.eps) if args.attack == "linf" else args.eps_l2
-    per_pass = len(x) // batch_size
-    accumulator = MinibatchCKA(len(names[0]), len(names[1]))
-    bar = progress_bar(desc="CKA batches", total=per_pass * args.dataset_passes)
-    print(
-        f"{len(names[0])} x {len(names[1])} layers on {device}; {args.dataset_passes} passes of "
-        f"{per_pass} batches of {batch_size}"
+    print(f"{len(names[0])} x {len(names[1])} layers on {device}")
+
+    def batch_grams(x_batch, y_batch, step):
+        xb = torch.from_numpy(np.ascontiguousarray(x_batch.transpose(0, 3, 1, 2))).to(device)
+        yb = torch.from_numpy(y_batch.astype(np.int64)).to(device)
+        grams = []
+        for side in range(2):
+            inputs = xb
+            if adv[side]:
+                seed = args.random_seed + 1000 * side + step
+                inputs = pgd_examples(
+                    networks[side], xb, yb, args.attack, eps, args.pgd_steps, seed
+                )
+            grams.append(torch_layer_grams(networks[side], names[side], inputs))
+        return grams
+
+    accumulator, batch_size = accumulate(args, x, y, batch_grams)
+    result = online_result(
+        args,
+        accumulator,
+        names[0],
+        names[1],
+        adv,
+        len(x),
+        batch_size,
+        models=models,
+        attack=args.attack,
+        eps=eps,
     )
-    for p in range(args.dataset_passes):
-        order = np.random.default_rng([args.random_seed, p]).permutation(len(x))
-        for b in range(per_pass):
-            batch = order[b * batch_size : (b + 1) * batch_size]
-            xb = torch.from_numpy(np.ascontiguousarray(x[batch].transpose(0, 3, 1, 2))).to(device)
-            yb = torch.from_numpy(y[batch].astype(np.int64)).to(device)
-            grams = []
-            for side in range(2):
-                inputs = xb
-                if adv[side]:
-                    seed = args.random_seed + 1000 * side + p * per_pass + b
-                    inputs = pgd_examples(
-                        networks[side], xb, yb, args.attack, eps, args.pgd_steps, seed
-                    )
-                grams.append(torch_layer_grams(networks[side], names[side], inputs))
-            accumulator.update_grams(*grams)
-            bar.update()
-    bar.close()
-    result = {
-        "linear": None,
-        "debiased": accumulator.result(),
-        "layers0": names[0],
-        "layers1": names[1],
-        "models": models,
-        "adv": adv,
-        "attack": args.attack,
-        "eps": eps,
-        "n_images": len(x),
-        "batch_size": batch_size,
-        "dataset_passes": args.dataset_passes,
-        "batches": accumulator.batches,
-    }
     return finish(args, result, paths, adv, range(len(names[0])), range(len(names[1])))
 
 
@@ -268,8 +256,8 @@ def main(argv=None) -> dict:
     if len(x) < 4:
         raise UserError("--n_images must be at least 4 for the debiased estimator")
     if args.batch_size is not None:
-        result = online_cka(args, loaded0, loaded1, adv, x, y)
-        return finish(args, result, paths, adv, *result.pop("_selection"))
+        result, rows, cols = online_cka(args, loaded0, loaded1, adv, x, y)
+        return finish(args, result, paths, adv, rows, cols)
 
     names0, grams0 = side_grams(loaded0, adv[0], x, y, args)
     if same and adv[1] == adv[0]:
@@ -294,45 +282,70 @@ def main(argv=None) -> dict:
     return finish(args, result, paths, adv, rows, cols)
 
 
-def online_cka(args, loaded0: LoadedModel, loaded1: LoadedModel, adv, x, y) -> dict:
-    """Debiased CKA accumulated over --dataset_passes shuffled passes of full batches of
-    --batch_size images (similarity.MinibatchCKA); each side's layer outputs (on its own PGD
-    examples with --adv 1) are computed a batch at a time."""
-    if not 3 < args.batch_size <= len(x):
-        raise UserError(f"--batch_size must lie in 4..{len(x)} (the images) for online CKA")
+def online_cka(args, loaded0: LoadedModel, loaded1: LoadedModel, adv, x, y):
+    """Debiased CKA of this project's checkpoints over minibatches (accumulate); each side's
+    layer outputs (on its own PGD examples with --adv 1) are computed a batch at a time.
+    Returns the result and the (rows, columns) layer indices."""
     pairs = zip((loaded0, loaded1), adv, strict=True)
     sides = [side_batch_fn(loaded, adversarial, args) for loaded, adversarial in pairs]
-    per_pass = len(x) // args.batch_size
-    accumulator, selection = None, None
     key = jax.random.PRNGKey(args.random_seed)
-    bar = progress_bar(desc="online CKA", total=per_pass * args.dataset_passes)
+    chosen = {}  # the layers, once the first batch has named them
+
+    def batch_grams(x_batch, y_batch, step):
+        (names0, f0), (names1, f1) = (
+            side(x_batch, y_batch, jax.random.fold_in(key, step)) for side in sides
+        )
+        if not chosen:
+            chosen["rows"] = select_layers(args.model0_layers, names0, "--model0_layers")
+            chosen["cols"] = select_layers(args.model1_layers, names1, "--model1_layers")
+            chosen["names"] = (names0, names1)
+        grams0 = np.stack([gram(f0[i]) for i in chosen["rows"]])
+        return grams0, np.stack([gram(f1[j]) for j in chosen["cols"]])
+
+    accumulator, batch_size = accumulate(args, x, y, batch_grams)
+    rows, cols, (names0, names1) = chosen["rows"], chosen["cols"], chosen["names"]
+    layers0, layers1 = [names0[i] for i in rows], [names1[j] for j in cols]
+    return online_result(args, accumulator, layers0, layers1, adv, len(x), batch_size), rows, cols
+
+
+def accumulate(args, x, y, batch_grams) -> tuple[MinibatchCKA, int]:
+    """similarity.MinibatchCKA over --dataset_passes passes of full batches of --batch_size
+    (default: one batch of all) of the images x, each pass in an order drawn from
+    (--random_seed, pass); batch_grams(x_batch, y_batch, step) gives the batch's Gram matrices
+    of both sides. Returns the accumulator and the batch size."""
+    batch_size = args.batch_size or len(x)
+    if not 3 < batch_size <= len(x):
+        raise UserError(f"--batch_size must lie in 4..{len(x)} (the images)")
+    per_pass = len(x) // batch_size
+    print(f"{args.dataset_passes} pass(es) of {per_pass} batches of {batch_size} images")
+    accumulator = None
+    bar = progress_bar(desc="CKA batches", total=per_pass * args.dataset_passes)
     for p in range(args.dataset_passes):
         order = np.random.default_rng([args.random_seed, p]).permutation(len(x))
         for b in range(per_pass):
-            batch = order[b * args.batch_size : (b + 1) * args.batch_size]
-            step_key = jax.random.fold_in(key, p * per_pass + b)
-            (names0, f0), (names1, f1) = (side(x[batch], y[batch], step_key) for side in sides)
+            batch = order[b * batch_size : (b + 1) * batch_size]
+            grams0, grams1 = batch_grams(x[batch], y[batch], p * per_pass + b)
             if accumulator is None:
-                rows = select_layers(args.model0_layers, names0, "--model0_layers")
-                cols = select_layers(args.model1_layers, names1, "--model1_layers")
-                selection = (rows, cols, names0, names1)
-                accumulator = MinibatchCKA(len(rows), len(cols))
-            rows, cols = selection[:2]
-            accumulator.update([f0[i] for i in rows], [f1[j] for j in cols])
+                accumulator = MinibatchCKA(len(grams0), len(grams1))
+            accumulator.update_grams(grams0, grams1)
             bar.update()
     bar.close()
-    rows, cols, names0, names1 = selection
+    return accumulator, batch_size
+
+
+def online_result(args, accumulator, layers0, layers1, adv, n_images, batch_size, **extra):
+    """The pickle of an online CKA ('linear' is None: only the debiased estimator exists)."""
     return {
         "linear": None,
         "debiased": accumulator.result(),
-        "layers0": [names0[i] for i in rows],
-        "layers1": [names1[j] for j in cols],
+        "layers0": layers0,
+        "layers1": layers1,
         "adv": adv,
-        "n_images": len(x),
-        "batch_size": args.batch_size,
+        "n_images": n_images,
+        "batch_size": batch_size,
         "dataset_passes": args.dataset_passes,
         "batches": accumulator.batches,
-        "_selection": (rows, cols),
+        **extra,
     }
 
 

@@ -177,17 +177,29 @@ def write_csv(rows: list[dict], path: str, fields: Sequence[str] | None = None) 
             writer.writerows(rows)
 
 
-def check_output(obj: Any, path: str) -> None:
-    """Before writing `path`: every floating-point number and array in `obj` is finite (a NaN
-    is never saved). Containers are walked without recursion."""
-    stack = [("", obj)]
+def leaves(obj: Any, root: str = "") -> Iterator[tuple[str, Any]]:
+    """(where, value) for every value in nested dicts, lists and tuples that is not one of
+    them, e.g. ("['standard']['clean']", 0.98); dict keys that are not strings too, as ("a key
+    of <where>", key). Without recursion."""
+    stack = [(root, obj)]
     while stack:
         field, value = stack.pop()
         if isinstance(value, Mapping):
-            stack.extend((f"{field}[{k!r}]", v) for k, v in value.items())
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    yield f"a key of {field or 'the value'}", key
+                stack.append((f"{field}[{key!r}]", item))
         elif isinstance(value, list | tuple):
-            stack.extend((f"{field}[{i}]", v) for i, v in enumerate(value))
-        elif isinstance(value, float | np.floating | np.ndarray | jax.Array):
+            stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
+        else:
+            yield field, value
+
+
+def check_output(obj: Any, path: str) -> None:
+    """Before writing `path`: every floating-point number and array in `obj` is finite (a NaN
+    is never saved)."""
+    for field, value in leaves(obj):
+        if isinstance(value, float | np.floating | np.ndarray | jax.Array):
             array = np.asarray(value)
             if array.dtype.kind in "fc" and not np.all(np.isfinite(array)):
                 bad = int(array.size - np.count_nonzero(np.isfinite(array)))

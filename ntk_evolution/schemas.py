@@ -21,7 +21,7 @@ import numpy as np
 
 from data import SHAPES
 from models import MODELS
-from utils import UserError
+from utils import UserError, leaves
 
 
 def invalid(path: str, what: str, todo: str) -> UserError:
@@ -248,23 +248,11 @@ def check_results(results: Any, path: str, todo: str = "") -> dict:
     todo = todo or "rerun the script that wrote it"
     if not isinstance(results, dict):
         raise invalid(path, f"the results are a {type(results).__name__}, not a dict", todo)
-    stack = [("results", results)]
-    while stack:
-        field, value = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if not isinstance(key, str):  # a name, or a number (e.g. eps_sweep's radii)
-                    number(key, path, f"a key of {field}", todo)
-                stack.append((f"{field}[{key!r}]", item))
-        elif isinstance(value, list | tuple):
-            stack.extend((f"{field}[{i}]", item) for i, item in enumerate(value))
-        elif value is None or isinstance(value, bool | np.bool_ | str):
-            continue
-        else:
-            if isinstance(value, np.ndarray):
-                real_array(value, path, field, todo)
-            else:
-                number(value, path, field, todo)
+    for field, value in leaves(results, "results"):  # keys: names, or numbers (eps_sweep's)
+        if isinstance(value, np.ndarray):
+            real_array(value, path, field, todo)
+        elif value is not None and not isinstance(value, bool | np.bool_ | str):
+            number(value, path, field, todo)
     return results
 
 

@@ -93,8 +93,8 @@ class MinibatchCKA:
     def update_grams(self, grams0: np.ndarray, grams1: np.ndarray) -> None:
         """One minibatch given by its Gram matrices: (a, batch, batch) and (b, batch, batch)."""
         self.cross += unbiased_hsic_matrix(grams0, grams1)
-        self.self0 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams0]
-        self.self1 += [unbiased_hsic_matrix(g[None], g[None])[0, 0] for g in grams1]
+        self.self0 += [unbiased_hsic(g, g) for g in grams0]
+        self.self1 += [unbiased_hsic(g, g) for g in grams1]
         self.batches += 1
 
     def result(self) -> np.ndarray:
