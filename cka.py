@@ -49,11 +49,14 @@ from ntk_evolution.similarity import (
     make_layer_fn,
 )
 from ntk_evolution.torch_models import (
+    THREAT_MODELS,
     TORCH_MODELS,
     is_torch_checkpoint,
     layer_names,
+    load_robustbench_model,
     load_torch_model,
     pgd_examples,
+    robustbench_files,
 )
 from ntk_evolution.torch_models import layer_grams as torch_layer_grams
 from utils import UserError, progress_bar, run_main, save_pickle, to_host
@@ -75,9 +78,34 @@ def build_parser() -> Parser:
         choices=DATASETS,
         help="Dataset; default: the first checkpoint's, else cifar10.",
     )
-    p.add_argument("--model_path", nargs="+", required=True, help="1 or 2 checkpoints.")
-    p.add_argument("--model0_layers", default="all", help="'all' or comma-separated indices.")
-    p.add_argument("--model1_layers", default="all", help="'all' or comma-separated indices.")
+    p.add_argument(
+        "--model_path",
+        nargs="+",
+        default=[],
+        help="1 or 2 checkpoints: this project's (.pkl) or PyTorch ones (.pth, .pth.tar, .pt).",
+    )
+    p.add_argument(
+        "--robustbench",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="1 or 2 RobustBench models (e.g. Standard), read by RobustBench's loader from "
+        "<--model_dir>/<dataset>/<--threat_model>/NAME.pt; after a --model_path, the second side.",
+    )
+    p.add_argument(
+        "--threat_model", default="Linf", choices=THREAT_MODELS, help="RobustBench's threat model."
+    )
+    p.add_argument(
+        "--model_dir", default="./models", help="RobustBench's model folder (its default)."
+    )
+    for side in (0, 1):
+        p.add_argument(
+            f"--model{side}_layers",
+            nargs="+",
+            default=["all"],
+            help="'all', or layers: indices for this project's checkpoints, module names (as "
+            "named_modules gives them) for PyTorch ones; space- or comma-separated.",
+        )
     p.add_argument(
         "--adv", type=int, nargs="+", default=[0], choices=(0, 1), help="PGD inputs, per side."
     )
@@ -108,19 +136,25 @@ def build_parser() -> Parser:
         help="A name per side for the heatmap (1 or 2); default: each checkpoint's folder.",
     )
     p.add_argument(
-        "--n_images", "--num_images", type=positive_int, default=500, help="First N test images."
+        "--n_images",
+        "--num_images",
+        type=positive_int,
+        default=None,
+        help="First N test images; default 10000 for PyTorch models (the CKA project's), else 500.",
     )
     p.add_argument(
         "--batch_size",
         type=positive_int,
         default=None,
-        help="Online minibatch CKA in batches of this size (> 3); default: one full batch.",
+        help="Online minibatch CKA in batches of this size (> 3); default 1024 for PyTorch models "
+        "(the CKA project's), else one full batch.",
     )
     p.add_argument(
         "--dataset_passes",
         type=positive_int,
-        default=1,
-        help="Shuffled passes over the images of the online CKA (with --batch_size).",
+        default=None,
+        help="Shuffled passes over the images of the online CKA; default 3 for PyTorch models "
+        "(the CKA project's), else 1.",
     )
     add_eps_flag(p)
     add_seed_flag(p, "attacks")
@@ -131,9 +165,14 @@ def build_parser() -> Parser:
 def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
-    for name in ("model_path", "model", "adv", "names"):
+    for name in ("model_path", "robustbench", "model", "adv", "names"):
         if len(getattr(args, name) or []) > 2:
             p.error(f"--{name} takes one or two values")
+    if not 0 < len(args.model_path) + len(args.robustbench) <= 2:
+        p.error("give one or two models in all, by --model_path and/or --robustbench")
+    for side in (0, 1):  # the CKA project's space-separated lists, or ours with commas
+        flag = f"model{side}_layers"
+        setattr(args, flag, ",".join(getattr(args, flag)))
     return args
 
 
@@ -167,27 +206,47 @@ def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
     return layer_grams(model, params, net_state, x)
 
 
-def torch_cka(args, paths: list[str], adv: list[int]) -> dict:
-    """CKA between the layers of PyTorch networks (torch_models: the CKA project's checkpoints):
-    debiased CKA accumulated over full batches of --batch_size images (default: one batch of
-    all, i.e. the full-batch debiased CKA) and --dataset_passes shuffled passes; each layer's
-    Gram matrix is made in its forward hook, so memory holds batch^2 numbers per layer."""
-    if not args.model:
+def torch_cka(args, adv: list[int]) -> dict:
+    """CKA between the layers of PyTorch networks (torch_models: the CKA project's checkpoints,
+    or RobustBench's models): debiased CKA accumulated over batches of --batch_size images and
+    --dataset_passes shuffled passes, with the CKA project's defaults (10000 images, batches
+    of 1024, 3 passes); each layer's Gram matrix is made in its forward hook, so memory holds
+    batch^2 numbers per layer."""
+    sides = [("path", p) for p in args.model_path] + [("robustbench", n) for n in args.robustbench]
+    sides = (sides * 2)[:2]  # one model: compare it with itself
+    if any(kind == "path" for kind, _ in sides) and not args.model:
         raise UserError(f"a PyTorch checkpoint needs --model: one of {', '.join(TORCH_MODELS)}")
-    models = (args.model * 2)[:2]
+    models = (args.model * 2)[:2] if args.model else [None, None]
     args.dataset = args.dataset or "cifar10"
     n_classes = SHAPES[args.dataset][1]
-    networks = [load_torch_model(models[0], paths[0], n_classes)]
-    same = paths[1] == paths[0] and models[1] == models[0]
-    networks.append(networks[0] if same else load_torch_model(models[1], paths[1], n_classes))
+
+    def load(side: int):
+        """(network, file, model name, label) of a side."""
+        kind, what = sides[side]
+        if kind == "path":
+            network = load_torch_model(models[side], what, n_classes)
+            return network, what, models[side], run_name(what)
+        file = robustbench_files(what, args.model_dir, args.dataset, args.threat_model)[0]
+        network = load_robustbench_model(what, args.model_dir, args.dataset, args.threat_model)
+        return network, file, f"robustbench:{what}", f"{what} ({args.threat_model})"
+
+    loaded = [load(0)]
+    same = sides[1] == sides[0] and models[1] == models[0]
+    loaded.append(loaded[0] if same else load(1))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    networks = [network.to(device) for network in networks]
+    networks = [network.to(device) for network, *_ in loaded]
+    paths = [file for _, file, _, _ in loaded]
+    models = [model for _, _, model, _ in loaded]
+    args.names = args.names or [label for *_, label in loaded]
     names = [
         layer_names(networks[0], args.model0_layers, "--model0_layers"),
         layer_names(networks[1], args.model1_layers, "--model1_layers"),
     ]
+    args.n_images = args.n_images or 10000
+    args.dataset_passes = args.dataset_passes or 3
     ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
+    args.batch_size = args.batch_size or min(1024, len(x))
     eps = eps_from_255(args.eps) if args.attack == "linf" else args.eps_l2
     print(f"{len(names[0])} x {len(names[1])} layers on {device}")
 
@@ -217,6 +276,7 @@ def torch_cka(args, paths: list[str], adv: list[int]) -> dict:
         models=models,
         attack=args.attack,
         eps=eps,
+        threat_model=args.threat_model if args.robustbench else None,
     )
     return finish(args, result, paths, adv, range(len(names[0])), range(len(names[1])))
 
@@ -233,12 +293,19 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.savedir, "--savedir")
     initialize(args)
-    paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
-    kinds = {is_torch_checkpoint(path) for path in paths}
+    kinds = {is_torch_checkpoint(path) for path in args.model_path} | (
+        {True} if args.robustbench else set()
+    )
     if len(kinds) > 1:
-        raise UserError("--model_path: give two PyTorch checkpoints or two of this project's")
+        raise UserError(
+            "--model_path: this project's checkpoints (.pkl) compare with each other only, not "
+            "with PyTorch or RobustBench models"
+        )
     if kinds == {True}:
-        return torch_cka(args, paths, (args.adv * 2)[:2])
+        return torch_cka(args, (args.adv * 2)[:2])
+    paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
+    args.n_images = args.n_images or 500
+    args.dataset_passes = args.dataset_passes or 1
     if any(model not in MODELS for model in args.model or []):
         raise UserError(
             f"--model {' '.join(args.model)}: this project's checkpoints (.pkl) take "
@@ -309,22 +376,25 @@ def online_cka(args, loaded0: LoadedModel, loaded1: LoadedModel, adv, x, y):
 
 
 def accumulate(args, x, y, batch_grams) -> tuple[MinibatchCKA, int]:
-    """similarity.MinibatchCKA over --dataset_passes passes of full batches of --batch_size
-    (default: one batch of all) of the images x, each pass in an order drawn from
-    (--random_seed, pass); batch_grams(x_batch, y_batch, step) gives the batch's Gram matrices
-    of both sides. Returns the accumulator and the batch size."""
+    """similarity.MinibatchCKA over --dataset_passes passes of the images x in batches of
+    --batch_size (default: one batch of all), each pass in an order drawn from
+    (--random_seed, pass); a last, smaller batch is used as the CKA project's loader does, when
+    it has the 4 images the estimator needs. batch_grams(x_batch, y_batch, step) gives the
+    batch's Gram matrices of both sides. Returns the accumulator and the batch size."""
     batch_size = args.batch_size or len(x)
     if not 3 < batch_size <= len(x):
         raise UserError(f"--batch_size must lie in 4..{len(x)} (the images)")
-    per_pass = len(x) // batch_size
-    print(f"{args.dataset_passes} pass(es) of {per_pass} batches of {batch_size} images")
+    starts = [s for s in range(0, len(x), batch_size) if len(x) - s > 3]
+    rest = len(x) % batch_size
+    last = f" (the last of {rest})" if rest > 3 else f" ({rest} left over)" if rest else ""
+    print(f"{args.dataset_passes} pass(es) of {len(starts)} batches of {batch_size} images{last}")
     accumulator = None
-    bar = progress_bar(desc="CKA batches", total=per_pass * args.dataset_passes)
+    bar = progress_bar(desc="CKA batches", total=len(starts) * args.dataset_passes)
     for p in range(args.dataset_passes):
         order = np.random.default_rng([args.random_seed, p]).permutation(len(x))
-        for b in range(per_pass):
-            batch = order[b * batch_size : (b + 1) * batch_size]
-            grams0, grams1 = batch_grams(x[batch], y[batch], p * per_pass + b)
+        for b, start in enumerate(starts):
+            batch = order[start : start + batch_size]
+            grams0, grams1 = batch_grams(x[batch], y[batch], p * len(starts) + b)
             if accumulator is None:
                 accumulator = MinibatchCKA(len(grams0), len(grams1))
             accumulator.update_grams(grams0, grams1)

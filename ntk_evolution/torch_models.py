@@ -141,9 +141,8 @@ def load_torch_model(name: str, path: str, n_classes: int) -> nn.Module:
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a bad file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(
-            f"{path}: not a loadable PyTorch checkpoint, {first[:200]} (pass a file saved "
+            f"{path}: not a loadable PyTorch checkpoint, {first_line(err)} (pass a file saved "
             "with torch.save)"
         ) from None
     state = saved.get("state_dict", saved) if isinstance(saved, dict) else None
@@ -158,9 +157,108 @@ def load_torch_model(name: str, path: str, n_classes: int) -> nn.Module:
         raise UserError(
             f"{path}: does not fit --model {name}: {detail} (pass the model it was trained as)"
         ) from None
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{path}: {bad[0]} has NaN or infinite values (use another checkpoint)")
+    check_finite(network, path)
+    return network.eval()
+
+
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (at most 200 characters), else its type."""
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def check_finite(network: nn.Module, where: str) -> None:
+    """A one-line error if a parameter or buffer of `network` has a NaN or infinite value."""
+    for key, value in network.state_dict().items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f"{where}: {key} has NaN or infinite values (use another checkpoint)")
+
+
+# RobustBench's names of our datasets and of its threat models
+ROBUSTBENCH_DATASETS = {"cifar10": "cifar10", "cifar100": "cifar100"}
+THREAT_MODELS = ("Linf", "L2", "corruptions")
+
+
+def import_robustbench():
+    """The `robustbench` package. Its release 1.1.1 imports AutoAttack as `autoattack` (the
+    GitHub package), which PyPI ships as `pyautoattack`: that module stands in for it."""
+    import sys
+
+    try:
+        import pyautoattack
+        import pyautoattack.state
+    except ImportError:
+        pyautoattack = None
+    if pyautoattack is not None:
+        sys.modules.setdefault("autoattack", pyautoattack)
+        sys.modules.setdefault("autoattack.state", pyautoattack.state)
+    try:
+        import robustbench.utils
+        from robustbench.model_zoo import model_dicts
+        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+    except ImportError as err:
+        raise UserError(
+            f"--robustbench needs the robustbench package ({err}; pip install -r requirements.txt)"
+        ) from None
+    return robustbench.utils, model_dicts, BenchmarkDataset, ThreatModel
+
+
+def robustbench_files(name: str, model_dir: str, dataset: str, threat_model: str) -> list[str]:
+    """The checkpoint files RobustBench's loader reads for the model `name` (a list: an
+    ensemble has one per member), after checking that its model zoo knows the name."""
+    import difflib
+
+    if dataset not in ROBUSTBENCH_DATASETS:
+        raise UserError(
+            f"--robustbench: RobustBench has no {dataset} models (use --dataset "
+            f"{' or '.join(ROBUSTBENCH_DATASETS)})"
+        )
+    _, model_dicts, BenchmarkDataset, ThreatModel = import_robustbench()
+    zoo = model_dicts[BenchmarkDataset(ROBUSTBENCH_DATASETS[dataset])][ThreatModel(threat_model)]
+    if name not in zoo:
+        close = difflib.get_close_matches(name, list(zoo), n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"{len(zoo)} models, e.g. Standard"
+        raise UserError(
+            f"--robustbench {name}: not a {dataset} {threat_model} model of RobustBench ({hint})"
+        )
+    folder = os.path.join(model_dir, ROBUSTBENCH_DATASETS[dataset], threat_model)
+    base = os.path.join(folder, f"{name}.pt")
+    ids = zoo[name]["gdrive_id"]
+    if isinstance(ids, list):  # an ensemble: RobustBench names its members' files so
+        return [f"{base}_m{i}.pt" for i in range(len(ids))]
+    if ids is None:
+        raise UserError(
+            f"--robustbench {name}: served by timm from the Hugging Face hub, which this "
+            "script does not reach (pick a model RobustBench stores as a .pt file)"
+        )
+    return [base]
+
+
+def load_robustbench_model(name: str, model_dir: str, dataset: str, threat_model: str):
+    """RobustBench's model `name`, read by its own loader from the local file(s) under
+    model_dir/<dataset>/<threat_model>/ (never downloaded: a missing file is an error naming
+    it). Its torch.load keeps PyTorch's default weights_only=True. Inputs are images in [0, 1]
+    (RobustBench models normalise inside). In eval mode."""
+    files = robustbench_files(name, model_dir, dataset, threat_model)
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise UserError(
+            f"--robustbench {name}: expected its checkpoint at {missing[0]}, which is missing "
+            "(nothing is downloaded here: fetch it where there is internet, e.g. with "
+            "robustbench.utils.load_model, and copy it there or pass its --model_dir)"
+        )
+    rb_utils = import_robustbench()[0]
+    try:
+        network = rb_utils.load_model(
+            name, model_dir=model_dir, dataset=ROBUSTBENCH_DATASETS[dataset],
+            threat_model=threat_model,
+        )  # fmt: skip
+    except Exception as err:  # noqa: BLE001 - RobustBench raises many kinds for a bad file
+        raise UserError(
+            f"{files[0]}: RobustBench could not load {name}: {first_line(err)} (replace the file "
+            "with the one RobustBench serves)"
+        ) from None
+    check_finite(network, files[0])
     return network.eval()
 
 

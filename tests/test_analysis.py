@@ -349,18 +349,20 @@ def test_online_cka_script_against_the_full_batch_run_and_its_definition(tmp_pat
     np.testing.assert_allclose(one_batch["debiased"], full["debiased"], rtol=1e-5, atol=1e-7)
     assert one_batch["linear"] is None and (tmp_path / "cka" / "cka_one.png").exists()
 
-    online = run("--num_images", "24", "--batch_size", "8", "--dataset_passes", "2")
-    assert online["batches"] == 6
+    # 22 images in batches of 8: each pass ends with a batch of 6, as the CKA project's loader
+    online = run("--num_images", "22", "--batch_size", "8", "--dataset_passes", "2")
+    assert online["batches"] == 6 and online["n_images"] == 22
     # independently: every layer on all the images, then the definition over the same batches
     layer_fn, _ = make_layer_fn(model)
-    x = load_dataset("digits").x_test[:24]
-    features = [np.asarray(f, np.float64).reshape(24, -1) for f in layer_fn(params, net_state, x)]
+    x = load_dataset("digits").x_test[:22]
+    features = [np.asarray(f, np.float64).reshape(22, -1) for f in layer_fn(params, net_state, x)]
     batches = [
         order[i : i + 8]
         for p in range(2)
-        for order in [np.random.default_rng([0, p]).permutation(24)]
-        for i in range(0, 24, 8)
+        for order in [np.random.default_rng([0, p]).permutation(22)]
+        for i in range(0, 22, 8)
     ]
+    assert [len(b) for b in batches] == [8, 8, 6] * 2
 
     def total(a, b):
         return sum(unbiased_hsic(gram(a[s]), gram(b[s])) for s in batches)
