@@ -183,6 +183,7 @@ def import_robustbench():
     """The `robustbench` package. Its release 1.1.1 imports AutoAttack as `autoattack` (the
     GitHub package), which PyPI ships as `pyautoattack`: that module stands in for it."""
     import sys
+    import warnings
 
     try:
         import pyautoattack
@@ -193,9 +194,11 @@ def import_robustbench():
         sys.modules.setdefault("autoattack", pyautoattack)
         sys.modules.setdefault("autoattack.state", pyautoattack.state)
     try:
-        import robustbench.utils
-        from robustbench.model_zoo import model_dicts
-        from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
+        with warnings.catch_warnings():  # its imports' deprecation notices, not ours to act on
+            warnings.simplefilter("ignore")
+            import robustbench.utils
+            from robustbench.model_zoo import model_dicts
+            from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     except ImportError as err:
         raise UserError(
             f"--robustbench needs the robustbench package ({err}; pip install -r requirements.txt)"

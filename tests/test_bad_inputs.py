@@ -309,6 +309,10 @@ CASES = [
     ("cka", f"--model_path {CK} {B}/ck_meta_model.pkl --savedir {B}/cka", "vgg"),
     ("cka", f"--model_path {CK} {B}/alloc_ndarray.pkl --savedir {B}/cka", "allocate"),
     ("cka", f"--model_path {CK} --savedir {B}/a_file", "--savedir"),
+    ("cka", f"--robustbench Standard --model_dir {B}/rb --savedir {B}/cka", "rb/cifar10/Linf/Standard.pt"),
+    ("cka", f"--robustbench Standrd --model_dir {B}/rb --savedir {B}/cka", "did you mean Standard"),
+    ("cka", f"--model_path {CK} --robustbench Standard --savedir {B}/cka", "compare with each other only"),
+    ("cka", f"--model_path {B}/nothing.pth.tar --model wrn_28_1 --savedir {B}/cka", "not found"),
     # ---- robustify_dataset.py
     ("robustify_dataset", f"--model_path {B}/ck_meta_epoch.pkl {DIGITS} --out_dir {B}/rd", "epoch"),
     ("robustify_dataset", f"--model_path {B}/ck_no_state.pkl {DIGITS} --out_dir {B}/rd", "net_state"),

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from data import load_dataset
 from ntk_evolution.torch_models import (
     LAYER_TYPES,
     TORCH_MODELS,
@@ -118,6 +119,33 @@ def load_script(relative: str):
     return module
 
 
+def save_cka_checkpoint(network: torch.nn.Module, path) -> None:
+    """As the CKA project saves: {'state_dict'} of a DataParallel model ('module.' prefixes)."""
+    state = {f"module.{k}": v for k, v in network.state_dict().items()}
+    torch.save({"state_dict": state}, path)
+
+
+def train_briefly(network: torch.nn.Module, ds, steps: int, batch: int = 32) -> list[float]:
+    """A few steps of L-inf PGD adversarial training (eps 8/255, 3 steps) on the fixture's
+    training images; returns each step's clean loss on its batch, in eval mode, before the step."""
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = torch.nn.functional.cross_entropy
+    losses = []
+    for step in range(steps):
+        rows = slice(step * batch, (step + 1) * batch)
+        x = torch.from_numpy(np.ascontiguousarray(ds.x_train[rows].transpose(0, 3, 1, 2)))
+        y = torch.from_numpy(ds.y_train[rows].astype(np.int64))
+        network.eval()
+        adversarial = pgd_examples(network, x, y, "linf", 8 / 255, steps=3, seed=step)
+        with torch.no_grad():
+            losses.append(float(loss_fn(network(x), y)))
+        network.train()
+        optimizer.zero_grad()
+        loss_fn(network(adversarial), y).backward()
+        optimizer.step()
+    return losses
+
+
 # The CKA project's README commands, verbatim (its seed README in the project's history)
 SEED_COMMANDS = [
     "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --dataset cifar10 --model0_layers all "
@@ -139,17 +167,17 @@ def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
     from conftest import write_cifar10_fixture
 
     import cka
-    from data import load_dataset
     from ntk_evolution.similarity import cka_matrix, gram
 
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data")  # the default --data_root
     (tmp_path / "pretrained").mkdir()
-    for seed, name in [(0, "nonrobust"), (1, "robust_linf")]:
-        torch.manual_seed(seed)
-        state = TORCH_MODELS["wrn_28_4"](10).state_dict()
-        torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}},
-                   tmp_path / "pretrained" / f"cifar10_wrn_28_4_{name}_last.pth.tar")  # fmt: skip
+    torch.manual_seed(0)
+    robust = TORCH_MODELS["wrn_28_4"](10)
+    save_cka_checkpoint(robust, "pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar")  # random
+    losses = train_briefly(robust, load_dataset("cifar10", "data"), steps=6)
+    assert losses[-1] < losses[0]  # it learned something of the fixture's tints
+    save_cka_checkpoint(robust, "pretrained/cifar10_wrn_28_4_robust_linf_last.pth.tar")
     results = []
     for command in SEED_COMMANDS:
         words = command.split()
@@ -180,3 +208,66 @@ def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
         expected = cka_matrix(grams[a], grams[b], "debiased")
         np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
     assert np.allclose(np.diag(results[0]["debiased"]), 1.0)
+
+
+def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
+    wrn_checkpoint, tmp_path, monkeypatch, skip_cifar_md5
+):
+    """--robustbench NAME: a missing file is one error naming it; a present one (here a random
+    Ding2020MMA, a WRN-28-4 of RobustBench's zoo, saved as RobustBench serves it) is read by
+    RobustBench's own loader, and its CKA against a CKA-project checkpoint, with L2 PGD inputs
+    on its side, equals an independent full-batch CKA of the same features."""
+    from conftest import write_cifar10_fixture
+
+    import cka
+    from ntk_evolution.similarity import cka_matrix, gram
+    from ntk_evolution.torch_models import import_robustbench, load_robustbench_model
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar10_fixture("data")
+    expected_file = "models/cifar10/Linf/Ding2020MMA.pt"
+    with pytest.raises(UserError, match=f"expected its checkpoint at {expected_file}, which is"):
+        load_robustbench_model("Ding2020MMA", "models", "cifar10", "Linf")
+    with pytest.raises(UserError, match="did you mean Ding2020MMA"):
+        load_robustbench_model("Ding2020MM", "models", "cifar10", "Linf")
+    with pytest.raises(UserError, match="no digits models"):
+        load_robustbench_model("Standard", "models", "digits", "Linf")
+
+    _, model_dicts, BenchmarkDataset, ThreatModel = import_robustbench()
+    torch.manual_seed(0)
+    served = model_dicts[BenchmarkDataset("cifar10")][ThreatModel("Linf")]["Ding2020MMA"]["model"]()
+    (tmp_path / "models/cifar10/Linf").mkdir(parents=True)
+    save_cka_checkpoint(served.eval(), expected_file)
+    loaded = load_robustbench_model("Ding2020MMA", "models", "cifar10", "Linf")
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), served(x))
+
+    path, _ = wrn_checkpoint
+    layers = ["conv1", "block2.layer.0.relu1", "fc"]
+    result = cka.main(
+        ["--model", "wrn_28_1", "--model_path", path, "--robustbench", "Ding2020MMA",
+         "--model_dir", "models", "--model0_layers", *layers, "--model1_layers", "all",
+         "--adv", "0", "1", "--attack", "l2", "--pgd_steps", "2", "--n_images", "12",
+         "--dataset_passes", "1", "--savedir", "results"]
+    )  # fmt: skip
+    assert result["model_paths"] == [path, expected_file]
+    assert result["models"] == ["wrn_28_1", "robustbench:Ding2020MMA"]
+    assert (tmp_path / "results" / "cka.png").is_file()
+
+    # independently: side 0's clean features, side 1's on the same PGD examples (the script's
+    # seed for side 1, batch 0), both by a plain hooked forward pass
+    ds = load_dataset("cifar10", "data")
+    images = torch.from_numpy(np.ascontiguousarray(ds.x_test[:12].transpose(0, 3, 1, 2)))
+    labels = torch.from_numpy(ds.y_test[:12].astype(np.int64))
+    order = np.random.default_rng([0, 0]).permutation(12)  # the script's batch order
+    images, labels = images[order], labels[order]
+    adversarial = pgd_examples(loaded, images, labels, "l2", 0.5, steps=2, seed=0 + 1000)
+    names1 = layer_names(loaded, "all", "--model1_layers")
+    assert result["layers0"] == layers and result["layers1"] == names1
+    grams0 = [
+        gram(f) for f in layer_features(load_torch_model("wrn_28_1", path, 10), layers, images)
+    ]
+    grams1 = [gram(f) for f in layer_features(loaded, names1, adversarial)]
+    expected = cka_matrix(grams0, grams1, "debiased")
+    np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
