@@ -59,7 +59,7 @@ from ntk_evolution.torch_models import (
     robustbench_files,
 )
 from ntk_evolution.torch_models import layer_grams as torch_layer_grams
-from utils import UserError, progress_bar, run_main, save_pickle, to_host
+from utils import UserError, atomic_file, progress_bar, run_main, save_pickle, to_host
 
 
 def build_parser() -> Parser:
@@ -119,14 +119,25 @@ def build_parser() -> Parser:
     p.add_argument(
         "--eps_l2",
         type=finite_float(0.0, inclusive=False),
-        default=0.5,
-        help="--attack l2's radius.",
+        default=1.0,
+        help="--attack l2's radius (the CKA project's 1.0).",
     )
     p.add_argument(
         "--pgd_steps",
         type=positive_int,
         default=20,
-        help="PyTorch models: PGD steps (step 2.5 eps / n).",
+        help="PyTorch models: PGD steps (the CKA project's 20).",
+    )
+    p.add_argument(
+        "--pgd_step_size",
+        type=finite_float(0.0, inclusive=False),
+        default=None,
+        help="PyTorch models: PGD step; default the CKA project's, 0.0078 (linf) or 0.1 (l2).",
+    )
+    p.add_argument(
+        "--reuse_adv",
+        action="store_true",
+        help="PyTorch models: side 1 sees side 0's PGD examples (needs --adv 1 1).",
     )
     p.add_argument("--suffix", default="", help="Outputs are cka_<suffix>.pkl and .png.")
     p.add_argument(
@@ -157,6 +168,7 @@ def build_parser() -> Parser:
         "(the CKA project's), else 1.",
     )
     add_eps_flag(p)
+    p.set_defaults(eps=None)  # per kind of model: see parse_args
     add_seed_flag(p, "attacks")
     add_shared_flags(p)
     return p
@@ -170,6 +182,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name} takes one or two values")
     if not 0 < len(args.model_path) + len(args.robustbench) <= 2:
         p.error("give one or two models in all, by --model_path and/or --robustbench")
+    if args.reuse_adv and (args.adv * 2)[:2] != [1, 1]:
+        p.error("--reuse_adv needs --adv 1 1 (both sides on PGD examples)")
     for side in (0, 1):  # the CKA project's space-separated lists, or ours with commas
         flag = f"model{side}_layers"
         setattr(args, flag, ",".join(getattr(args, flag)))
@@ -246,21 +260,26 @@ def torch_cka(args, adv: list[int]) -> dict:
     args.dataset_passes = args.dataset_passes or 3
     ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
-    args.batch_size = args.batch_size or min(1024, len(x))
-    eps = eps_from_255(args.eps) if args.attack == "linf" else args.eps_l2
+    requested_batch = args.batch_size or 1024  # the CKA project's; fewer images: one batch
+    args.batch_size = min(requested_batch, len(x))
+    # the CKA project's L-inf radius is 0.031 (7.9/255); --eps (in 1/255) replaces it
+    linf_eps = eps_from_255(args.eps) if args.eps is not None else 0.031
+    eps = linf_eps if args.attack == "linf" else args.eps_l2
+    step = args.pgd_step_size or {"linf": 0.0078, "l2": 0.1}[args.attack]
     print(f"{len(names[0])} x {len(names[1])} layers on {device}")
 
-    def batch_grams(x_batch, y_batch, step):
+    def batch_grams(x_batch, y_batch, index):
         xb = torch.from_numpy(np.ascontiguousarray(x_batch.transpose(0, 3, 1, 2))).to(device)
         yb = torch.from_numpy(y_batch.astype(np.int64)).to(device)
-        grams = []
+        grams, inputs = [], xb
         for side in range(2):
-            inputs = xb
-            if adv[side]:
-                seed = args.random_seed + 1000 * side + step
+            if adv[side] and not (side == 1 and args.reuse_adv):
+                seed = args.random_seed + 1000 * side + index
                 inputs = pgd_examples(
-                    networks[side], xb, yb, args.attack, eps, args.pgd_steps, seed
+                    networks[side], xb, yb, args.attack, eps, args.pgd_steps, seed, step
                 )
+            elif not adv[side]:
+                inputs = xb
             grams.append(torch_layer_grams(networks[side], names[side], inputs))
         return grams
 
@@ -276,9 +295,49 @@ def torch_cka(args, adv: list[int]) -> dict:
         models=models,
         attack=args.attack,
         eps=eps,
+        pgd_step_size=step,
+        pgd_steps=args.pgd_steps,
+        reuse_adv=args.reuse_adv,
         threat_model=args.threat_model if args.robustbench else None,
     )
-    return finish(args, result, paths, adv, range(len(names[0])), range(len(names[1])))
+    result = finish(args, result, paths, adv, range(len(names[0])), range(len(names[1])))
+    models = [m.removeprefix("robustbench:") for m in models]
+    save_original_format(args, result, models, paths, requested_batch)
+    return result
+
+
+def save_original_format(args, result: dict, models: list[str], paths: list[str], batch: int):
+    """The CKA project's own output beside ours, for its users' scripts (its utils/plots.py
+    reads these names): torch.save of {'cka', 'model0_keys', 'model1_keys', 'args'} in
+    Model_<m0>_<m1>-Adv_<a0>_<a1>-layers_...-batchsize_<batch>_<suffix>.pt, `batch` being the
+    --batch_size asked for, as there. 'cka' is a NumPy array, as there (torch.load needs
+    weights_only=False for it). Returns the path."""
+    adv = [bool(a) for a in result["adv"]]
+    identical_models = models[0] == models[1] and paths[0] == paths[1]
+    identical_attacks = identical_models and adv[0] == adv[1]
+
+    def keyword(spec: str) -> str:  # 'all', the one layer's name, or the number of layers
+        layers = spec.split(",")
+        return layers[0] if len(layers) == 1 else str(len(layers))
+
+    suffix = f"_{args.suffix}" if args.suffix else ""
+    name = (
+        f"Model_{models[0]}_{models[1]}-Adv_{adv[0]}_{adv[1]}-layers_"
+        f"{keyword(args.model0_layers)}_{keyword(args.model1_layers)}-reuse_adv_"
+        f"{args.reuse_adv}-identical_models_{identical_models}-identical_attacks_"
+        f"{identical_attacks}-batchsize_{batch}{suffix}.pt"
+    )
+    path = os.path.join(args.savedir, name)
+    saved = {
+        "cka": np.asarray(result["debiased"]),
+        "model0_keys": list(result["layers0"]),
+        "model1_keys": list(result["layers1"]),
+        "args": dict(vars(args)),
+    }
+    with atomic_file(path) as f:
+        torch.save(saved, f)
+    print(f"wrote {path} (the CKA project's format)")
+    return path
 
 
 def run_name(path: str) -> str:
@@ -304,6 +363,7 @@ def main(argv=None) -> dict:
     if kinds == {True}:
         return torch_cka(args, (args.adv * 2)[:2])
     paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
+    args.eps = 4.0 if args.eps is None else args.eps  # this project's default (cli.add_eps_flag)
     args.n_images = args.n_images or 500
     args.dataset_passes = args.dataset_passes or 1
     if any(model not in MODELS for model in args.model or []):

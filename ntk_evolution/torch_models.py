@@ -19,14 +19,14 @@ from torch import nn
 
 from utils import UserError
 
-# the module kinds whose outputs are layers for `--model0_layers all`
+# the module kinds whose outputs are layers for `--model0_layers all`: the CKA project's list
+# (its pooling is average pooling; a max-pooling module is named to be included)
 LAYER_TYPES = (
     nn.Conv2d,
     nn.BatchNorm2d,
     nn.ReLU,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
-    nn.MaxPool2d,
     nn.Linear,
 )
 TORCH_SUFFIXES = (".pth", ".pth.tar", ".pt", ".tar")
@@ -335,12 +335,14 @@ def pgd_examples(
     eps: float,
     steps: int,
     seed: int,
+    step_size: float | None = None,
 ) -> torch.Tensor:
-    """PGD examples of x against `network` with torchattacks (random start; step 2.5 eps /
-    steps), in the L-inf or L2 ball of radius eps, images in [0, 1]."""
+    """PGD examples of x against `network` with torchattacks (random start; step `step_size`,
+    default 2.5 eps / steps), in the L-inf or L2 ball of radius eps, images in [0, 1]."""
     import torchattacks
 
     torch.manual_seed(seed)
     attack_cls = torchattacks.PGD if norm == "linf" else torchattacks.PGDL2
-    attack = attack_cls(network, eps=eps, alpha=2.5 * eps / steps, steps=steps, random_start=True)
+    alpha = step_size or 2.5 * eps / steps
+    attack = attack_cls(network, eps=eps, alpha=alpha, steps=steps, random_start=True)
     return attack(x, y)

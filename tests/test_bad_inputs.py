@@ -313,6 +313,7 @@ CASES = [
     ("cka", f"--robustbench Standrd --model_dir {B}/rb --savedir {B}/cka", "did you mean Standard"),
     ("cka", f"--model_path {CK} --robustbench Standard --savedir {B}/cka", "compare with each other only"),
     ("cka", f"--model_path {B}/nothing.pth.tar --model wrn_28_1 --savedir {B}/cka", "not found"),
+    ("cka", f"--model_path {B}/nothing.pth.tar --model wrn_28_1 --reuse_adv --savedir {B}/cka", "--adv 1 1"),
     # ---- robustify_dataset.py
     ("robustify_dataset", f"--model_path {B}/ck_meta_epoch.pkl {DIGITS} --out_dir {B}/rd", "epoch"),
     ("robustify_dataset", f"--model_path {B}/ck_no_state.pkl {DIGITS} --out_dir {B}/rd", "net_state"),

@@ -161,6 +161,17 @@ SEED_COMMANDS = [
 ]
 
 
+# the names of the CKA project's output files that its utils/plots.py reads
+ORIGINAL_NAMES = [
+    "Model_wrn_28_4_wrn_28_4-Adv_False_False-layers_all_all-reuse_adv_False-identical_models_"
+    "True-identical_attacks_True-batchsize_1024.pt",
+    "Model_wrn_28_4_wrn_28_4-Adv_False_False-layers_all_all-reuse_adv_False-identical_models_"
+    "True-identical_attacks_True-batchsize_1024_adv_model.pt",
+    "Model_wrn_28_4_wrn_28_4-Adv_False_False-layers_all_all-reuse_adv_False-identical_models_"
+    "False-identical_attacks_False-batchsize_1024_cross_model.pt",
+]
+
+
 def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
     tmp_path, monkeypatch, skip_cifar_md5
 ):
@@ -186,6 +197,12 @@ def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
         results.append(cka.main([*words[3:], "--n_images", "12"]))  # scaled down for a CPU
     for suffix in ("", "_adv_model", "_cross_model"):
         assert (tmp_path / "results" / f"cka{suffix}.png").is_file()
+    # the CKA project's own files, under the names its utils/plots.py reads
+    for result, name in zip(results, ORIGINAL_NAMES, strict=True):
+        legacy = torch.load(tmp_path / "results" / name, weights_only=False)
+        np.testing.assert_array_equal(legacy["cka"], result["debiased"])
+        assert legacy["model0_keys"] == result["layers0"]
+        assert legacy["args"]["model"] == ["wrn_28_4"]
     # the project's plotting step: the three analyses in one figure
     plot_cka = load_script("scripts/plot_cka.py")
     assert plot_cka.main([]) == "./results/cka_plot.png"
@@ -248,7 +265,8 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
     result = cka.main(
         ["--model", "wrn_28_1", "--model_path", path, "--robustbench", "Ding2020MMA",
          "--model_dir", "models", "--model0_layers", *layers, "--model1_layers", "all",
-         "--adv", "0", "1", "--attack", "l2", "--pgd_steps", "2", "--n_images", "12",
+         "--adv", "0", "1", "--attack", "l2", "--eps_l2", "0.5", "--pgd_steps", "2",
+         "--pgd_step_size", "0.3", "--n_images", "12",
          "--dataset_passes", "1", "--savedir", "results"]
     )  # fmt: skip
     assert result["model_paths"] == [path, expected_file]
@@ -262,7 +280,7 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
     labels = torch.from_numpy(ds.y_test[:12].astype(np.int64))
     order = np.random.default_rng([0, 0]).permutation(12)  # the script's batch order
     images, labels = images[order], labels[order]
-    adversarial = pgd_examples(loaded, images, labels, "l2", 0.5, steps=2, seed=0 + 1000)
+    adversarial = pgd_examples(loaded, images, labels, "l2", 0.5, 2, seed=0 + 1000, step_size=0.3)
     names1 = layer_names(loaded, "all", "--model1_layers")
     assert result["layers0"] == layers and result["layers1"] == names1
     grams0 = [
@@ -271,3 +289,25 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
     grams1 = [gram(f) for f in layer_features(loaded, names1, adversarial)]
     expected = cka_matrix(grams0, grams1, "debiased")
     np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
+
+
+def test_reuse_adv_feeds_side_1_the_pgd_examples_of_side_0(
+    wrn_checkpoint, tmp_path, monkeypatch, skip_cifar_md5
+):
+    """--adv 1 1 --reuse_adv on one network: both sides see the same PGD examples, so the
+    matrix is symmetric with a unit diagonal; without it, each side draws its own."""
+    from conftest import write_cifar10_fixture
+
+    import cka
+
+    monkeypatch.chdir(tmp_path)
+    write_cifar10_fixture("data")
+    path, _ = wrn_checkpoint
+    flags = ["--model", "wrn_28_1", "--model_path", path, "--adv", "1", "1", "--pgd_steps",
+             "2", "--n_images", "10", "--model0_layers", "conv1", "block2.layer.0.conv1", "fc",
+             "--model1_layers", "conv1,block2.layer.0.conv1,fc"]  # fmt: skip
+    shared = cka.main([*flags, "--reuse_adv", "--suffix", "reuse"])["debiased"]
+    np.testing.assert_allclose(np.diag(shared), 1.0, rtol=1e-9)
+    np.testing.assert_allclose(shared, shared.T, rtol=1e-9)
+    separate = cka.main([*flags, "--suffix", "separate"])["debiased"]
+    assert np.abs(np.diag(separate) - 1.0).max() > 1e-6
