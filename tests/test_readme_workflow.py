@@ -70,8 +70,8 @@ NOT_RUN_HERE = {
         "draws the CKA project's three results: tests/test_torch_models.py runs it after them"
     ),
     "CUDA_VISIBLE_DEVICES=0 python cka.py": (
-        "the CKA project's command on its WRN-28-4 checkpoints: tests/test_torch_models.py runs "
-        "it on fixture checkpoints"
+        "the CKA project's commands on its WRN-28-4 checkpoints and a RobustBench model: "
+        "tests/test_torch_models.py runs them on fixture checkpoints"
     ),
 }
 

@@ -3,6 +3,8 @@ format, layer features by forward hooks, and torchattacks' PGD in its eps-balls.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -161,6 +163,13 @@ SEED_COMMANDS = [
 ]
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the README's example of a RobustBench model against a CKA-project checkpoint
+ROBUSTBENCH_COMMAND = (
+    "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --model_path "
+    "./pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar --robustbench Ding2020MMA "
+    "--threat_model Linf --model_dir ./models --savedir ./results --suffix robustbench"
+)
 # the names of the CKA project's output files that its utils/plots.py reads
 ORIGINAL_NAMES = [
     "Model_wrn_28_4_wrn_28_4-Adv_False_False-layers_all_all-reuse_adv_False-identical_models_"
@@ -287,6 +296,30 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
         gram(f) for f in layer_features(load_torch_model("wrn_28_1", path, 10), layers, images)
     ]
     grams1 = [gram(f) for f in layer_features(loaded, names1, adversarial)]
+    expected = cka_matrix(grams0, grams1, "debiased")
+    np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
+
+    # the README's RobustBench command, against a random WRN-28-4 as the non-robust checkpoint
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert ROBUSTBENCH_COMMAND in readme
+    (tmp_path / "pretrained").mkdir()
+    torch.manual_seed(2)
+    nonrobust = TORCH_MODELS["wrn_28_4"](10).eval()
+    save_cka_checkpoint(nonrobust, "pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    result = cka.main([*ROBUSTBENCH_COMMAND.split()[3:], "--n_images", "12"])
+    legacy = (
+        tmp_path
+        / "results"
+        / (
+            "Model_wrn_28_4_Ding2020MMA-Adv_False_False-layers_all_all-reuse_adv_False-identical_"
+            "models_False-identical_attacks_False-batchsize_1024_robustbench.pt"
+        )
+    )
+    assert legacy.is_file() and (tmp_path / "results" / "cka_robustbench.png").is_file()
+    names0 = layer_names(nonrobust, "all", "--model0_layers")
+    grams0 = [gram(f) for f in layer_features(nonrobust, names0, images)]
+    grams1 = [gram(f) for f in layer_features(loaded, names1, images)]
     expected = cka_matrix(grams0, grams1, "debiased")
     np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
 
