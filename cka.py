@@ -1,17 +1,25 @@
 """CKA between the layers of one checkpoint (cross-layer) or of two (robust vs. non-robust),
 on benign or adversarial inputs for each side (Cianfarani et al. 2022's `cka.py`).
 
-A layer is every ReLU output, in call order, then the logits (similarity.py). With --adv 1 for a
-side, that side sees L-inf PGD examples (100 steps, eps --eps/255) made against its own model
-from the same test images, so rows stay paired. Writes into --savedir:
+This project's checkpoints (.pkl): a layer is every ReLU output, in call order, then the logits
+(similarity.py). With --adv 1 for a side, that side sees L-inf PGD examples (100 steps, eps
+--eps/255) made against its own model from the same test images, so rows stay paired.
+
+PyTorch models (torch_models.py): the CKA project's checkpoints (.pth, .pth.tar, .pt with
+--model) and RobustBench's models (--robustbench NAME, read offline from --model_dir). Layers
+are modules hooked by name; --adv 1 uses torchattacks' PGD with that project's settings; the
+CKA is online with that project's defaults (10000 images, batches of 1024, 3 passes), and its
+own output file, Model_..._<suffix>.pt, is written as well.
+
+Writes into --savedir:
   cka_<suffix>.pkl  {'linear', 'debiased': (layers0, layers1) matrices, 'layers0', 'layers1',
-                     'model_paths', 'adv', 'n_images'}
+                     'model_paths', 'adv', 'n_images', ...}
   cka_<suffix>.png  the heatmaps
 
 With --batch_size B the CKA is computed online (similarity.MinibatchCKA: unbiased HSIC
 accumulated over minibatches, Nguyen et al. 2021) over --dataset_passes shuffled passes of the
-first --num_images test images, in full batches of B; memory then stays constant in the number
-of images, and only the debiased estimator exists ('linear' is None in the pickle).
+first --num_images test images, in batches of B; memory then stays constant in the number of
+images, and only the debiased estimator exists ('linear' is None in the pickle).
 """
 
 from __future__ import annotations
@@ -168,7 +176,11 @@ def build_parser() -> Parser:
         "(the CKA project's), else 1.",
     )
     add_eps_flag(p)
-    p.set_defaults(eps=None)  # per kind of model: see parse_args
+    p.set_defaults(eps=None)  # per kind of model
+    p._option_string_actions["--eps"].help = (
+        "L-inf radius in 1/255; default 4 for this project's checkpoints, and for PyTorch models "
+        "the CKA project's 0.031 (7.9/255)."
+    )
     add_seed_flag(p, "attacks")
     add_shared_flags(p)
     return p

@@ -186,13 +186,16 @@ def import_robustbench():
     import warnings
 
     try:
-        import pyautoattack
-        import pyautoattack.state
+        import autoattack  # noqa: F401 - the GitHub package, where it is installed
     except ImportError:
-        pyautoattack = None
-    if pyautoattack is not None:
-        sys.modules.setdefault("autoattack", pyautoattack)
-        sys.modules.setdefault("autoattack.state", pyautoattack.state)
+        try:
+            import pyautoattack
+            import pyautoattack.state
+        except ImportError:
+            pyautoattack = None
+        if pyautoattack is not None:
+            sys.modules["autoattack"] = pyautoattack
+            sys.modules["autoattack.state"] = pyautoattack.state
     try:
         with warnings.catch_warnings():  # its imports' deprecation notices, not ours to act on
             warnings.simplefilter("ignore")
