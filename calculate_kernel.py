@@ -9,6 +9,10 @@ epoch is unknown, so that none overwrites another. Each pickle holds
 'class_index', 'dataset', 'model', 'model_path', 'epoch' (from the checkpoint's meta or
 name, or None)
 and 'use_linear_params', and a PNG of the kernel and its spectrum beside it.
+
+With --full, <save_name>_full_<N>.pkl holds the full kernel, every pair of logits:
+'kernel' (C N, C N), logit-major (row k N + i is logit k of image i), 'full' True, 'n_logits'
+C and 'layout'. Its diagonal block (c, c) is the class-c kernel; their mean is the averaged one.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import kernel_title, plot_kernel
 from utils import UserError, run_main, save_pickle
 
+FULL_LAYOUT = "logit-major: row k * N + i is logit k of image i (ntk.empirical_ntk)"
+
 
 def build_parser() -> Parser:
     p = Parser(__doc__)
@@ -51,6 +57,13 @@ def build_parser() -> Parser:
         help="Checkpoint(s) of run_exp.py: paths or quoted globs, all of one model and dataset.",
     )
     add_kernel_subset_flags(p)
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="The full kernel: every pair of logits, (C N, C N), logit-major (row k N + i: "
+        "logit k of image i), as neural-tangents' trace_axes=() reshaped by the adversarial-NTK "
+        "code; written as <save_name>_full_<N>.pkl. Needs --class_index -1.",
+    )
     p.add_argument("--save_name", default="saved_kernel", help="Prefix of the output file.")
     p.add_argument("--show_progress", action="store_true", help="Print every kernel block.")
     add_model_flags(p)
@@ -71,7 +84,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def kernel_file_name(save_name: str, class_index: int, dataset_size: int) -> str:
+def kernel_file_name(
+    save_name: str, class_index: int, dataset_size: int, full: bool = False
+) -> str:
+    if full:
+        return f"{save_name}_full_{dataset_size}.pkl"
     if class_index >= 0:
         return f"{save_name}_class_{class_index}_{dataset_size}.pkl"
     return f"{save_name}_{dataset_size}.pkl"
@@ -107,6 +124,8 @@ def main(argv=None) -> dict | list[dict]:
         )
     first = load_model_from_args(args, paths[0])  # fills in --model and --dataset
     ds = load_dataset(args.dataset, args.data_root)
+    if args.full and args.class_index != -1:
+        raise UserError("--full computes every pair of logits: drop --class_index")
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {args.dataset}: use -1 or "
@@ -152,13 +171,16 @@ def kernel_of(args, path, name, loaded, images, labels, indices, epoch) -> dict:
             class_index=args.class_index,
             max_memory_gb=args.max_memory_gb,
             describe=tqdm.write if args.show_progress else None,
+            full=args.full,
         )
     except ValueError as err:
         raise UserError(str(err)) from None
     print(f"kernel {kernel.shape} in {time.time() - start:.1f}s")
 
     out_dir = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir))
-    out = os.path.join(out_dir, kernel_file_name(name, args.class_index, args.dataset_size))
+    out = os.path.join(
+        out_dir, kernel_file_name(name, args.class_index, args.dataset_size, args.full)
+    )
     record = {
         "kernel": kernel,
         "labels": labels,
@@ -170,8 +192,11 @@ def kernel_of(args, path, name, loaded, images, labels, indices, epoch) -> dict:
         "epoch": epoch,
         "use_linear_params": args.use_linear_params,
     }
+    n_logits = len(kernel) // len(labels)
+    if args.full:
+        record.update(full=True, n_logits=n_logits, layout=FULL_LAYOUT)
     save_pickle(record, out)
-    plot_kernel(kernel, labels, kernel_title(record), out[:-4] + ".png")
+    plot_kernel(kernel, labels, kernel_title(record), out[:-4] + ".png", n_logits)
     print(f"wrote {out} and {out[:-4]}.png")
     return record
 

@@ -228,13 +228,20 @@ def checkpoint_epoch(meta: dict | None, path: str) -> float | None:
 # ----------------------------------------------------------------------------- kernel pickles
 
 
-def load_kernel(path: str, trust: bool = False, expect: dict | None = None) -> dict:
+def load_kernel(
+    path: str, trust: bool = False, expect: dict | None = None, allow_full: bool = False
+) -> dict:
     """A kernel pickle of calculate_kernel.py: {'kernel': (N, N), 'labels', 'indices',
     'class_index', 'dataset', 'model', 'model_path', 'epoch', ...} (schemas.check_kernel), with
-    the kernel as float64.
+    the kernel as float64. A full kernel ('full': (C N, C N)) only with `allow_full`.
     `expect` = {key: value} (e.g. dataset, model, class_index): a recorded value that differs
     is an error naming the flag to pass."""
     record = check_kernel(load_pickle(path, "kernel pickle", trust), path)
+    if record.get("full") and not allow_full:
+        raise UserError(
+            f"{path}: a full kernel (every pair of logits, {record['kernel'].shape[0]} rows); "
+            "this takes the averaged or a class kernel (run calculate_kernel.py without --full)"
+        )
     check_kernel_record(record, path, expect or {})
     return record
 

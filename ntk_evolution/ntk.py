@@ -7,12 +7,18 @@ all P parameters):
     K(x1, x2)   = (1 / C) sum_c J_c(x1) J_c(x2)^T         (class_index = -1)
 
 the second being neural-tangents' `trace_axes=(-1,)` convention (trace over the logits divided
-by their number C). A convolution whose output has few positions enters K through the factors
-of its weight Jacobian (input patches and output gradients, see Factors) rather than the
-Jacobian itself, when that is cheaper (factored_layers). BatchNorm runs in inference mode
-(running statistics), so each example's output depends only on that example. Products
-accumulate in float32 at full matmul precision; the result is returned as float64 like the
-original.
+by their number C). The full kernel (neural-tangents' `trace_axes=()`) keeps every pair of
+logits, in the logit-major layout of the adversarial-NTK code (Tsilivis & Kempe 2022, which
+reshapes neural-tangents' (N, N, C, C) output so):
+
+    K_full[k N1 + i, l N2 + j] = J_k(x1_i) J_l(x2_j)^T          ((C N1, C N2); full=True)
+
+so its diagonal block (c, c) is K_c and the mean of its diagonal blocks is K. A convolution
+whose output has few positions enters K through the factors of its weight Jacobian (input
+patches and output gradients, see Factors) rather than the Jacobian itself, when that is
+cheaper (factored_layers). BatchNorm runs in inference mode (running statistics), so each
+example's output depends only on that example. Products accumulate in float32 at full matmul
+precision; the result is returned as float64 like the original.
 """
 
 from __future__ import annotations
@@ -218,13 +224,20 @@ def _gram(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(partial, axis=0)
 
 
-@jax.jit
-def contract(jac1: hk.Params, jac2: hk.Params) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="full")
+def contract(jac1: hk.Params, jac2: hk.Params, full: bool = False) -> jax.Array:
     """sum_k sum_p jac1[i, k, p] jac2[j, k, p] / K: the kernel block between two Jacobian
-    chunks (leaves (n, K, ...)), averaged over the K logits."""
+    chunks (leaves (n, K, ...)), averaged over the K logits; with `full`, every pair of logits,
+    sum_p jac1[i, k, p] jac2[j, l, p] as (n1, K, n2, K)."""
     leaves1, leaves2 = jax.tree.leaves(jac1), jax.tree.leaves(jac2)
     n1, k = leaves1[0].shape[:2]
     n2 = leaves2[0].shape[0]
+    if full:  # (n K, p): each (example, logit) is a row
+        block = sum(
+            _gram(a.reshape(n1 * k, -1), b.reshape(n2 * k, -1))
+            for a, b in zip(leaves1, leaves2, strict=True)
+        )
+        return block.reshape(n1, k, n2, k)
     block = jnp.zeros((n1, n2), jnp.float32)
     for a, b in zip(leaves1, leaves2, strict=True):
         # (n, K * p): the sum over logits and parameters is one product
@@ -235,22 +248,35 @@ def contract(jac1: hk.Params, jac2: hk.Params) -> jax.Array:
 FACTOR_BLOCK = 2**24  # entries of one (rows * S, cols * S) product of a factored layer
 
 
-def _factored_block(p1, g1, p2, g2, matmul, concatenate):
+def _factored_block(p1, g1, p2, g2, matmul, concatenate, full=False):
     """sum_k sum_{s, t} (P1 P2^T)[s, t] (g1_k g2_k^T)[s, t] (n1, n2) for patches p (n, S, D) and
-    output gradients g (n, K, S, C) (Factors), in row slices of at most FACTOR_BLOCK entries."""
+    output gradients g (n, K, S, C) (Factors), in row slices of at most FACTOR_BLOCK entries;
+    with `full`, sum_{s, t} (P1 P2^T)[s, t] (g1_k g2_l^T)[s, t] for every pair of logits, as
+    (n1, K, n2, K)."""
     n1, s, d = p1.shape
-    n2 = p2.shape[0]
-    # (n S, K C): the sum over logits joins the sum over channels in one product
-    g1 = g1.transpose(0, 2, 1, 3).reshape(n1 * s, -1)
-    g2 = g2.transpose(0, 2, 1, 3).reshape(n2 * s, -1)
+    n2, k = p2.shape[0], g1.shape[1]
+    if full:  # (n K S, C): every (example, logit, position) is a row
+        g1, g2 = g1.reshape(n1 * k * s, -1), g2.reshape(n2 * k * s, -1)
+    else:  # (n S, K C): the sum over logits joins the sum over channels in one product
+        g1 = g1.transpose(0, 2, 1, 3).reshape(n1 * s, -1)
+        g2 = g2.transpose(0, 2, 1, 3).reshape(n2 * s, -1)
     p2 = p2.reshape(n2 * s, d)
-    rows = max(1, FACTOR_BLOCK // (s * n2 * s))
+    pairs = k * k if full else 1
+    rows = max(1, FACTOR_BLOCK // (s * n2 * s * pairs))
     parts = []
     for start in range(0, n1, rows):
         stop = min(n1, start + rows)
         patch_gram = matmul(p1[start:stop].reshape(-1, d), p2.T)
-        grad_gram = matmul(g1[start * s : stop * s], g2.T)
-        parts.append((patch_gram * grad_gram).reshape(stop - start, s, n2, s).sum(axis=(1, 3)))
+        if full:
+            grad_gram = matmul(g1[start * k * s : stop * k * s], g2.T)
+            product = grad_gram.reshape(stop - start, k, s, n2, k, s) * patch_gram.reshape(
+                stop - start, 1, s, n2, 1, s
+            )
+            parts.append(product.sum(axis=(2, 5)))
+        else:
+            grad_gram = matmul(g1[start * s : stop * s], g2.T)
+            product = (patch_gram * grad_gram).reshape(stop - start, s, n2, s)
+            parts.append(product.sum(axis=(1, 3)))
     return parts[0] if len(parts) == 1 else concatenate(parts)
 
 
@@ -258,18 +284,19 @@ def _n_traced(factors: Factors) -> int:
     return jax.tree.leaves(factors.jac)[0].shape[1]
 
 
-@jax.jit
-def contract_factors(f1: Factors, f2: Factors) -> jax.Array:
+@functools.partial(jax.jit, static_argnames="full")
+def contract_factors(f1: Factors, f2: Factors, full: bool = False) -> jax.Array:
     """The kernel block between two chunks' Factors with XLA (off the CPU): contract() of the
-    Jacobians plus each factored layer's term, averaged over the K logits."""
+    Jacobians plus each factored layer's term, averaged over the K logits (with `full`, every
+    pair of logits, (n1, K, n2, K))."""
     matmul = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-    block = contract(f1.jac, f2.jac)
+    block = contract(f1.jac, f2.jac, full)
     for name in f1.patches:
         term = _factored_block(
             f1.patches[name], f1.grads[name], f2.patches[name], f2.grads[name], matmul,
-            jnp.concatenate,
+            jnp.concatenate, full,
         )  # fmt: skip
-        block = block + term / _n_traced(f1)
+        block = block + (term if full else term / _n_traced(f1))
     return block
 
 
@@ -318,28 +345,29 @@ def plan_chunks(
     return ChunkPlan(min(chunk, max(n_rows, n_cols)), False)
 
 
-def _gram_host(jac1: hk.Params, jac2: hk.Params) -> np.ndarray:
+def _gram_host(jac1: hk.Params, jac2: hk.Params, full: bool = False) -> np.ndarray:
     """contract() with the host's BLAS (zero-copy views of CPU arrays): XLA's CPU dot is about
     3x slower than BLAS for these wide (n, P) x (P, n) products."""
     leaves1, leaves2 = jax.tree.leaves(jac1), jax.tree.leaves(jac2)
     n1, k = leaves1[0].shape[:2]
     n2 = leaves2[0].shape[0]
-    block = np.zeros((n1, n2), np.float32)
+    rows1, rows2 = (n1 * k, n2 * k) if full else (n1, n2)  # full: each (example, logit) a row
+    block = np.zeros((rows1, rows2), np.float32)
     for a, b in zip(leaves1, leaves2, strict=True):
-        block += to_host(a).reshape(n1, -1) @ to_host(b).reshape(n2, -1).T
-    return block / k
+        block += to_host(a).reshape(rows1, -1) @ to_host(b).reshape(rows2, -1).T
+    return block.reshape(n1, k, n2, k) if full else block / k
 
 
-def _factor_gram_host(f1: Factors, f2: Factors) -> np.ndarray:
+def _factor_gram_host(f1: Factors, f2: Factors, full: bool = False) -> np.ndarray:
     """contract_factors() with the host's BLAS."""
-    block = _gram_host(f1.jac, f2.jac)
+    block = _gram_host(f1.jac, f2.jac, full)
     for name in f1.patches:
         term = _factored_block(
             *(to_host(a) for a in (f1.patches[name], f1.grads[name])),
             *(to_host(a) for a in (f2.patches[name], f2.grads[name])),
-            np.matmul, np.concatenate,
+            np.matmul, np.concatenate, full,
         )  # fmt: skip
-        block += term / _n_traced(f1)
+        block += term if full else term / _n_traced(f1)
     return block
 
 
@@ -402,8 +430,11 @@ def empirical_ntk(
     progress: bool = True,
     describe: Callable[[str], None] | None = None,
     factor_convs: str = "auto",
+    full: bool = False,
 ) -> np.ndarray:
     """K(x1, x2) (N1, N2) float64 as defined in the module docstring; K(x1, x1) when x2 is None.
+    With `full` (class_index -1), the full kernel (C N1, C N2) of every pair of logits, in the
+    logit-major layout of the module docstring.
 
     Each row chunk's Jacobian is computed once; column chunks are computed once and kept when
     they fit in `max_memory_gb` (default: default_memory_gb()), else recomputed per row chunk.
@@ -412,6 +443,8 @@ def empirical_ntk(
     Jacobians: the same kernel, with less memory and arithmetic."""
     square = x2 is None
     x2 = x1 if square else x2
+    if full and class_index >= 0:
+        raise ValueError("the full kernel takes every logit: use class index -1 with it")
     plan = plan_kernel(
         model, params, net_state, x1, x2, class_index, chunk_size, max_memory_gb, factor_convs
     )
@@ -419,6 +452,7 @@ def empirical_ntk(
     jacobian_fn = make_sharded_factor_fn(model, class_index, factored, mesh())
     params, net_state = replicate((params, net_state))
     gram = _factor_gram_host if jax.default_backend() == "cpu" else contract_factors
+    gram = functools.partial(gram, full=full)
 
     def jacobian(x: np.ndarray, start: int) -> Factors:
         """Factors of images start..start+chunk, split over the devices; a short last chunk is
@@ -433,7 +467,9 @@ def empirical_ntk(
     columns: dict[int, Factors] = {}
     starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
     n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
-    kernel = np.zeros((len(x1), len(x2)), np.float64)
+    n_logits = _n_logits(model, params, net_state, x1[:1]) if full else 1
+    shape = (len(x1), n_logits, len(x2), n_logits) if full else (len(x1), len(x2))
+    kernel = np.zeros(shape, np.float64)
     bar = progress_bar(total=n_blocks, desc="kernel blocks", enabled=progress)
     for i in starts1:
         row = columns[i] if square and i in columns else jacobian(x1, i)
@@ -451,16 +487,26 @@ def empirical_ntk(
                 if plan.cache_columns:
                     columns[j] = col
             block = to_host(gram(row, col)).astype(np.float64)
-            kernel[i : i + chunk, j : j + chunk] = block
+            rows, cols = slice(i, i + chunk), slice(j, j + chunk)
+            # (n1, n2), or (n1, C, n2, C): the example axes are 0 and -2
+            kernel[(rows, slice(None), cols) if full else (rows, cols)] = block
             if square and j != i:
-                kernel[j : j + chunk, i : i + chunk] = block.T
+                kernel[(cols, slice(None), rows) if full else (cols, rows)] = _swap(block)
             if describe is not None:
-                describe(f"block rows {i}:{i + len(block)} cols {j}:{j + block.shape[1]}")
+                describe(f"block rows {i}:{i + len(block)} cols {j}:{j + block.shape[-2]}")
             bar.update()
     bar.close()
     if square:  # the diagonal blocks are symmetric up to float32 rounding; make it exact
-        kernel = 0.5 * (kernel + kernel.T)
+        kernel = 0.5 * (kernel + _swap(kernel))
+    if full:  # (N1, C, N2, C) -> logit-major (C N1, C N2)
+        kernel = kernel.transpose(1, 0, 3, 2).reshape(n_logits * len(x1), n_logits * len(x2))
     return kernel
+
+
+def _swap(block: np.ndarray) -> np.ndarray:
+    """K(x2, x1) from K(x1, x2): the transpose, or for a full block (n1, C, n2, C) the swap of
+    (example, logit) pairs."""
+    return block.transpose(2, 3, 0, 1) if block.ndim == 4 else block.T
 
 
 TANGENT_BATCH = 10  # (m, k) pairs per vectorised JVP: bounds activation memory

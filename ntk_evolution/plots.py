@@ -37,46 +37,56 @@ def kernel_title(record: dict) -> str:
         at += " (lin_params)"
     c = record.get("class_index", -1)
     logit = f"logit {c}" if c >= 0 else "averaged over logits"
+    if record.get("full"):
+        logit = f"full: all {record['n_logits']} x {record['n_logits']} logit pairs"
     return (
         f"empirical NTK of {run}, {at}\n{record.get('model')} on {record.get('dataset')}, "
-        f"N = {len(record['kernel'])}, {logit}"
+        f"N = {len(record['labels'])}, {logit}"
     )
 
 
-def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True):
-    """The kernel with images ordered by class, class blocks outlined and ticked by class."""
-    order = np.argsort(labels, kind="stable")
-    ordered = labels[order]
+def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True, n_logits=1):
+    """The kernel with images ordered by class, class blocks outlined and ticked by class; a
+    full kernel ((C N, C N), logit-major: n_logits C) ordered by logit, then class, its logit
+    blocks outlined and ticked."""
+    logit = np.repeat(np.arange(n_logits), len(labels))
+    tiled = np.tile(labels, n_logits)
+    order = np.lexsort((tiled, logit))  # by logit, then by class; stable
+    groups = (logit if n_logits > 1 else tiled)[order]
     image = ax.imshow(
         kernel[np.ix_(order, order)], cmap="viridis", interpolation="nearest", vmin=vmin, vmax=vmax
     )
-    bounds = np.flatnonzero(np.diff(ordered)) + 0.5
+    bounds = np.flatnonzero(np.diff(groups)) + 0.5
     for b in bounds:
         ax.axhline(b, color="white", lw=0.4)
         ax.axvline(b, color="white", lw=0.4)
-    edges = np.concatenate([[-0.5], bounds, [len(ordered) - 0.5]])
+    edges = np.concatenate([[-0.5], bounds, [len(groups) - 0.5]])
     centres = (edges[:-1] + edges[1:]) / 2
-    classes = [str(c) for c in ordered[np.concatenate([[0], np.ceil(bounds).astype(int)])]]
+    names = [str(g) for g in groups[np.concatenate([[0], np.ceil(bounds).astype(int)])]]
+    what = "logit (images by class within)" if n_logits > 1 else "training image (by class)"
     if ticks:
-        ax.set_xticks(centres, classes, fontsize=8)
-        ax.set_yticks(centres, classes, fontsize=8)
-        ax.set_xlabel("training image (by class)")
-        ax.set_ylabel("training image (by class)")
+        ax.set_xticks(centres, names, fontsize=8)
+        ax.set_yticks(centres, names, fontsize=8)
+        ax.set_xlabel(what)
+        ax.set_ylabel(what)
     else:
         ax.set_xticks([])
         ax.set_yticks([])
     return image
 
 
-def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -> None:
-    """Heatmap of the kernel with images ordered by class (ticks: class), and its
-    eigen-spectrum (log scale)."""
+def plot_kernel(
+    kernel: np.ndarray, labels: np.ndarray, title: str, path: str, n_logits: int = 1
+) -> None:
+    """Heatmap of the kernel with images ordered by class (ticks: class; a full kernel of
+    n_logits logits: by logit, then class), and its eigen-spectrum (log scale)."""
     eigenvalues = np.linalg.eigvalsh(kernel)[::-1]
     fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11.5, 4.9))
     fig.subplots_adjust(wspace=0.4, top=0.84)
-    image = _kernel_heatmap(ax_k, kernel, labels)
+    image = _kernel_heatmap(ax_k, kernel, labels, n_logits=n_logits)
     fig.colorbar(image, ax=ax_k, fraction=0.046, label="K(x, x')")
-    ax_k.set_title("kernel, images ordered by class", fontsize=10)
+    blocks = "logit pairs, images by class" if n_logits > 1 else "images ordered by class"
+    ax_k.set_title(f"kernel, {blocks}", fontsize=10)
     positive = eigenvalues[eigenvalues > 0]
     ax_s.semilogy(np.arange(1, len(positive) + 1), positive, ".-", ms=3)
     ax_s.set_xlabel("eigenvalue index (decreasing)")

@@ -263,10 +263,10 @@ SYMMETRY_RTOL = 1e-3  # of max |K|: float32 blocks computed apart differ by ~1e-
 
 
 def check_kernel(record: Any, path: str) -> dict:
-    """calculate_kernel.py's pickle: kernel (N, N) finite, real and symmetric; labels (N,)
-    whole numbers in [0, classes); indices (N,) whole numbers >= 0 (optional); class_index -1
-    or a class; dataset and model known names (optional); epoch a finite number >= 0
-    (optional)."""
+    """calculate_kernel.py's pickle: kernel (N, N) finite, real and symmetric (with 'full' True,
+    (C N, C N) for 'n_logits' C); labels (N,) whole numbers in [0, classes); indices (N,) whole
+    numbers >= 0 (optional); class_index -1 or a class; dataset and model known names
+    (optional); epoch a finite number >= 0 (optional)."""
     record = require_dict(
         record, path, {"kernel", "labels"}, "a kernel pickle of calculate_kernel.py", KERNEL_TODO
     )
@@ -297,9 +297,20 @@ def check_kernel(record: Any, path: str) -> dict:
         high=None if n_classes is None else n_classes - 1,
         integral=True,
     )
-    if labels.shape != (n,):
-        raise invalid(path, f"{len(labels)} labels for a {n} x {n} kernel", KERNEL_TODO)
+    full = record.get("full", False)
+    if full not in (True, False):
+        raise invalid(path, "'full' is not True or False", KERNEL_TODO)
     n_classes = n_classes or int(labels.max()) + 1
+    if full:  # every pair of logits: (C N, C N), logit-major (ntk.empirical_ntk)
+        logits = number(record.get("n_logits"), path, "n_logits", KERNEL_TODO, integral=True, low=1)
+        if logits * len(labels) != n:
+            raise invalid(
+                path, f"a full kernel of {n} rows for {logits} logits x {len(labels)} labels",
+                KERNEL_TODO,
+            )  # fmt: skip
+        n = len(labels)
+    elif labels.shape != (n,):
+        raise invalid(path, f"{len(labels)} labels for a {n} x {n} kernel", KERNEL_TODO)
     out = {
         **record,
         "kernel": kernel.astype(np.float64, copy=False),

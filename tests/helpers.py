@@ -34,9 +34,12 @@ def random_delta(params, scale: float = 0.05, seed: int = 1):
     return jax.tree.unflatten(treedef, noise)
 
 
-def explicit_ntk(model, params, net_state, x1, x2, class_index: int = -1) -> np.ndarray:
+def explicit_ntk(
+    model, params, net_state, x1, x2, class_index: int = -1, full: bool = False
+) -> np.ndarray:
     """Reference K(x1, x2) from the definition: flatten jax.jacrev per example and multiply.
-    Slow: the test reference for ntk.py."""
+    With `full`, every pair of logits, K[k N1 + i, l N2 + j] = J_k(x1_i) . J_l(x2_j). Slow: the
+    test reference for ntk.py."""
 
     def logits_flat(flat, x_single, unravel):
         logits, _ = model.apply(unravel(flat), net_state, x_single[None], False)
@@ -49,6 +52,9 @@ def explicit_ntk(model, params, net_state, x1, x2, class_index: int = -1) -> np.
         return np.stack([np.asarray(r, np.float64) for r in rows])  # (n, C, P)
 
     j1, j2 = jac_matrix(x1), jac_matrix(x2)
+    if full:
+        c = j1.shape[1]
+        return np.einsum("ikp,jlp->kilj", j1, j2).reshape(c * len(x1), c * len(x2))
     if class_index >= 0:
         return j1[:, class_index] @ j2[:, class_index].T
     return np.einsum("icp,jcp->ij", j1, j2) / j1.shape[1]

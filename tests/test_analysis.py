@@ -22,7 +22,7 @@ import eigen_features
 import eval_and_make_adv
 import ntk_attack
 from data import load_dataset
-from ntk_evolution.checkpoints import save_checkpoint
+from ntk_evolution.checkpoints import load_kernel, save_checkpoint
 from ntk_evolution.kernel_analysis import (
     centered_alignment,
     evolution,
@@ -52,7 +52,7 @@ from ntk_evolution.similarity import (
     unbiased_hsic_matrix,
 )
 from ntk_evolution.similarity import cka as cka_value
-from utils import load_pickle
+from utils import UserError, load_pickle
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -275,6 +275,27 @@ def checkpoints(tmp_path_factory):
         save_checkpoint(path, p, p, net_state)
         paths.append(path)
     return paths
+
+
+def test_full_kernel_script_holds_the_class_and_averaged_kernels(checkpoints, tmp_path):
+    """calculate_kernel.py --full: (C N, C N), logit-major; its diagonal blocks are the class
+    kernels the script writes, their mean the averaged kernel; its own name; refused where an
+    N x N kernel is needed."""
+    common = ["--dataset", "digits", "--model", "cnn_small", "--model_path", checkpoints[1],
+              "--dataset_size", "20", "--bonus_dir", str(tmp_path)]  # fmt: skip
+    full = calculate_kernel.main([*common, "--full"])
+    assert full["kernel"].shape == (200, 200) and full["n_logits"] == 10 and full["full"]
+    assert os.path.isfile(tmp_path / "saved_kernel_full_20.png")
+    stored = load_kernel(str(tmp_path / "saved_kernel_full_20.pkl"), allow_full=True)
+    np.testing.assert_array_equal(stored["kernel"], full["kernel"])
+    blocks = full["kernel"].reshape(10, 20, 10, 20)
+    class_3 = calculate_kernel.main([*common, "--class_index", "3"])["kernel"]
+    np.testing.assert_allclose(blocks[3, :, 3], class_3, rtol=1e-5, atol=1e-6 * class_3.max())
+    averaged = calculate_kernel.main(common)["kernel"]
+    mean = np.mean([blocks[c, :, c] for c in range(10)], axis=0)
+    np.testing.assert_allclose(mean, averaged, rtol=1e-5, atol=1e-6 * averaged.max())
+    with pytest.raises(UserError, match="a full kernel"):
+        load_kernel(str(tmp_path / "saved_kernel_full_20.pkl"))
 
 
 @pytest.mark.slow

@@ -32,6 +32,29 @@ def test_kernel_matches_explicit_jacobian(setup, class_index):
     assert rel_err(cross, explicit_ntk(model, params, net_state, x1, x2, class_index)) < 1e-5
 
 
+def test_full_kernel_matches_explicit_jacobian_and_holds_the_class_kernels(setup):
+    """The full kernel (every pair of logits, logit-major) against J_k(x_i) . J_l(x_j), square
+    in chunks (mirrored blocks) and cross; its diagonal blocks are the class kernels, their mean
+    the averaged kernel."""
+    model, params, net_state, x1, x2 = setup
+    reference = explicit_ntk(model, params, net_state, x1, x1, full=True)
+    for chunk in (None, 3):
+        square = empirical_ntk(
+            model, params, net_state, x1, full=True, chunk_size=chunk, progress=False
+        )
+        assert square.shape == (4 * 7, 4 * 7) and rel_err(square, reference) < 1e-5
+        np.testing.assert_array_equal(square, square.T)
+    cross = empirical_ntk(model, params, net_state, x1, x2, full=True, progress=False)
+    assert rel_err(cross, explicit_ntk(model, params, net_state, x1, x2, full=True)) < 1e-5
+    blocks = square.reshape(4, 7, 4, 7)
+    averaged = empirical_ntk(model, params, net_state, x1, progress=False)
+    assert rel_err(np.mean([blocks[c, :, c] for c in range(4)], axis=0), averaged) < 1e-6
+    class_2 = empirical_ntk(model, params, net_state, x1, class_index=2, progress=False)
+    assert rel_err(blocks[2, :, 2], class_2) < 1e-6
+    with pytest.raises(ValueError, match="every logit"):
+        empirical_ntk(model, params, net_state, x1, class_index=1, full=True, progress=False)
+
+
 @pytest.mark.slow
 def test_chunk_size_does_not_change_the_kernel(setup):
     model, params, net_state, x1, x2 = setup
@@ -123,6 +146,28 @@ def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, 
         )  # fmt: skip
         assert rel_err(square, explicit_square) < 1e-5
         assert rel_err(cross, explicit_cross) < 1e-5
+
+
+def test_factored_convolutions_in_the_full_kernel(conv_setup, monkeypatch):
+    """Every convolution through its factors, every pair of logits, row-sliced factor products
+    and odd chunks: still J_k J_l^T; and the XLA contraction agrees with the host's."""
+    from ntk_evolution import ntk
+
+    model, params, net_state, x1, x2 = conv_setup
+    monkeypatch.setattr(ntk, "FACTOR_BLOCK", 2000)
+    reference = explicit_ntk(model, params, net_state, x1, x2, full=True)
+    for chunk in (None, 3):
+        cross = empirical_ntk(
+            model, params, net_state, x1, x2, full=True, chunk_size=chunk, factor_convs="all",
+            progress=False,
+        )  # fmt: skip
+        assert rel_err(cross, reference) < 1e-5
+    layers = ntk.conv_layers(model, params, net_state, x1.shape[1:])
+    factor_fn = ntk.make_factor_fn(model, -1, ntk.factored_layers(layers, 4, "all"))
+    rows, cols = factor_fn(params, net_state, x1), factor_fn(params, net_state, x2)
+    host = ntk._factor_gram_host(rows, cols, full=True)
+    assert host.shape == (7, 4, 5, 4)
+    assert rel_err(np.asarray(ntk.contract_factors(rows, cols, full=True)), host) < 1e-6
 
 
 @pytest.mark.slow
