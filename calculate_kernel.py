@@ -192,11 +192,10 @@ def kernel_of(args, path, name, loaded, images, labels, indices, epoch) -> dict:
         "epoch": epoch,
         "use_linear_params": args.use_linear_params,
     }
-    n_logits = len(kernel) // len(labels)
     if args.full:
-        record.update(full=True, n_logits=n_logits, layout=FULL_LAYOUT)
+        record.update(full=True, n_logits=len(kernel) // len(labels), layout=FULL_LAYOUT)
     save_pickle(record, out)
-    plot_kernel(kernel, labels, kernel_title(record), out[:-4] + ".png", n_logits)
+    plot_kernel(kernel, labels, kernel_title(record), out[:-4] + ".png")
     print(f"wrote {out} and {out[:-4]}.png")
     return record
 

@@ -45,10 +45,11 @@ def kernel_title(record: dict) -> str:
     )
 
 
-def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True, n_logits=1):
+def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True):
     """The kernel with images ordered by class, class blocks outlined and ticked by class; a
-    full kernel ((C N, C N), logit-major: n_logits C) ordered by logit, then class, its logit
+    full kernel ((C N, C N) for N labels, logit-major) ordered by logit, then class, its logit
     blocks outlined and ticked."""
+    n_logits = len(kernel) // len(labels)
     logit = np.repeat(np.arange(n_logits), len(labels))
     tiled = np.tile(labels, n_logits)
     order = np.lexsort((tiled, logit))  # by logit, then by class; stable
@@ -75,17 +76,16 @@ def _kernel_heatmap(ax, kernel, labels, vmin=None, vmax=None, ticks=True, n_logi
     return image
 
 
-def plot_kernel(
-    kernel: np.ndarray, labels: np.ndarray, title: str, path: str, n_logits: int = 1
-) -> None:
-    """Heatmap of the kernel with images ordered by class (ticks: class; a full kernel of
-    n_logits logits: by logit, then class), and its eigen-spectrum (log scale)."""
+def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -> None:
+    """Heatmap of the kernel with images ordered by class (ticks: class; a full kernel: by
+    logit, then class), and its eigen-spectrum (log scale)."""
     eigenvalues = np.linalg.eigvalsh(kernel)[::-1]
     fig, (ax_k, ax_s) = plt.subplots(1, 2, figsize=(11.5, 4.9))
     fig.subplots_adjust(wspace=0.4, top=0.84)
-    image = _kernel_heatmap(ax_k, kernel, labels, n_logits=n_logits)
+    image = _kernel_heatmap(ax_k, kernel, labels)
     fig.colorbar(image, ax=ax_k, fraction=0.046, label="K(x, x')")
-    blocks = "logit pairs, images by class" if n_logits > 1 else "images ordered by class"
+    full = len(kernel) > len(labels)
+    blocks = "logit pairs, images by class" if full else "images ordered by class"
     ax_k.set_title(f"kernel, {blocks}", fontsize=10)
     positive = eigenvalues[eigenvalues > 0]
     ax_s.semilogy(np.arange(1, len(positive) + 1), positive, ".-", ms=3)
@@ -335,6 +335,75 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
         transform=ax.transAxes, ha="center", va="top", fontsize=8,
     )  # fmt: skip
     fig.suptitle(f"kernel evolution of {', '.join(table)}", fontsize=12)
+    _save(fig, path)
+
+
+def plot_polar_dynamics(table: dict[str, list[dict]], path: str) -> None:
+    """The adversarial-NTK code's polar dynamics (kernel_analysis): radius |K_t - K_0|_F /
+    |K_final - K_0|_F at angle arccos(cos(K_t, K_0)), for the whole kernel and its top and
+    bottom eigenspaces; one line per run, markers from light (early) to dark (late)."""
+    spaces = ["", "_top", "_bottom"]
+    fig = plt.figure(figsize=(5.2 * len(spaces), 5.4))
+    fig.subplots_adjust(wspace=0.35, top=0.8)
+    for p, space in enumerate(spaces):
+        ax = fig.add_subplot(1, len(spaces), p + 1, projection="polar")
+        for label, rows in table.items():
+            points = [
+                (r[f"tk_angle{space}"], r[f"tk_radius{space}"])
+                for r in rows
+                if r[f"tk_radius{space}"] is not None
+            ]
+            if points:
+                (line,) = ax.plot(*zip(*points, strict=True), "-", lw=1.2, label=label)
+                shades = np.linspace(0.3, 1.0, len(points))
+                colour = np.array(matplotlib.colors.to_rgb(line.get_color()))
+                for (angle, radius), shade in zip(points, shades, strict=True):
+                    ax.plot(angle, radius, "o", ms=4, color=1 - shade * (1 - colour))
+        ax.set_thetamin(0)
+        ax.set_thetamax(90)
+        which = "whole kernel"
+        if space:  # the subspace sizes of the runs (each kernel's own eigenvectors)
+            sizes = sorted({rows[0][f"{space[1:]}_space"] for rows in table.values()})
+            which = f"{space[1:]} {'/'.join(map(str, sizes))} eigenvalues"
+        ax.set_title(which, fontsize=10, pad=8)
+        ax.text(
+            0.5, -0.1,
+            "angle arccos cos(K_t, K_0) (degrees on the arc)\n"
+            "radius |K_t - K_0|_F / |K_final - K_0|_F (markers: light early, dark late)",
+            transform=ax.transAxes, ha="center", va="top", fontsize=8,
+        )  # fmt: skip
+        if p == 0:
+            ax.legend(fontsize=7, loc="upper right", bbox_to_anchor=(1.15, 1.15))
+    fig.suptitle(
+        "polar dynamics of the kernel, as the adversarial-NTK code measures it (eigenspaces: "
+        "each kernel's own)",
+        fontsize=11,
+    )
+    _save(fig, path)
+
+
+def plot_distance_matrices(distances: dict[str, dict], path: str) -> None:
+    """The epoch-by-epoch distance 1 - cos(K_s, K_t) of each run, one panel per run, on one
+    colour scale."""
+    vmax = max(max(map(max, d["distance"])) for d in distances.values()) or 1.0
+    fig, axes = plt.subplots(
+        1, len(distances), figsize=(5.0 * len(distances) + 1.0, 4.6), squeeze=False
+    )
+    image = None
+    for ax, (label, d) in zip(axes[0], distances.items(), strict=True):
+        epochs = d["epochs"]
+        image = ax.imshow(
+            np.asarray(d["distance"]), origin="lower", cmap="magma", vmin=0, vmax=vmax
+        )
+        step = max(1, len(epochs) // 8)
+        ticks = list(range(0, len(epochs), step))
+        ax.set_xticks(ticks, [f"{epochs[t]:g}" for t in ticks], fontsize=8)
+        ax.set_yticks(ticks, [f"{epochs[t]:g}" for t in ticks], fontsize=8)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("epoch")
+        ax.set_title(label, fontsize=10)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="1 - cos(K_s, K_t)")
+    fig.suptitle("kernel distance between every pair of epochs", fontsize=11)
     _save(fig, path)
 
 

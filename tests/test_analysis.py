@@ -25,9 +25,13 @@ from data import load_dataset
 from ntk_evolution.checkpoints import load_kernel, save_checkpoint
 from ntk_evolution.kernel_analysis import (
     centered_alignment,
+    distance_matrix,
+    eigenspace_part,
     evolution,
     kernel_distance,
+    polar_dynamics,
     spectral_energy,
+    squared_mass,
     target_matrix,
 )
 from ntk_evolution.kernel_regression import (
@@ -173,6 +177,49 @@ def test_kernel_distance_alignment_and_energy_follow_their_definitions():
     assert rows[2]["polar_radius"] == pytest.approx(1.0)
 
 
+def test_adversarial_ntk_measures_follow_their_definitions():
+    """Tsilivis & Kempe's measures: Frobenius radius and angle to K_0 (whole and within each
+    kernel's top / bottom eigenspace), squared-eigenvalue mass, the epoch distance matrix."""
+    rng = np.random.default_rng(3)
+    a = rng.normal(size=(9, 9))
+    k0 = a @ a.T
+    b = rng.normal(size=(9, 9))
+    k1, k2 = k0 + 0.5 * (b @ b.T), k0 + 2.0 * (b @ b.T)
+    radius, angle = polar_dynamics([k0, k1, k2])
+    assert radius == pytest.approx([0.0, np.linalg.norm(k1 - k0) / np.linalg.norm(k2 - k0), 1.0])
+    cos = np.sum(k1 * k0) / (np.linalg.norm(k1) * np.linalg.norm(k0))
+    assert angle[0] == pytest.approx(0.0, abs=1e-7) and angle[1] == pytest.approx(np.arccos(cos))
+    # orthogonal kernels are a right angle apart; a scaled kernel is at angle 0, radius 1
+    assert polar_dynamics([np.diag([1.0, 0]), np.diag([0, 1.0])])[1][1] == pytest.approx(np.pi / 2)
+    assert polar_dynamics([k0, 3 * k0]) == ([0.0, 1.0], [0.0, pytest.approx(0.0, abs=1e-7)])
+
+    w, v = np.linalg.eigh(k0)
+    top, bottom = eigenspace_part(w, v, 3, True), eigenspace_part(w, v, 6, False)
+    np.testing.assert_allclose(top + bottom, k0, atol=1e-10)
+    np.testing.assert_allclose(np.linalg.eigvalsh(top)[-3:], w[-3:], rtol=1e-10)
+    assert np.linalg.matrix_rank(top) == 3
+
+    assert squared_mass(np.array([1.0, 3.0, 2.0]), 1) == pytest.approx(9 / 14)
+    assert squared_mass(np.array([1.0, 3.0, 2.0]), 3) == pytest.approx(1.0)
+    d = distance_matrix([k0, k1, k2])
+    assert d[0, 0] == 0 and d[1, 2] == d[2, 1] == pytest.approx(kernel_distance(k1, k2))
+
+    labels = np.arange(9) % 3
+    rows = evolution([k0, k1, k2], [0, 1, 2], target_matrix(labels, 3), top_space=3)
+    assert rows[1]["tk_radius"] == pytest.approx(radius[1])
+    assert rows[2]["mass_top10"] == pytest.approx(1.0)
+    assert (rows[0]["top_space"], rows[0]["bottom_space"]) == (3, 6)
+    parts = [eigenspace_part(*np.linalg.eigh(k), 3, True) for k in (k0, k1, k2)]
+    assert rows[1]["tk_angle_top"] == pytest.approx(polar_dynamics(parts)[1][1])
+    whole = evolution([k0, k1, k2], [0, 1, 2], target_matrix(labels, 3), top_space=9)
+    assert whole[1]["tk_radius_top"] == pytest.approx(whole[1]["tk_radius"])
+    assert whole[1]["tk_radius_bottom"] is None  # no bottom space left
+
+    # a full kernel's target: t t^T with t[k N + i] = 1 where image i has label k
+    t = target_matrix(np.array([1, 0]), 2, full=True)
+    np.testing.assert_array_equal(np.diag(t), [0, 1, 1, 0])
+
+
 # ----------------------------------------------------------------------------- CKA
 
 
@@ -297,6 +344,24 @@ def test_full_kernel_script_holds_the_class_and_averaged_kernels(checkpoints, tm
     with pytest.raises(UserError, match="a full kernel"):
         load_kernel(str(tmp_path / "saved_kernel_full_20.pkl"))
 
+    # analyze_kernels.py takes full kernels as they are: here epochs 0 and 1.5 of one run
+    common[common.index("--model_path") + 1] = checkpoints[0]
+    first = calculate_kernel.main([*common, "--full", "--save_name", "first"])["kernel"]
+    out = tmp_path / "analysis"
+    table = analyze_kernels.main(
+        [str(tmp_path / "first_full_20.pkl"), str(tmp_path / "saved_kernel_full_20.pkl"),
+         "--out_dir", str(out), "--top_space", "15"]
+    )  # fmt: skip
+    (rows,) = table.values()
+    assert [r["epoch"] for r in rows] == [0.0, 1.5] and rows[1]["tk_radius"] == pytest.approx(1)
+    assert (rows[0]["top_space"], rows[0]["bottom_space"]) == (15, 185)
+    assert rows[1]["tk_angle"] == pytest.approx(polar_dynamics([first, full["kernel"]])[1][1])
+    distances = json.loads((out / "kernel_distances.json").read_text())
+    (run,) = distances.values()
+    assert run["distance"][0][1] == pytest.approx(kernel_distance(first, full["kernel"]))
+    for name in ("kernel_polar.png", "kernel_distances.png", "kernel_grid.png"):
+        assert (out / name).is_file()
+
 
 @pytest.mark.slow
 def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
@@ -324,6 +389,7 @@ def test_analysis_scripts_run_end_to_end(checkpoints, tmp_path):
     assert [r["epoch"] for r in rows] == [0.0, 1.5]
     assert rows[0]["distance_to_first"] == 0 and rows[1]["distance_to_first"] > 0
     assert (out / "kernel_evolution.png").exists() and (out / "kernel_evolution.csv").exists()
+    assert (out / "kernel_polar.png").exists() and (out / "kernel_distances.png").exists()
 
     attack_dir = tmp_path / "attack"
     summary = ntk_attack.main(
