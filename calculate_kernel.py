@@ -10,9 +10,10 @@ epoch is unknown, so that none overwrites another. Each pickle holds
 name, or None)
 and 'use_linear_params', and a PNG of the kernel and its spectrum beside it.
 
-With --full, <save_name>_full_<N>.pkl holds the full kernel, every pair of logits:
-'kernel' (C N, C N), logit-major (row k N + i is logit k of image i), 'full' True, 'n_logits'
-C and 'layout'. Its diagonal block (c, c) is the class-c kernel; their mean is the averaged one.
+With --full, <save_name>_<N>_full.pkl (outside the globs of the N x N kernels) holds the full
+kernel, every pair of logits: 'kernel' (C N, C N), logit-major (row k N + i is logit k of image
+i), 'full' True, 'n_logits' C and 'layout'. Its diagonal block (c, c) is the class-c kernel;
+their mean is the averaged one.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def build_parser() -> Parser:
         action="store_true",
         help="The full kernel: every pair of logits, (C N, C N), logit-major (row k N + i: "
         "logit k of image i), as neural-tangents' trace_axes=() reshaped by the adversarial-NTK "
-        "code; written as <save_name>_full_<N>.pkl. Needs --class_index -1.",
+        "code; written as <save_name>_<N>_full.pkl. Needs --class_index -1.",
     )
     p.add_argument("--save_name", default="saved_kernel", help="Prefix of the output file.")
     p.add_argument("--show_progress", action="store_true", help="Print every kernel block.")
@@ -88,7 +89,7 @@ def kernel_file_name(
     save_name: str, class_index: int, dataset_size: int, full: bool = False
 ) -> str:
     if full:
-        return f"{save_name}_full_{dataset_size}.pkl"
+        return f"{save_name}_{dataset_size}_full.pkl"
     if class_index >= 0:
         return f"{save_name}_class_{class_index}_{dataset_size}.pkl"
     return f"{save_name}_{dataset_size}.pkl"

@@ -332,8 +332,8 @@ def test_full_kernel_script_holds_the_class_and_averaged_kernels(checkpoints, tm
               "--dataset_size", "20", "--bonus_dir", str(tmp_path)]  # fmt: skip
     full = calculate_kernel.main([*common, "--full"])
     assert full["kernel"].shape == (200, 200) and full["n_logits"] == 10 and full["full"]
-    assert os.path.isfile(tmp_path / "saved_kernel_full_20.png")
-    stored = load_kernel(str(tmp_path / "saved_kernel_full_20.pkl"), allow_full=True)
+    assert os.path.isfile(tmp_path / "saved_kernel_20_full.png")
+    stored = load_kernel(str(tmp_path / "saved_kernel_20_full.pkl"), allow_full=True)
     np.testing.assert_array_equal(stored["kernel"], full["kernel"])
     blocks = full["kernel"].reshape(10, 20, 10, 20)
     class_3 = calculate_kernel.main([*common, "--class_index", "3"])["kernel"]
@@ -342,14 +342,14 @@ def test_full_kernel_script_holds_the_class_and_averaged_kernels(checkpoints, tm
     mean = np.mean([blocks[c, :, c] for c in range(10)], axis=0)
     np.testing.assert_allclose(mean, averaged, rtol=1e-5, atol=1e-6 * averaged.max())
     with pytest.raises(UserError, match="a full kernel"):
-        load_kernel(str(tmp_path / "saved_kernel_full_20.pkl"))
+        load_kernel(str(tmp_path / "saved_kernel_20_full.pkl"))
 
     # analyze_kernels.py takes full kernels as they are: here epochs 0 and 1.5 of one run
     common[common.index("--model_path") + 1] = checkpoints[0]
     first = calculate_kernel.main([*common, "--full", "--save_name", "first"])["kernel"]
     out = tmp_path / "analysis"
     table = analyze_kernels.main(
-        [str(tmp_path / "first_full_20.pkl"), str(tmp_path / "saved_kernel_full_20.pkl"),
+        [str(tmp_path / "first_20_full.pkl"), str(tmp_path / "saved_kernel_20_full.pkl"),
          "--out_dir", str(out), "--top_space", "15"]
     )  # fmt: skip
     (rows,) = table.values()
