@@ -120,6 +120,7 @@ def main(argv=None) -> dict:
                 jax.random.fold_in(key, len(rows)),
                 eps_linf=eps_from_255(args.eps),
                 n_steps=args.pgd_steps,
+                variant=args.attack_variant,
                 description=f"{kind} {k}",
                 autoattack=autoattack_threat(args),
             )
@@ -138,6 +139,7 @@ def main(argv=None) -> dict:
         "n_test": len(x),
         "eps": args.eps,
         "pgd_steps": args.pgd_steps,
+        "attack_variant": args.attack_variant,
         "eigenvalues": eigen.values.tolist(),
         "clean_cumulative": clean_cumulative.tolist(),
         "rows": rows,

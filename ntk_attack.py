@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255
 from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
@@ -41,7 +41,7 @@ from ntk_evolution.predictors import (
     predicted_labels,
     support_kernel_from_args,
 )
-from utils import check_output, run_main, save_pickle, write_json
+from utils import UserError, check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
 
@@ -67,6 +67,11 @@ def main(argv=None) -> dict:
     loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
+    if args.restarts > 1 and args.attack_variant != "pgd":
+        raise UserError(
+            f"--restarts {args.restarts} needs --attack_variant pgd (the others start from the "
+            "image, so every restart would be the same)"
+        )
     transfer = None
     if args.transfer_path:
         transfer = load_transfer(
@@ -86,11 +91,13 @@ def main(argv=None) -> dict:
         n_steps=args.pgd_steps,
         attacks=("linf", "margin") if args.margin else ("linf",),
         restarts=args.restarts,
+        variant=args.attack_variant,
         transfer=transfer,
         description="NTK attack",
         autoattack=autoattack_threat(args),
     )
-    names = {**NAMES, "linf": f"PGD-Linf (eps {args.eps:g}/255)", "transfer": "transfer"}
+    attack = f"{VARIANT_NAMES[args.attack_variant]}-Linf (eps {args.eps:g}/255)"
+    names = {**NAMES, "linf": attack, "transfer": "transfer"}
     names.update(autoattack=f"AutoAttack ({args.autoattack_norm})", worst="worst case")
     print(
         f"{support.description}, {len(support.images)} support images: kernel regression "
@@ -108,6 +115,7 @@ def main(argv=None) -> dict:
         "n_test": len(x),
         "eps": args.eps,
         "pgd_steps": args.pgd_steps,
+        "attack_variant": args.attack_variant,
         "ridge": args.ridge,
         "restarts": args.restarts,
         "transfer_path": args.transfer_path,

@@ -35,7 +35,7 @@ import numpy as np
 import optax
 
 from data import class_balanced_subset
-from ntk_evolution.attacks import eps_from_255, pgd, pgd_step_size
+from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255, pgd, pgd_step_size
 from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
@@ -220,13 +220,13 @@ def main(argv=None) -> dict:
         summary[name], _ = evaluate_predictor(
             support, coefficients, np.eye(ds.n_classes), x_test, y_test,
             jax.random.PRNGKey(args.random_seed), eps_linf=eps, n_steps=20,
-            description=f"evaluate {name}",
+            variant=args.attack_variant, description=f"evaluate {name}",
             autoattack=autoattack_threat(args),
         )  # fmt: skip
         autoattack = summary[name].get("autoattack")
         print(
             f"kernel regression on the {name} set: clean {summary[name]['clean']:.4f}, "
-            f"PGD-Linf (20 steps) {summary[name]['linf']:.4f}"
+            f"{VARIANT_NAMES[args.attack_variant]}-Linf (20 steps) {summary[name]['linf']:.4f}"
             + (f", AutoAttack {autoattack:.4f}" if autoattack is not None else "")
             + f" on {len(x_test)} test images"
         )

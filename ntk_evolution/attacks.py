@@ -6,7 +6,8 @@ when the softmax does):
     L-inf: x <- Proj(clip(x + step * sign(grad))),   ball {|x - x0|_inf <= eps}
     L2:    x <- Proj(clip(x + step * grad / |grad|_2)), ball {|x - x0|_2 <= eps} (per example)
 where clip is to the image range [0, 1], applied before the projection as in the original
-(the result stays in [0, 1]: the ball's centre x0 is in it). The start is random in the ball.
+(the result stays in [0, 1]: the ball's centre x0 is in it). The start is random in the ball,
+or x0 itself (variant_schedule: PGD without a random start, and FGSM, one step of eps).
 The whole loop runs inside one `lax.fori_loop`, so it compiles into the caller's jitted
 function. With random restarts (`pgd_restarts`) an example counts as robust only if every
 restart fails.
@@ -29,6 +30,27 @@ TRAIN_PGD_STEPS = 20
 EVAL_PGD_STEPS = 100
 L2_EPS = 0.25
 L2_STEP = 0.01
+
+
+# how the PGD loop is run (variant_schedule); the adversarial-NTK code uses all three
+ATTACK_VARIANTS = ("pgd", "pgd_no_start", "fgsm")
+VARIANT_NAMES = {"pgd": "PGD", "pgd_no_start": "PGD (no random start)", "fgsm": "FGSM"}
+
+
+def variant_schedule(variant: str, eps, n_steps: int) -> dict:
+    """pgd's step_size, n_steps and random_start for an attack variant: 'pgd', n_steps of
+    2 eps / n_steps from a random start in the ball; 'pgd_no_start', the same from x itself;
+    'fgsm', one step of eps from x (x + eps sign(grad) for L-inf, the fast gradient method
+    x + eps grad / |grad|_2 for L2)."""
+    if variant not in ATTACK_VARIANTS:
+        raise ValueError(f"unknown attack variant {variant!r}: use one of {ATTACK_VARIANTS}")
+    if variant == "fgsm":
+        return {"step_size": eps, "n_steps": 1, "random_start": False}
+    return {
+        "step_size": pgd_step_size(eps, n_steps),
+        "n_steps": n_steps,
+        "random_start": variant == "pgd",
+    }
 
 
 def eps_from_255(eps: float) -> float:
@@ -122,9 +144,11 @@ def pgd(
     n_steps: int,
     norm: str = "linf",
     loss: str = "ce",
+    random_start: bool = True,
 ) -> jax.Array:
     """Adversarial examples for images x (N, H, W, C) in [0, 1] with labels y (N,), within the
-    `norm` eps-ball around x and within [0, 1]."""
+    `norm` eps-ball around x and within [0, 1]; from a random start in the ball, or with
+    `random_start` False from x itself (key unused)."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}")
     if loss not in LOSSES:
@@ -140,7 +164,9 @@ def pgd(
         # the outer clip only removes rounding error: x + project(...) is in [0, 1] already
         return jnp.clip(x + project(x_adv - x, eps, norm), 0.0, 1.0)
 
-    x_start = jnp.clip(x + _random_start(key, x.shape, eps, norm), 0.0, 1.0)
+    x_start = x
+    if random_start:
+        x_start = jnp.clip(x + _random_start(key, x.shape, eps, norm), 0.0, 1.0)
     return jax.lax.fori_loop(0, n_steps, step, x_start)
 
 

@@ -19,7 +19,7 @@ import numpy as np
 
 from data import DATASETS
 from models import MODELS
-from ntk_evolution.attacks import EVAL_PGD_STEPS, L2_EPS, eps_from_255
+from ntk_evolution.attacks import ATTACK_VARIANTS, EVAL_PGD_STEPS, L2_EPS, eps_from_255
 from ntk_evolution.kernel_regression import KERNELS
 from utils import UserError, user_cache_dir
 
@@ -276,6 +276,12 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     add_eps_flag(p)
     p.add_argument(
         "--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS, help="PGD steps (2 eps / n each)."
+    )
+    p.add_argument(
+        "--attack_variant",
+        default="pgd",
+        choices=ATTACK_VARIANTS,
+        help="pgd: from a random start; pgd_no_start: from the image; fgsm: one step of eps.",
     )
     p.add_argument("--n_test", type=positive_int, default=None, help="First N test images.")
     p.add_argument(

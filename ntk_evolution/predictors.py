@@ -20,7 +20,7 @@ import numpy as np
 
 from data import Dataset, class_balanced_subset
 from models import get_model, init_model
-from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, pgd_step_size
+from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
 from ntk_evolution.checkpoints import LoadedModel, load_kernel
 from ntk_evolution.evaluation import Tally, attacked_batches, hits
@@ -132,8 +132,11 @@ def _predict_fn(apply: Callable) -> Callable:
 
 
 @functools.lru_cache(maxsize=8)
-def _attack_fn(apply: Callable, n_steps: int, loss: str, restarts: int) -> Callable:
-    """Jitted PGD-Linf (on `loss`) against the predictor: attack(operand, P, x, y, key, eps)."""
+def _attack_fn(
+    apply: Callable, n_steps: int, loss: str, restarts: int, variant: str = "pgd"
+) -> Callable:
+    """Jitted PGD-Linf (on `loss`; attacks.variant_schedule's `variant`) against the predictor:
+    attack(operand, P, x, y, key, eps)."""
 
     def attack(operand, projection, x, y, key, eps):
         return pgd_restarts(
@@ -143,9 +146,8 @@ def _attack_fn(apply: Callable, n_steps: int, loss: str, restarts: int) -> Calla
             key,
             restarts=restarts,
             eps=eps,
-            step_size=pgd_step_size(eps, n_steps),
-            n_steps=n_steps,
             loss=loss,
+            **variant_schedule(variant, eps, n_steps),
         )
 
     return jax.jit(attack)
@@ -192,13 +194,15 @@ def evaluate_predictor(
     n_steps: int = EVAL_PGD_STEPS,
     attacks: tuple[str, ...] = ("linf",),
     restarts: int = 1,
+    variant: str = "pgd",
     transfer: np.ndarray | None = None,
     description: str = "kernel predictor",
     autoattack: tuple[str, float] | None = None,
 ) -> tuple[dict[str, float], np.ndarray | None]:
     """Accuracy of z -> K(z, X) B P on (x, y): clean, under each attack in `attacks` against
     this predictor itself (`linf`: PGD-Linf on the cross-entropy of its outputs; `margin`: on
-    the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts), on
+    the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts, or as
+    `variant` says: attacks.variant_schedule), on
     `transfer` (adversarial images of x made elsewhere), and 'worst' (correct on all of them)
     when there is more than one; with `autoattack` = (norm, eps), also AutoAttack's four
     attacks and 'autoattack' (robust to all four). Returns the accuracies and the first
@@ -208,7 +212,7 @@ def evaluate_predictor(
     predict = _predict_fn(apply)
     attack_fns = {
         name: functools.partial(
-            _attack_fn(apply, n_steps, "ce" if name == "linf" else name, restarts),
+            _attack_fn(apply, n_steps, "ce" if name == "linf" else name, restarts, variant),
             operand,
             projection,
             eps=eps_linf,

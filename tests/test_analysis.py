@@ -144,6 +144,14 @@ def test_attack_on_kernel_predictor_stays_in_ball_and_lowers_accuracy():
     assert adversarial.min() >= 0 and adversarial.max() <= 1
     assert accuracies["clean"] > 0.8
     assert accuracies["linf"] < accuracies["clean"] - 0.2
+    # FGSM against the predictor: one signed-gradient step of eps from each image
+    _, fgsm = evaluate_predictor(
+        support, coefficients, np.eye(10), ds.x_test[:100], ds.y_test[:100],
+        jax.random.PRNGKey(0), eps_linf=eps, variant="fgsm",
+    )  # fmt: skip
+    steps = np.abs(fgsm - ds.x_test[:100])
+    moved = (fgsm > 0) & (fgsm < 1) & (ds.x_test[:100] > eps) & (ds.x_test[:100] < 1 - eps)
+    np.testing.assert_allclose(steps[moved], eps, rtol=1e-4)  # every unclipped pixel moved eps
 
 
 # ----------------------------------------------------------------------------- evolution

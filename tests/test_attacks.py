@@ -85,3 +85,45 @@ def test_pgd_increases_the_loss_of_a_linear_classifier():
     ce = jax.vmap(lambda lg, t: -jax.nn.log_softmax(lg)[t])
     assert np.all(np.asarray(ce(logits_fn(x_adv), y)) > np.asarray(ce(logits_fn(x), y)))
     assert np.abs(np.asarray(x_adv - x)).max() <= eps + 1e-6
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_fgsm_and_pgd_without_random_start_follow_their_definitions(norm):
+    """variant_schedule: FGSM is x + eps sign(grad) (L2: x + eps grad / |grad|_2), clipped to
+    [0, 1]; PGD without a random start does not depend on the key; PGD with one does."""
+    from ntk_evolution.attacks import variant_schedule
+
+    rng = np.random.default_rng(1)
+    weights = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)
+    x = jnp.asarray(rng.uniform(0.2, 0.8, (5, 2, 2, 3)), jnp.float32)
+    y = jnp.asarray([0, 1, 2, 0, 1])
+
+    def logits_fn(images):
+        return images.reshape(len(images), -1) @ weights
+
+    eps = 0.05 if norm == "linf" else 0.3
+    keys = jax.random.PRNGKey(0), jax.random.PRNGKey(1)
+
+    def run(variant, key, **override):
+        schedule = {**variant_schedule(variant, eps, 10), **override}
+        return np.asarray(pgd(logits_fn, x, y, key, eps=eps, norm=norm, **schedule))
+
+    grad = np.asarray(
+        jax.grad(lambda z: jnp.sum(-jax.nn.log_softmax(logits_fn(z))[jnp.arange(5), y]))(x)
+    )
+    if norm == "linf":
+        expected = np.clip(np.asarray(x) + eps * np.sign(grad), 0, 1)
+    else:
+        size = np.sqrt((grad**2).sum(axis=(1, 2, 3), keepdims=True))
+        expected = np.clip(np.asarray(x) + eps * grad / size, 0, 1)
+    np.testing.assert_allclose(run("fgsm", keys[0]), expected, atol=1e-6)
+    np.testing.assert_array_equal(run("pgd_no_start", keys[0]), run("pgd_no_start", keys[1]))
+    # the starts themselves (no steps): the image, or a point of the ball drawn from the key
+    np.testing.assert_array_equal(run("pgd_no_start", keys[0], n_steps=0), np.asarray(x))
+    assert np.abs(run("pgd", keys[0], n_steps=0) - run("pgd", keys[1], n_steps=0)).max() > 1e-4
+    for variant in ("fgsm", "pgd_no_start"):
+        delta = (run(variant, keys[0]) - np.asarray(x)).reshape(5, -1)
+        size = np.abs(delta).max(1) if norm == "linf" else np.sqrt((delta**2).sum(1))
+        assert size.max() <= eps + 1e-6
+    with pytest.raises(ValueError, match="unknown attack variant"):
+        variant_schedule("bim", eps, 10)

@@ -316,6 +316,7 @@ CASES = [
     ("ntk_attack", f"--model_path {CK} {DIGITS} --support_path {B}/ex_labels_neg.pkl --out_dir {B}/na", "below 0"),
     ("ntk_attack", f"--model_path {CK} {DIGITS} --transfer_path {B}/ex_nan.pkl --out_dir {B}/na", "NaN"),
     ("ntk_attack", f"--model_path {CK} {DIGITS} --out_dir {B}/a_file", "--out_dir"),
+    ("ntk_attack", f"--model_path {CK} {DIGITS} --attack_variant fgsm --restarts 3 --out_dir {B}/na", "needs --attack_variant pgd"),
     # ---- eigen_features.py
     ("eigen_features", f"--model_path {B}/ck_text_leaf.pkl {DIGITS} --out_dir {B}/ef", "str"),
     ("eigen_features", f"--model_path {CK} {DIGITS} --support_path {B}/ex_images_obj.pkl --out_dir {B}/ef", "dtype object"),
