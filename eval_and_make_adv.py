@@ -31,11 +31,12 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import attack_settings, eps_from_255
+from ntk_evolution.attacks import VARIANT_NAMES, apply_variant, attack_settings, eps_from_255
 from ntk_evolution.autoattack import AUTOATTACK
 from ntk_evolution.checkpoints import load_examples, model_and_dataset
 from ntk_evolution.cli import (
     Parser,
+    add_attack_variant_flag,
     add_autoattack_flags,
     add_eps_flag,
     add_model_flags,
@@ -44,6 +45,7 @@ from ntk_evolution.cli import (
     add_shared_flags,
     autoattack_eps,
     autoattack_threat,
+    check_attack_variant,
     check_out_dir,
     positive_int,
 )
@@ -97,6 +99,7 @@ def build_parser() -> Parser:
     add_shared_flags(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="First N test images.")
     add_robustness_flags(p)
+    add_attack_variant_flag(p)
     add_autoattack_flags(p)
     return p
 
@@ -138,6 +141,7 @@ def main(argv=None) -> dict:
             "--test_path and --transfer_path both give transfer examples; use one (--test_path "
             "evaluates on its images, --transfer_path adds them as an attack on the test set)"
         )
+    check_attack_variant(args)
     args.save_name = args.save_name or default_save_name(args.test_path)
     loaded, ds = model_and_dataset(args)
     model = loaded.model
@@ -176,7 +180,9 @@ def main(argv=None) -> dict:
         settings = attack_settings(eps_linf)
         kinds = {"dirty": "linf", **({"margin": "margin"} if args.margin else {})}
         fns = {
-            name: make_attack_fn(model, dynamics, args.restarts, **settings[kind])
+            name: make_attack_fn(
+                model, dynamics, args.restarts, **apply_variant(settings[kind], args.attack_variant)
+            )
             for name, kind in kinds.items()
         }
         if autoattack:
@@ -257,10 +263,11 @@ def main(argv=None) -> dict:
     check_output(adv_images, os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
     save_pickle(check_results(to_numpy(results), results_path), results_path)
     restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
+    attack = VARIANT_NAMES[args.attack_variant]
     labels = {
         "acc_clean": "clean accuracy",
-        "acc_dirty": f"PGD-Linf (eps {args.eps:g}/255{restarts}) accuracy",
-        "acc_margin": "PGD-margin accuracy",
+        "acc_dirty": f"{attack}-Linf (eps {args.eps:g}/255{restarts}) accuracy",
+        "acc_margin": f"{attack}-margin accuracy",
         **{f"acc_{name}": NAMES[name] for name in AUTOATTACK},
         "acc_autoattack": f"AutoAttack ({args.autoattack_norm}, eps {autoattack_eps(args):.4g})",
         "acc_transfer": (

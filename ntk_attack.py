@@ -30,6 +30,7 @@ from ntk_evolution.cli import (
     add_robustness_flags,
     add_shared_flags,
     autoattack_threat,
+    check_attack_variant,
     check_out_dir,
 )
 from ntk_evolution.evaluation import NAMES, load_transfer, masking_warnings, print_warnings
@@ -41,7 +42,7 @@ from ntk_evolution.predictors import (
     predicted_labels,
     support_kernel_from_args,
 )
-from utils import UserError, check_output, run_main, save_pickle, write_json
+from utils import check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
 
@@ -67,11 +68,7 @@ def main(argv=None) -> dict:
     loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
-    if args.restarts > 1 and args.attack_variant != "pgd":
-        raise UserError(
-            f"--restarts {args.restarts} needs --attack_variant pgd (the others start from the "
-            "image, so every restart would be the same)"
-        )
+    check_attack_variant(args)
     transfer = None
     if args.transfer_path:
         transfer = load_transfer(

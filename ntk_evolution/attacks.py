@@ -37,20 +37,25 @@ ATTACK_VARIANTS = ("pgd", "pgd_no_start", "fgsm")
 VARIANT_NAMES = {"pgd": "PGD", "pgd_no_start": "PGD (no random start)", "fgsm": "FGSM"}
 
 
-def variant_schedule(variant: str, eps, n_steps: int) -> dict:
-    """pgd's step_size, n_steps and random_start for an attack variant: 'pgd', n_steps of
-    2 eps / n_steps from a random start in the ball; 'pgd_no_start', the same from x itself;
+def apply_variant(settings: dict, variant: str) -> dict:
+    """pgd's keyword settings ({'eps', 'step_size', 'n_steps', ...}) run as an attack variant:
+    'pgd' as they are, from a random start in the ball; 'pgd_no_start', the same from x itself;
     'fgsm', one step of eps from x (x + eps sign(grad) for L-inf, the fast gradient method
     x + eps grad / |grad|_2 for L2)."""
     if variant not in ATTACK_VARIANTS:
         raise ValueError(f"unknown attack variant {variant!r}: use one of {ATTACK_VARIANTS}")
     if variant == "fgsm":
-        return {"step_size": eps, "n_steps": 1, "random_start": False}
-    return {
-        "step_size": pgd_step_size(eps, n_steps),
-        "n_steps": n_steps,
-        "random_start": variant == "pgd",
-    }
+        return {**settings, "step_size": settings["eps"], "n_steps": 1, "random_start": False}
+    return {**settings, "random_start": variant == "pgd"}
+
+
+def variant_schedule(variant: str, eps, n_steps: int) -> dict:
+    """pgd's step_size, n_steps and random_start for `variant` (apply_variant) of the PGD of
+    n_steps steps of 2 eps / n_steps."""
+    base = {"eps": eps, "step_size": pgd_step_size(eps, n_steps), "n_steps": n_steps}
+    schedule = apply_variant(base, variant)
+    del schedule["eps"]
+    return schedule
 
 
 def eps_from_255(eps: float) -> float:

@@ -216,6 +216,26 @@ def add_robustness_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_attack_variant_flag(p: argparse.ArgumentParser) -> None:
+    """--attack_variant (attacks.apply_variant) of every script that attacks with PGD."""
+    p.add_argument(
+        "--attack_variant",
+        default="pgd",
+        choices=ATTACK_VARIANTS,
+        help="PGD from a random start (pgd), from the image (pgd_no_start), or FGSM: one step "
+        "of eps (fgsm).",
+    )
+
+
+def check_attack_variant(args: argparse.Namespace) -> None:
+    """--restarts draw new random starts: only --attack_variant pgd has one."""
+    if args.restarts > 1 and args.attack_variant != "pgd":
+        raise UserError(
+            f"--restarts {args.restarts} needs --attack_variant pgd (the others start from the "
+            "image, so every restart would be the same)"
+        )
+
+
 def add_autoattack_flags(p: argparse.ArgumentParser) -> None:
     """--autoattack and its threat model, and --eps_sweep (every attacking script)."""
     p.add_argument(
@@ -277,12 +297,7 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pgd_steps", type=positive_int, default=EVAL_PGD_STEPS, help="PGD steps (2 eps / n each)."
     )
-    p.add_argument(
-        "--attack_variant",
-        default="pgd",
-        choices=ATTACK_VARIANTS,
-        help="pgd: from a random start; pgd_no_start: from the image; fgsm: one step of eps.",
-    )
+    add_attack_variant_flag(p)
     p.add_argument("--n_test", type=positive_int, default=None, help="First N test images.")
     p.add_argument(
         "--kernel", default="empirical", choices=KERNELS, help="Kernel of the predictor."

@@ -8,6 +8,7 @@ import argparse
 import os
 import shlex
 
+import numpy as np
 import pytest
 
 import analyze_kernels
@@ -123,3 +124,24 @@ def test_help_shows_defaults_and_every_flag_has_help(script, capsys):
     for action in parser._actions:
         if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
             assert f"(default: {action.default}" in " ".join(text.split()), action.option_strings
+
+
+def test_eval_with_fgsm_moves_every_free_pixel_by_eps(run_dir, capsys):
+    """eval_and_make_adv.py --attack_variant fgsm: one signed-gradient step of eps from each
+    test image, named FGSM in the output."""
+    from data import load_dataset
+
+    ckpt = os.path.join(run_dir, "parameters_final.pkl")
+    eval_and_make_adv.main(
+        shlex.split(
+            f"--model_path {ckpt} --n_test 20 --attack_variant fgsm --eps 8 --save_examples "
+            "--save_name fgsm"
+        )
+    )
+    assert "FGSM-Linf (eps 8/255) accuracy" in capsys.readouterr().out
+    adv = load_pickle(os.path.join(run_dir, "adv_examples_fgsm.pkl"))["images"]
+    x = load_dataset("digits").x_test[:20].transpose(0, 3, 1, 2)
+    eps = 8 / 255
+    free = (x > eps) & (x < 1 - eps) & (adv > 0) & (adv < 1)
+    assert free.sum() > 100
+    np.testing.assert_allclose(np.abs(adv - x)[free], eps, rtol=1e-4)
