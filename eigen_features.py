@@ -3,10 +3,14 @@ restricted to each eigen-component of the kernel, and to the top-k components to
 
 With K(X, X) = sum_i lambda_i u_i u_i^T on the support set X (class-balanced training subset)
 and one-hot targets Y, component i predicts F_i(z) = K(z, X) u_i u_i^T Y / (lambda_i + r); the
-components sum to the kernel-regression predictor. For the top --components components one by
-one, and for the cumulative top-k (--top_k), reports test accuracy and accuracy under L-inf PGD
-against that predictor itself. Clean accuracy of the cumulative predictor is reported for every
-k. Writes into --save_dir: eigen_features_<save_name>.json / .csv and a PNG.
+components sum to the kernel-regression predictor. For the --components components one by
+one (the top N, or any range such as -10: for the bottom ten), and for the cumulative top-k
+(--top_k), reports test accuracy and accuracy under L-inf PGD against that predictor itself.
+Clean accuracy of the cumulative predictor is reported for every k. Writes into --save_dir:
+eigen_features_<save_name>.json / .csv and a PNG, and the input gradient d F_i(z)_y / d z of
+each chosen component on --gradient_images test images: eigen_features_<save_name>_gradients.pkl
+({'components': 1-based ranks, 'eigenvalues', 'images', 'labels', 'gradients': (components,
+images, H, W, C)}) and .png.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import eps_from_255
+from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255
 from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
@@ -31,9 +35,17 @@ from ntk_evolution.cli import (
 from ntk_evolution.evaluation import masking_warnings
 from ntk_evolution.kernel_regression import component_factors, eigen_decomposition, one_hot
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_eigen_features
+from ntk_evolution.plots import plot_component_gradients, plot_eigen_features
 from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
-from utils import UserError, progress_bar, run_main, write_csv, write_json
+from utils import (
+    UserError,
+    check_output,
+    progress_bar,
+    run_main,
+    save_pickle,
+    write_csv,
+    write_json,
+)
 
 
 def int_list(text: str) -> list[int]:
@@ -48,6 +60,20 @@ def int_list(text: str) -> list[int]:
     return values
 
 
+def component_range(text: str) -> slice:
+    """argparse type of --components: N (the top N), or a Python slice over the components in
+    decreasing eigenvalue, 0-based: 0:10 (the top 10), -10: (the bottom 10), 20:30."""
+    try:
+        if ":" not in text:
+            return slice(0, non_negative_int(text))
+        start, stop = text.split(":")
+        return slice(int(start) if start.strip() else None, int(stop) if stop.strip() else None)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(
+            f"expected N or a range start:stop such as 0:10 or -10:, got {text!r}"
+        ) from None
+
+
 def build_parser() -> Parser:
     p = Parser(__doc__)
     add_kernel_flags(p)
@@ -55,7 +81,18 @@ def build_parser() -> Parser:
         "--classes", type=int, nargs="+", default=None, help="Restrict to these classes."
     )
     p.add_argument(
-        "--components", type=non_negative_int, default=10, help="Top components, one at a time."
+        "--components",
+        type=component_range,
+        default=slice(0, 10),
+        help="Components one at a time: N (the top N) or a range over the components by "
+        "decreasing eigenvalue, 0-based, e.g. 0:10 or --components=-10: (the bottom 10).",
+    )
+    p.add_argument(
+        "--gradient_images",
+        type=non_negative_int,
+        default=4,
+        help="Input gradient of each chosen component's predictor (its true-class output) on "
+        "this many test images; 0: none.",
     )
     p.add_argument(
         "--top_k",
@@ -102,9 +139,8 @@ def main(argv=None) -> dict:
     key = jax.random.PRNGKey(args.random_seed)
     evaluate = not args.no_adv and args.eps > 0
     rows = []
-    selections = [
-        ("component", i + 1, np.array([i])) for i in range(min(args.components, n_support))
-    ]
+    components = list(range(n_support))[args.components]
+    selections = [("component", i + 1, np.array([i])) for i in components]
     selections += [("top_k", k, np.arange(k)) for k in args.top_k if k <= n_support]
     for kind, k, chosen in progress_bar(selections, desc="eigen-features"):
         clean = clean_individual[k - 1] if kind == "component" else clean_cumulative[k - 1]
@@ -144,19 +180,55 @@ def main(argv=None) -> dict:
         "clean_cumulative": clean_cumulative.tolist(),
         "rows": rows,
     }
+    gradients = None
+    if args.gradient_images and components:
+        shown = min(args.gradient_images, len(x))
+        gradients = {
+            "components": [i + 1 for i in components],
+            "eigenvalues": eigen.values[components].tolist(),
+            "images": x[:shown],
+            "labels": y[:shown],
+            "gradients": component_gradients(support, eigen, components, x[:shown], y[:shown]),
+        }
     os.makedirs(args.out_dir, exist_ok=True)
     path = os.path.join(args.out_dir, f"eigen_features_{args.save_name}")
+    if gradients is not None:
+        check_output(gradients, path + "_gradients.pkl")
     write_json(result, path + ".json")
     fields = ["kind", "k", "eigenvalue", "clean", "linf"] + (["autoattack"] * args.autoattack)
     write_csv(rows, path + ".csv", fields)
     plot_eigen_features(result, path + ".png")
+    if gradients is not None:
+        save_pickle(gradients, path + "_gradients.pkl")
+        plot_component_gradients(gradients, support.description, path + "_gradients.png")
     print(f"{support.description}: full kernel regression clean {clean_cumulative[-1]:.4f}")
     for row in rows:
-        robust = f", PGD-Linf {row['linf']:.4f}" if "linf" in row else ""
+        attack = VARIANT_NAMES[args.attack_variant]
+        robust = f", {attack}-Linf {row['linf']:.4f}" if "linf" in row else ""
         robust += f", AutoAttack {row['autoattack']:.4f}" if "autoattack" in row else ""
         print(f"  {row['kind']:<9} {row['k']:>4}: clean {row['clean']:.4f}{robust}")
-    print(f"wrote {path}.json, .csv and .png")
+    also = f", {path}_gradients.pkl and .png" if gradients is not None else ""
+    print(f"wrote {path}.json, .csv and .png{also}")
     return result
+
+
+def component_gradients(support, eigen, components: list[int], x, y) -> np.ndarray:
+    """d F_i(z)_y / d z for each component i and image z of x with label y, where
+    F_i(z) = K(z, X) u_i u_i^T Y / (lambda_i + r): (len(components), *x.shape) float32."""
+    # the operator's fn takes its coefficients as an argument: one compiled gradient serves
+    # every component (same shapes)
+    apply, _ = support.operator(component_factors(eigen, np.array(components[:1]))[0])
+
+    def score(z, label, operand, projection):
+        return (apply(z[None], operand) @ projection)[0, label]
+
+    grad_fn = jax.jit(jax.vmap(jax.grad(score), in_axes=(0, 0, None, None)))
+    out = []
+    for i in progress_bar(components, desc="component gradients"):
+        coefficients, projection = component_factors(eigen, np.array([i]))
+        _, operand = support.operator(coefficients)
+        out.append(np.asarray(grad_fn(x, y, operand, np.asarray(projection, np.float32))))
+    return np.stack(out).astype(np.float32)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ntk_evolution.attacks import VARIANT_NAMES  # noqa: E402
 from utils import atomic_file, is_writer  # noqa: E402
 
 
@@ -249,13 +250,15 @@ def plot_eigen_features(result: dict, path: str) -> None:
     rows = result["rows"]
     single = [r for r in rows if r["kind"] == "component"]
     top = [r for r in rows if r["kind"] == "top_k"]
+    attack = VARIANT_NAMES[result.get("attack_variant", "pgd")].split(" (")[0] + "-Linf"
+    attacked = any("linf" in r for r in rows)
     fig, (ax_c, ax_k) = plt.subplots(1, 2, figsize=(12, 4.8))
     fig.subplots_adjust(wspace=0.4, top=0.82)
     if single:
         index = np.array([r["k"] for r in single])
         ax_c.bar(index - 0.2, [r["clean"] for r in single], 0.4, label="clean")
         if "linf" in single[0]:
-            ax_c.bar(index + 0.2, [r["linf"] for r in single], 0.4, label="PGD-Linf")
+            ax_c.bar(index + 0.2, [r["linf"] for r in single], 0.4, label=attack)
         ax_e = ax_c.twinx()
         ax_e.semilogy(index, [r["eigenvalue"] for r in single], "k.-", label="eigenvalue")
         ax_e.set_ylabel("eigenvalue")
@@ -268,7 +271,7 @@ def plot_eigen_features(result: dict, path: str) -> None:
     clean = np.array(result["clean_cumulative"])
     ax_k.semilogx(np.arange(1, len(clean) + 1), clean, "-", label="clean (every k)")
     if top and "linf" in top[0]:
-        ax_k.semilogx([r["k"] for r in top], [r["linf"] for r in top], "o-", label="PGD-Linf")
+        ax_k.semilogx([r["k"] for r in top], [r["linf"] for r in top], "o-", label=attack)
     ax_k.set_xlabel("top-k eigen-components")
     ax_k.set_ylabel("test accuracy")
     ax_k.set_ylim(0, 1)
@@ -278,10 +281,54 @@ def plot_eigen_features(result: dict, path: str) -> None:
     fig.suptitle(
         f"kernel regression restricted to eigen-components: {result['kernel']}, "
         f"{result['dataset']}\n{result['support_size']} support images, {result['n_test']} test "
-        f"images, PGD-Linf eps {result['eps']:g}/255 ({result['pgd_steps']} steps)",
+        + (
+            f"images, {VARIANT_NAMES[result.get('attack_variant', 'pgd')]}-Linf eps "
+            f"{result['eps']:g}/255 "
+            f"({1 if result.get('attack_variant') == 'fgsm' else result['pgd_steps']} steps)"
+            if attacked
+            else "images, clean accuracy only"
+        ),
         fontsize=11,
         wrap=True,
     )
+    _save(fig, path)
+
+
+MAX_GRADIENT_ROWS = 12  # components drawn in the gradient figure, evenly spread
+
+
+def plot_component_gradients(record: dict, kernel: str, path: str) -> None:
+    """The test images (top row) and, per eigen-component (one row each, at most
+    MAX_GRADIENT_ROWS spread over the chosen ones), the magnitude of the input gradient of its
+    predictor's true-class output, summed over channels, each panel scaled to its own maximum."""
+    gradients, images = record["gradients"], record["images"]
+    rows = np.unique(np.linspace(0, len(gradients) - 1, MAX_GRADIENT_ROWS).round().astype(int))
+    n_cols = len(images)
+    fig, axes = plt.subplots(
+        len(rows) + 1, n_cols, figsize=(1.7 * n_cols + 1.6, 1.7 * (len(rows) + 1) + 0.9),
+        squeeze=False,
+    )  # fmt: skip
+    for c in range(n_cols):
+        _show_image(axes[0, c], images[c], f"label {record['labels'][c]}")
+    axes[0, 0].set_ylabel("image", fontsize=8)
+    for r, g in enumerate(rows, start=1):
+        for c in range(n_cols):
+            magnitude = np.abs(gradients[g, c]).sum(-1)
+            ax = axes[r, c]
+            image = ax.imshow(magnitude / max(magnitude.max(), 1e-30), cmap="magma", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(
+            f"component {record['components'][g]}\nλ = {record['eigenvalues'][g]:.3g}", fontsize=8
+        )
+    fig.suptitle(
+        f"input gradients of single eigen-component predictors: {kernel}\n|d F_i(z)_y / dz| "
+        "summed over channels, each panel scaled to its maximum",
+        fontsize=10,
+    )
+    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    bar = fig.add_axes((0.93, 0.1, 0.015, 0.6))
+    fig.colorbar(image, cax=bar, label="|gradient| / its panel's maximum")
     _save(fig, path)
 
 

@@ -154,6 +154,42 @@ def test_attack_on_kernel_predictor_stays_in_ball_and_lowers_accuracy():
     np.testing.assert_allclose(steps[moved], eps, rtol=1e-4)  # every unclipped pixel moved eps
 
 
+def test_component_input_gradients_match_finite_differences(tmp_path):
+    """eigen_features.component_gradients: d F_i(z)_y / dz of a single eigen-component's
+    predictor against central differences of F_i along random directions; and the script's
+    --components range (the bottom 3) and its gradient outputs."""
+    from data import load_dataset
+
+    ds = load_dataset("digits")
+    support = relu_support_kernel(ds.x_train[:40], ds.y_train[:40], np.arange(40), depth=2)
+    eigen = eigen_decomposition(support.kernel, one_hot(support.labels, 10), 1e-4)
+    x, y = ds.x_test[:3], ds.y_test[:3]
+    grads = eigen_features.component_gradients(support, eigen, [0, 39], x, y)
+    assert grads.shape == (2, 3, 8, 8, 1)
+    rng = np.random.default_rng(0)
+    h = 1e-2  # the kernel is float32 inside: smaller steps drown in its rounding
+    for g, i in enumerate((0, 39)):
+        factor = eigen.vectors[:, [i]] @ eigen.projections[[i]]  # (N, C)
+        directions = rng.normal(size=(3, *x.shape[1:]))
+        analytic = np.sum(grads[g] * directions, axis=(1, 2, 3))
+        numeric = [
+            (float((support.cross((x[n] + h * v)[None]) @ factor)[0, y[n]])
+             - float((support.cross((x[n] - h * v)[None]) @ factor)[0, y[n]])) / (2 * h)
+            for n, v in enumerate(directions)
+        ]  # fmt: skip
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-2, atol=1e-2 * np.abs(analytic).max())
+
+    result = eigen_features.main(
+        ["--dataset", "digits", "--kernel", "relu_ntk", "--dataset_size", "50", "--n_test", "20",
+         "--components=-3:", "--top_k", "1,5", "--no_adv", "--gradient_images", "2",
+         "--save_dir", str(tmp_path / "eig")]
+    )  # fmt: skip
+    assert [r["k"] for r in result["rows"] if r["kind"] == "component"] == [48, 49, 50]
+    saved = load_pickle(str(tmp_path / "eig" / "eigen_features_ntk_gradients.pkl"))
+    assert saved["components"] == [48, 49, 50] and saved["gradients"].shape == (3, 2, 8, 8, 1)
+    assert (tmp_path / "eig" / "eigen_features_ntk_gradients.png").is_file()
+
+
 # ----------------------------------------------------------------------------- evolution
 
 
