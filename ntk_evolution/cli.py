@@ -313,7 +313,10 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
         help="Support set from an adv_examples pickle (e.g. robustify_dataset.py's output).",
     )
     p.add_argument(
-        "--relu_depth", type=positive_int, default=2, help="Hidden layers of relu_ntk's network."
+        "--relu_depth",
+        type=positive_int,
+        default=2,
+        help="Hidden layers of relu_ntk's network (conv layers of cntk's).",
     )
     p.add_argument(
         "--ridge", type=finite_float(0.0), default=1e-4, help="Ridge, times mean(diag K)."

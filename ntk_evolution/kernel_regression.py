@@ -13,10 +13,13 @@ where K(X, X) = sum_i lambda_i u_i u_i^T (eigenvalues in decreasing order) and t
   K(z, X) A is a Jacobian-vector product with the features J(X)^T A (ntk.kernel_features).
 - `relu_ntk`: the infinite-width NTK of a fully connected ReLU network in the NTK
   parameterisation, in closed form (arc-cosine recursion, `relu_ntk`).
+- `cntk`: the infinite-width NTK of a convolutional ReLU network (3x3 convolutions, global
+  average pooling), in closed form over pairs of pixel positions (`cntk`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -27,7 +30,7 @@ import numpy as np
 
 from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
 
-KERNELS = ("empirical", "relu_ntk")
+KERNELS = ("empirical", "relu_ntk", "cntk")
 RELU_W_STD = math.sqrt(2.0)
 RELU_B_STD = 0.1
 
@@ -72,6 +75,105 @@ def relu_ntk(
         diag1 = w_std**2 * diag1 / 2 + b_std**2
         diag2 = w_std**2 * diag2 / 2 + b_std**2
     return theta
+
+
+def _relu_expectations(cross, var1, var2):
+    """For a centred Gaussian pair (u, u') with covariance cross and variances var1, var2:
+    E[relu(u) relu(u')] and E[relu'(u) relu'(u')] (the arc-cosine kernels of degree 1, 0)."""
+    norms = jnp.sqrt(var1 * var2)
+    rho = jnp.clip(cross / norms, -1.0 + 1e-7, 1.0 - 1e-7)
+    angle = jnp.arccos(rho)
+    value = norms * (jnp.sin(angle) + (jnp.pi - angle) * rho) / (2 * jnp.pi)
+    return value, (jnp.pi - angle) / (2 * jnp.pi)
+
+
+def _patch_mean(m: jax.Array) -> jax.Array:
+    """A(M)[p, p'] = (1/9) sum_a M[p + a, p' + a] over the 3x3 offsets a, with zeros outside
+    the image (SAME padding), for M (..., H, W, H, W) indexed by two positions."""
+    h, w = m.shape[-4], m.shape[-3]
+    pad = [(0, 0)] * (m.ndim - 4) + [(1, 1)] * 4
+    m = jnp.pad(m, pad)
+    total = 0.0
+    for i in range(3):
+        for j in range(3):
+            total = total + m[..., i : i + h, j : j + w, i : i + h, j : j + w]
+    return total / 9.0
+
+
+def _patch_mean_diag(v: jax.Array) -> jax.Array:
+    """_patch_mean on the diagonal: (1/9) sum_a v[p + a] for per-position variances (..., H, W)."""
+    h, w = v.shape[-2], v.shape[-1]
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 2) + [(1, 1)] * 2)
+    return sum(v[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+
+
+def cntk(
+    x1: jax.Array,
+    x2: jax.Array,
+    depth: int = 2,
+    w_std: float = RELU_W_STD,
+    b_std: float = RELU_B_STD,
+) -> jax.Array:
+    """Infinite-width NTK Theta(x1, x2) (n1, n2) of a convolutional ReLU network: `depth`
+    layers of 3x3 convolution (stride 1, SAME zero padding) and ReLU, global average pooling,
+    one dense output; every layer z = (w_std / sqrt(fan_in)) W * h + b_std b with W, b ~ N(0, 1)
+    (NTK parameterisation, as relu_ntk). Images (n, H, W, C). Over pairs of positions p, p'
+    (Arora et al. 2019), with A the 3x3 patch mean of _patch_mean and (E, E') the ReLU
+    expectations of _relu_expectations of the layer's Sigma:
+
+        S         = x[p] . x'[p'] / C
+        Sigma_1   = w_std^2 A(S) + b_std^2,               Theta_1 = Sigma_1
+        Sigma_l+1 = w_std^2 A(E_l) + b_std^2,             Theta_l+1 = w_std^2 A(E'_l Theta_l)
+                                                                      + Sigma_l+1
+        output:     Theta = w_std^2 mean_pp' (E'_d Theta_d) + w_std^2 mean_pp' E_d + b_std^2
+
+    Memory: n1 n2 (H W)^2 numbers per array (digits: 4096 per pair; 32x32 images: 10^6), so
+    callers go through cntk_blocked. Differentiable in both arguments."""
+    dtype = jnp.promote_types(jnp.result_type(x1, x2), jnp.float32)
+    a, b = x1.astype(dtype), x2.astype(dtype)
+    channels = a.shape[-1]
+    s = jnp.einsum("ihwc,jxyc->ijhwxy", a, b) / channels
+    var1 = w_std**2 * _patch_mean_diag(jnp.sum(a * a, -1) / channels) + b_std**2
+    var2 = w_std**2 * _patch_mean_diag(jnp.sum(b * b, -1) / channels) + b_std**2
+    sigma = w_std**2 * _patch_mean(s) + b_std**2
+    theta = sigma
+    for layer in range(depth):
+        v1 = var1[:, None, :, :, None, None]
+        v2 = var2[None, :, None, None, :, :]
+        value, derivative = _relu_expectations(sigma, v1, v2)
+        if layer == depth - 1:
+            pooled = jnp.mean(derivative * theta + value, axis=(2, 3, 4, 5))
+            return w_std**2 * pooled + b_std**2
+        sigma = w_std**2 * _patch_mean(value) + b_std**2
+        theta = w_std**2 * _patch_mean(derivative * theta) + sigma
+        # E[relu(u)^2] = var / 2 at every position
+        var1 = w_std**2 * _patch_mean_diag(var1 / 2) + b_std**2
+        var2 = w_std**2 * _patch_mean_diag(var2 / 2) + b_std**2
+    raise ValueError("depth must be at least 1")
+
+
+CNTK_BLOCK = 16  # images per side of one cntk() call: 16^2 pairs of (H W)^2 numbers
+
+
+def cntk_blocked(x1: jax.Array, x2: jax.Array, depth: int = 2) -> jax.Array:
+    """cntk(x1, x2) (n1, n2), one block of CNTK_BLOCK x CNTK_BLOCK images at a time (nested
+    scans with rematerialisation: memory for one block pair, under autodiff too).
+    Differentiable in both arguments."""
+
+    def blocks(x):
+        n = x.shape[0]
+        count = -(-n // CNTK_BLOCK)
+        padded = jnp.pad(x, [(0, count * CNTK_BLOCK - n)] + [(0, 0)] * (x.ndim - 1))
+        return padded.reshape(count, CNTK_BLOCK, *x.shape[1:])
+
+    @jax.checkpoint
+    def pair(a, b):
+        return cntk(a, b, depth)
+
+    rows = jax.lax.map(lambda a: jax.lax.map(lambda b: pair(a, b), blocks(x2)), blocks(x1))
+    # (row blocks, column blocks, CNTK_BLOCK, CNTK_BLOCK) -> (n1, n2)
+    full = rows.transpose(0, 2, 1, 3).reshape(rows.shape[0] * CNTK_BLOCK, -1)
+    return full[: x1.shape[0], : x2.shape[0]]
 
 
 def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
@@ -175,6 +277,27 @@ def relu_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
         return np.asarray(relu_ntk(jnp.asarray(z), x, depth), np.float64)
 
     description = f"infinite-width ReLU MLP NTK, depth {depth}"
+    return SupportKernel(images, labels, indices, kernel, operator, cross, description)
+
+
+def cntk_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
+    """The support set under the convolutional NTK (cntk, computed by cntk_blocked)."""
+    x = jnp.asarray(images)
+    blocked = jax.jit(functools.partial(cntk_blocked, depth=depth))
+    kernel = np.asarray(blocked(x, x), np.float64)
+    kernel = 0.5 * (kernel + kernel.T)  # blocks (i, j) and (j, i) round apart in float32
+
+    def apply(z, operand):
+        support, b = operand
+        return cntk_blocked(z, support, depth) @ b
+
+    def operator(coefficients):
+        return apply, (x, jnp.asarray(coefficients, jnp.float32))
+
+    def cross(z):
+        return np.asarray(blocked(jnp.asarray(z), x), np.float64)
+
+    description = f"infinite-width convolutional NTK (CNTK), depth {depth}"
     return SupportKernel(images, labels, indices, kernel, operator, cross, description)
 
 

@@ -26,6 +26,8 @@ from ntk_evolution.checkpoints import LoadedModel, load_kernel
 from ntk_evolution.evaluation import Tally, attacked_batches, hits
 from ntk_evolution.kernel_regression import (
     SupportKernel,
+    cntk_blocked,
+    cntk_support_kernel,
     empirical_support_kernel,
     jacobian_kernel_fn,
     relu_ntk,
@@ -85,8 +87,17 @@ class KernelChoice(NamedTuple):
 def kernel_from_args(
     args: argparse.Namespace, ds: Dataset, loaded: LoadedModel | None = None
 ) -> KernelChoice:
-    """--kernel relu_ntk (--relu_depth) or empirical (--model at the checkpoint `loaded`, or at
-    initialisation with --random_seed; --class_index; --use_linear_params)."""
+    """--kernel relu_ntk or cntk (--relu_depth) or empirical (--model at the checkpoint
+    `loaded`, or at initialisation with --random_seed; --class_index; --use_linear_params)."""
+    if args.kernel == "cntk":
+
+        def cntk_support(images, labels, indices, kernel=None):
+            return cntk_support_kernel(images, labels, indices, args.relu_depth)
+
+        kernel_fn = functools.partial(cntk_blocked, depth=args.relu_depth)
+        return KernelChoice(
+            kernel_fn, cntk_support, f"infinite-width convolutional NTK, depth {args.relu_depth}"
+        )
     if args.kernel == "relu_ntk":
 
         def relu_support(images, labels, indices, kernel=None):
