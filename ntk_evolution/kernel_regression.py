@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -150,6 +151,31 @@ def cntk(
         var1 = w_std**2 * _patch_mean_diag(var1 / 2) + b_std**2
         var2 = w_std**2 * _patch_mean_diag(var2 / 2) + b_std**2
     raise ValueError("depth must be at least 1")
+
+
+def cntk_network(width: int, depth: int = 2) -> hk.TransformedWithState:
+    """The finite network whose NTK tends to cntk as `width` grows: `depth` 3x3 SAME
+    convolutions of `width` channels with ReLU, global average pooling, one dense output; NTK
+    parameterisation (weights and biases N(0, 1), scaled by w_std / sqrt(fan_in) and b_std).
+    apply(params, state, x, is_training) like this project's models."""
+
+    def forward(x, is_training):
+        del is_training
+        h, channels = x, x.shape[-1]
+        normal = hk.initializers.RandomNormal(1.0)
+        for layer in range(depth):
+            w = hk.get_parameter(f"w{layer}", (3, 3, channels, width), init=normal)
+            b = hk.get_parameter(f"b{layer}", (width,), init=normal)
+            h = jax.lax.conv_general_dilated(
+                h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+            h = jax.nn.relu(h * RELU_W_STD / math.sqrt(9 * channels) + RELU_B_STD * b)
+            channels = width
+        v = hk.get_parameter("v", (width, 1), init=normal)
+        bias = hk.get_parameter("bias", (1,), init=normal)
+        return h.mean(axis=(1, 2)) @ v * RELU_W_STD / math.sqrt(width) + RELU_B_STD * bias
+
+    return hk.without_apply_rng(hk.transform_with_state(forward))
 
 
 CNTK_BLOCK = 16  # images per side of one cntk() call: 16^2 pairs of (H W)^2 numbers

@@ -3,9 +3,6 @@ finite networks of the same architecture as their width grows, and its blocked f
 
 from __future__ import annotations
 
-import math
-
-import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,32 +10,8 @@ import pytest
 
 from data import load_dataset
 from ntk_evolution import kernel_regression
-from ntk_evolution.kernel_regression import RELU_B_STD, RELU_W_STD, cntk, cntk_blocked
+from ntk_evolution.kernel_regression import cntk, cntk_blocked, cntk_network
 from ntk_evolution.ntk import empirical_ntk
-
-
-def conv_net(width: int, depth: int = 2) -> hk.TransformedWithState:
-    """cntk's architecture at a finite width: `depth` 3x3 SAME convolutions with ReLU, global
-    average pooling, one dense output; NTK parameterisation (weights N(0, 1) scaled by
-    w_std / sqrt(fan_in), biases by b_std)."""
-
-    def forward(x, is_training):
-        del is_training
-        h, channels = x, x.shape[-1]
-        normal = hk.initializers.RandomNormal(1.0)
-        for layer in range(depth):
-            w = hk.get_parameter(f"w{layer}", (3, 3, channels, width), init=normal)
-            b = hk.get_parameter(f"b{layer}", (width,), init=normal)
-            h = jax.lax.conv_general_dilated(
-                h, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
-            )
-            h = jax.nn.relu(h * RELU_W_STD / math.sqrt(9 * channels) + RELU_B_STD * b)
-            channels = width
-        v = hk.get_parameter("v", (width, 1), init=normal)
-        bias = hk.get_parameter("bias", (1,), init=normal)
-        return h.mean(axis=(1, 2)) @ v * RELU_W_STD / math.sqrt(width) + RELU_B_STD * bias
-
-    return hk.without_apply_rng(hk.transform_with_state(forward))
 
 
 def test_cntk_is_the_limit_of_the_empirical_ntk_as_width_grows():
@@ -48,7 +21,7 @@ def test_cntk_is_the_limit_of_the_empirical_ntk_as_width_grows():
     exact = np.asarray(cntk(jnp.asarray(x), jnp.asarray(x), 2), np.float64)
     errors, means = {}, {}
     for width in (64, 1024):
-        model = conv_net(width)
+        model = cntk_network(width)
         kernels = []
         for seed in range(8):
             params, state = model.init(jax.random.PRNGKey(seed), x[:1], True)
