@@ -288,43 +288,41 @@ class SupportKernel(NamedTuple):
     description: str
 
 
-def relu_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
+def closed_form_support_kernel(
+    images, labels, indices, kernel_fn: Callable, description: str
+) -> SupportKernel:
+    """The support set under a closed-form kernel kernel_fn(x1, x2) (n1, n2), a differentiable
+    JAX function (relu_ntk, cntk_blocked with their depth bound)."""
     x = jnp.asarray(images)
-    kernel = np.asarray(jax.jit(lambda a: relu_ntk(a, a, depth))(x), np.float64)
+    compiled = jax.jit(kernel_fn)
+    kernel = np.asarray(compiled(x, x), np.float64)
+    kernel = 0.5 * (kernel + kernel.T)  # exactly symmetric (blocks can round apart)
 
     def apply(z, operand):
         support, b = operand
-        return relu_ntk(z, support, depth) @ b
+        return kernel_fn(z, support) @ b
 
     def operator(coefficients):
         return apply, (x, jnp.asarray(coefficients, jnp.float32))
 
     def cross(z):
-        return np.asarray(relu_ntk(jnp.asarray(z), x, depth), np.float64)
+        return np.asarray(compiled(jnp.asarray(z), x), np.float64)
 
-    description = f"infinite-width ReLU MLP NTK, depth {depth}"
     return SupportKernel(images, labels, indices, kernel, operator, cross, description)
+
+
+def relu_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
+    """The support set under the ReLU MLP's NTK (relu_ntk)."""
+    description = f"infinite-width ReLU MLP NTK, depth {depth}"
+    kernel_fn = functools.partial(relu_ntk, depth=depth)
+    return closed_form_support_kernel(images, labels, indices, kernel_fn, description)
 
 
 def cntk_support_kernel(images, labels, indices, depth: int) -> SupportKernel:
     """The support set under the convolutional NTK (cntk, computed by cntk_blocked)."""
-    x = jnp.asarray(images)
-    blocked = jax.jit(functools.partial(cntk_blocked, depth=depth))
-    kernel = np.asarray(blocked(x, x), np.float64)
-    kernel = 0.5 * (kernel + kernel.T)  # blocks (i, j) and (j, i) round apart in float32
-
-    def apply(z, operand):
-        support, b = operand
-        return cntk_blocked(z, support, depth) @ b
-
-    def operator(coefficients):
-        return apply, (x, jnp.asarray(coefficients, jnp.float32))
-
-    def cross(z):
-        return np.asarray(blocked(jnp.asarray(z), x), np.float64)
-
     description = f"infinite-width convolutional NTK (CNTK), depth {depth}"
-    return SupportKernel(images, labels, indices, kernel, operator, cross, description)
+    kernel_fn = functools.partial(cntk_blocked, depth=depth)
+    return closed_form_support_kernel(images, labels, indices, kernel_fn, description)
 
 
 def empirical_support_kernel(

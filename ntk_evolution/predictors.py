@@ -89,24 +89,19 @@ def kernel_from_args(
 ) -> KernelChoice:
     """--kernel relu_ntk or cntk (--relu_depth) or empirical (--model at the checkpoint
     `loaded`, or at initialisation with --random_seed; --class_index; --use_linear_params)."""
-    if args.kernel == "cntk":
+    if args.kernel in ("cntk", "relu_ntk"):
+        cntk_kernel = args.kernel == "cntk"
+        make_support = cntk_support_kernel if cntk_kernel else relu_support_kernel
 
-        def cntk_support(images, labels, indices, kernel=None):
-            return cntk_support_kernel(images, labels, indices, args.relu_depth)
+        def closed_form_support(images, labels, indices, kernel=None):
+            return make_support(images, labels, indices, args.relu_depth)
 
-        kernel_fn = functools.partial(cntk_blocked, depth=args.relu_depth)
-        return KernelChoice(
-            kernel_fn, cntk_support, f"infinite-width convolutional NTK, depth {args.relu_depth}"
+        kernel_fn = functools.partial(
+            cntk_blocked if cntk_kernel else relu_ntk, depth=args.relu_depth
         )
-    if args.kernel == "relu_ntk":
-
-        def relu_support(images, labels, indices, kernel=None):
-            return relu_support_kernel(images, labels, indices, args.relu_depth)
-
-        kernel_fn = functools.partial(relu_ntk, depth=args.relu_depth)
-        return KernelChoice(
-            kernel_fn, relu_support, f"infinite-width ReLU MLP NTK, depth {args.relu_depth}"
-        )
+        network = "convolutional NTK" if cntk_kernel else "ReLU MLP NTK"
+        description = f"infinite-width {network}, depth {args.relu_depth}"
+        return KernelChoice(kernel_fn, closed_form_support, description)
     if not -1 <= args.class_index < ds.n_classes:
         raise UserError(
             f"--class_index {args.class_index} is out of range for {ds.name}: use -1 or "
