@@ -230,14 +230,23 @@ def robustbench_files(name: str, model_dir: str, dataset: str, threat_model: str
     folder = os.path.join(model_dir, ROBUSTBENCH_DATASETS[dataset], threat_model)
     base = os.path.join(folder, f"{name}.pt")
     ids = zoo[name]["gdrive_id"]
-    if isinstance(ids, list):  # an ensemble: RobustBench names its members' files so
-        return [f"{base}_m{i}.pt" for i in range(len(ids))]
-    if ids is None:
+    if ids is None or served_by_timm(name, dataset, threat_model):
         raise UserError(
             f"--robustbench {name}: served by timm from the Hugging Face hub, which this "
             "script does not reach (pick a model RobustBench stores as a .pt file)"
         )
+    if isinstance(ids, list):  # an ensemble: RobustBench names its members' files so
+        return [f"{base}_m{i}.pt" for i in range(len(ids))]
     return [base]
+
+
+def served_by_timm(name: str, dataset: str, threat_model: str) -> bool:
+    """Whether RobustBench's loader takes `name` from timm (downloading its weights) rather
+    than from a file: its own test, a timm model named <name>_<dataset>_<threat model>."""
+    import timm
+
+    lower = name.lower().replace("-", "_")
+    return timm.is_model(f"{lower}_{ROBUSTBENCH_DATASETS[dataset]}_{threat_model.lower()}")
 
 
 def load_robustbench_model(name: str, model_dir: str, dataset: str, threat_model: str):

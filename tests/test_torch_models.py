@@ -256,6 +256,8 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
         load_robustbench_model("Ding2020MMA", "models", "cifar10", "Linf")
     with pytest.raises(UserError, match="did you mean Ding2020MMA"):
         load_robustbench_model("Ding2020MM", "models", "cifar10", "Linf")
+    with pytest.raises(UserError, match="served by timm"):  # its loader would download it
+        load_robustbench_model("Debenedetti2022Light_XCiT-S12", "models", "cifar10", "Linf")
     with pytest.raises(UserError, match="no digits models"):
         load_robustbench_model("Standard", "models", "digits", "Linf")
 
