@@ -298,7 +298,6 @@ CASES = [
     ("analyze_kernels", f"{B}/k_class_range.pkl --out_dir {B}/ka", "class_index"),
     ("analyze_kernels", f"{B}/k_labels_str.pkl --out_dir {B}/ka", "labels"),
     ("analyze_kernels", f"{B}/k_labels_frac.pkl --out_dir {B}/ka", "fractional"),
-    ("analyze_kernels", f"{B}/k_full.pkl --out_dir {B}/ka", "a full kernel"),
     ("analyze_kernels", f"{B}/k_full_logits.pkl --out_dir {B}/ka", "200 rows for 3 logits"),
     ("calculate_kernel", f"--model_path {CK} {DIGITS} --full --class_index 2", "drop --class_index"),
     ("analyze_kernels", f"{B}/k_labels_range.pkl --out_dir {B}/ka", "above 9"),
@@ -316,6 +315,7 @@ CASES = [
     ("ntk_attack", f"--model_path {CK} {DIGITS} --support_path {B}/ex_labels_neg.pkl --out_dir {B}/na", "below 0"),
     ("ntk_attack", f"--model_path {CK} {DIGITS} --transfer_path {B}/ex_nan.pkl --out_dir {B}/na", "NaN"),
     ("ntk_attack", f"--model_path {CK} {DIGITS} --out_dir {B}/a_file", "--out_dir"),
+    ("ntk_attack", f"--model_path {CK} {DIGITS} --kernel_path {B}/k_full.pkl --out_dir {B}/na", "a full kernel"),
     ("ntk_attack", f"--model_path {CK} {DIGITS} --attack_variant fgsm --restarts 3 --out_dir {B}/na", "needs --attack_variant pgd"),
     # ---- eigen_features.py
     ("eigen_features", f"--model_path {B}/ck_text_leaf.pkl {DIGITS} --out_dir {B}/ef", "str"),
