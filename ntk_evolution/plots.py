@@ -42,7 +42,7 @@ def kernel_title(record: dict) -> str:
         logit = f"full: all {record['n_logits']} x {record['n_logits']} logit pairs"
     return (
         f"empirical NTK of {run}, {at}\n{record.get('model')} on {record.get('dataset')}, "
-        f"N = {len(record['labels'])}, {logit}"
+        f"N = {len(record['labels']) if record.get('full') else len(record['kernel'])}, {logit}"
     )
 
 
