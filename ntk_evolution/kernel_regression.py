@@ -65,13 +65,9 @@ def relu_ntk(
     diag2 = w_std**2 * jnp.sum(b * b, axis=1) / dim + b_std**2
     theta = cross
     for _ in range(depth):
-        norms = jnp.sqrt(diag1[:, None] * diag2[None, :])
-        rho = jnp.clip(cross / norms, -1.0 + 1e-7, 1.0 - 1e-7)
-        angle = jnp.arccos(rho)
-        cross = w_std**2 * norms * (jnp.sin(angle) + (jnp.pi - angle) * rho) / (2 * jnp.pi)
-        cross = cross + b_std**2
-        derivative = w_std**2 * (jnp.pi - angle) / (2 * jnp.pi)
-        theta = cross + derivative * theta
+        value, derivative = _relu_expectations(cross, diag1[:, None], diag2[None, :])
+        cross = w_std**2 * value + b_std**2
+        theta = cross + w_std**2 * derivative * theta
         # E[relu(u)^2] = Sigma(x, x) / 2
         diag1 = w_std**2 * diag1 / 2 + b_std**2
         diag2 = w_std**2 * diag2 / 2 + b_std**2
@@ -88,24 +84,23 @@ def _relu_expectations(cross, var1, var2):
     return value, (jnp.pi - angle) / (2 * jnp.pi)
 
 
+OFFSETS = [(i, j) for i in range(3) for j in range(3)]  # a 3x3 patch, on the padded image
+
+
 def _patch_mean(m: jax.Array) -> jax.Array:
     """A(M)[p, p'] = (1/9) sum_a M[p + a, p' + a] over the 3x3 offsets a, with zeros outside
     the image (SAME padding), for M (..., H, W, H, W) indexed by two positions."""
     h, w = m.shape[-4], m.shape[-3]
     pad = [(0, 0)] * (m.ndim - 4) + [(1, 1)] * 4
     m = jnp.pad(m, pad)
-    total = 0.0
-    for i in range(3):
-        for j in range(3):
-            total = total + m[..., i : i + h, j : j + w, i : i + h, j : j + w]
-    return total / 9.0
+    return sum(m[..., i : i + h, j : j + w, i : i + h, j : j + w] for i, j in OFFSETS) / 9.0
 
 
 def _patch_mean_diag(v: jax.Array) -> jax.Array:
     """_patch_mean on the diagonal: (1/9) sum_a v[p + a] for per-position variances (..., H, W)."""
     h, w = v.shape[-2], v.shape[-1]
     v = jnp.pad(v, [(0, 0)] * (v.ndim - 2) + [(1, 1)] * 2)
-    return sum(v[..., i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
+    return sum(v[..., i : i + h, j : j + w] for i, j in OFFSETS) / 9.0
 
 
 def cntk(
