@@ -128,12 +128,26 @@ class Factors(NamedTuple):
 JACOBIAN_CONV_IMPL = "auto"
 
 
+LogitSelection = int | tuple[int, int]
+
+
+def _logit_range(class_index: LogitSelection, n_logits: int) -> tuple[int, int]:
+    """The logits start..stop a Jacobian traces: class index c -> (c, c + 1), -1 -> all, and a
+    (start, stop) pair (a group of logits, see plan_kernel) as it is."""
+    if isinstance(class_index, tuple):
+        return class_index
+    return (class_index, class_index + 1) if class_index >= 0 else (0, n_logits)
+
+
 @functools.lru_cache(maxsize=16)
 def make_factor_fn(
-    model: hk.TransformedWithState, class_index: int, factored: tuple[ConvLayer, ...] = ()
+    model: hk.TransformedWithState,
+    class_index: LogitSelection,
+    factored: tuple[ConvLayer, ...] = (),
 ) -> Callable[[hk.Params, hk.State, jax.Array], Factors]:
     """Jitted fn(params, net_state, x (n, H, W, C)) -> Factors of the n images: K = 1 for one
-    logit, K = C for all logits. Cached, so that repeated kernels of one model compile once."""
+    logit, K = C for all logits (class_index -1), K = stop - start for a (start, stop) range.
+    Cached, so that repeated kernels of one model compile once."""
     names = {layer.name for layer in factored}
 
     def outputs(explicit, deltas, fixed, net_state, x_single):
@@ -153,9 +167,8 @@ def make_factor_fn(
         with hk.experimental.intercept_methods(tap), use_conv_impl(JACOBIAN_CONV_IMPL):
             params = hk.data_structures.merge(explicit, fixed)
             logits, _ = model.apply(params, net_state, x_single[None], False)
-        logits = logits[0]
-        logits = logits[class_index : class_index + 1] if class_index >= 0 else logits
-        return logits, patches
+        start, stop = _logit_range(class_index, logits.shape[-1])
+        return logits[0, start:stop], patches
 
     def one(params, net_state, x_single):
         fixed, explicit = hk.data_structures.partition(
@@ -189,7 +202,10 @@ def make_jacobian_fn(
 
 @functools.lru_cache(maxsize=16)
 def make_sharded_factor_fn(
-    model: hk.TransformedWithState, class_index: int, factored: tuple[ConvLayer, ...], mesh
+    model: hk.TransformedWithState,
+    class_index: LogitSelection,
+    factored: tuple[ConvLayer, ...],
+    mesh,
 ) -> Callable:
     """make_factor_fn with the images split over the devices of `mesh` (leading size a
     multiple of the device count): each device computes the Jacobians of its own rows
@@ -373,12 +389,30 @@ def _factor_gram_host(f1: Factors, f2: Factors, full: bool = False) -> np.ndarra
 
 class KernelPlan(NamedTuple):
     """How empirical_ntk computes a kernel: images per chunk, whether column chunks stay
-    cached, the factored convolutions, and the bytes one image's Factors take."""
+    cached, the factored convolutions, the bytes one image's Factors take, and the logits
+    traced per pass over the images (see plan_kernel)."""
 
     chunk_size: int
     cache_columns: bool
     factored: tuple[ConvLayer, ...]
     bytes_per_image: int
+    logit_group: int = 1
+
+
+def _plan_pass(layers, n_params, n_traced, n_rows, n_cols, budget, factor_convs):
+    """(factored layers, bytes per image, ChunkPlan) of one pass tracing n_traced logits."""
+    factored = factored_layers(layers, n_traced, factor_convs)
+    floats = n_traced * n_params + sum(
+        layer.positions * (layer.patch + n_traced * layer.channels)
+        - n_traced * layer.patch * layer.channels
+        for layer in factored
+    )
+    # working memory, roughly: each convolution's patches and output, and the other activations
+    # as large as its output, per traced logit
+    working = (
+        4 * n_traced * sum(layer.positions * (layer.patch + 2 * layer.channels) for layer in layers)
+    )
+    return factored, 4 * floats, plan_chunks(n_rows, n_cols, 4 * floats, budget, working)
 
 
 def plan_kernel(
@@ -391,30 +425,33 @@ def plan_kernel(
     chunk_size: int | None = None,
     max_memory_gb: float | None = None,
     factor_convs: str = "auto",
+    full: bool = False,
 ) -> KernelPlan:
-    """The KernelPlan of empirical_ntk(x1, x2) (pass x2 = x1 for the square kernel)."""
-    n_outputs = 1 if class_index >= 0 else _n_logits(model, params, net_state, x1[:1])
+    """The KernelPlan of empirical_ntk(x1, x2) (pass x2 = x1 for the square kernel).
+
+    The averaged kernel (class_index -1) traces all C logits in one pass when every image's
+    Factors then fit the budget. Otherwise it sums passes over groups of G logits (G the largest
+    divisor of C whose pass keeps every column chunk, else 1): each pass repeats the forward
+    pass, but none recomputes column chunks, whose Jacobians would cost C backward passes each
+    time. The full kernel (every pair of logits) always traces all C."""
+    n_logits = _n_logits(model, params, net_state, x1[:1])
     layers = conv_layers(model, params, net_state, x1.shape[1:])
-    factored = factored_layers(layers, n_outputs, factor_convs)
-    floats = n_outputs * tree_size(params) + sum(
-        layer.positions * (layer.patch + n_outputs * layer.channels)
-        - n_outputs * layer.patch * layer.channels
-        for layer in factored
-    )
-    # working memory, roughly: each convolution's patches and output, and the other activations
-    # as large as its output, per traced logit
-    working = (
-        4
-        * n_outputs
-        * sum(layer.positions * (layer.patch + 2 * layer.channels) for layer in layers)
-    )
     budget = max_memory_gb or default_memory_gb()
-    chunks = plan_chunks(len(x1), len(x2), 4 * floats, budget, working)
+    n_params = tree_size(params)
+    groups = [1] if class_index >= 0 else [n_logits]
+    if class_index < 0 and not full:
+        groups += [g for g in range(n_logits - 1, 0, -1) if n_logits % g == 0]
+    for group in groups:  # the first that keeps its column chunks, else one logit per pass
+        factored, bytes_per_image, chunks = _plan_pass(
+            layers, n_params, group, len(x1), len(x2), budget, factor_convs
+        )
+        if chunks.cache_columns:
+            break
     chunk = chunk_size or chunks.chunk_size
     longest = max(len(x1), len(x2))
     chunk = -(-longest // -(-longest // chunk))  # equal chunks: little padding in the last one
     chunk = padded_size(chunk)  # each chunk is split evenly over the devices
-    return KernelPlan(chunk, chunks.cache_columns, factored, 4 * floats)
+    return KernelPlan(chunk, chunks.cache_columns, factored, bytes_per_image, group)
 
 
 def empirical_ntk(
@@ -438,19 +475,53 @@ def empirical_ntk(
 
     Each row chunk's Jacobian is computed once; column chunks are computed once and kept when
     they fit in `max_memory_gb` (default: default_memory_gb()), else recomputed per row chunk.
-    The square kernel computes only blocks (i, j) with j >= i and mirrors them. Convolutions
-    chosen by factored_layers(factor_convs) enter through their factors (Factors), not their
-    Jacobians: the same kernel, with less memory and arithmetic."""
+    The averaged kernel may sum passes over groups of logits instead (plan_kernel). The square
+    kernel computes only blocks (i, j) with j >= i and mirrors them. Convolutions chosen by
+    factored_layers(factor_convs) enter through their factors (Factors), not their Jacobians:
+    the same kernel, with less memory and arithmetic."""
     square = x2 is None
     x2 = x1 if square else x2
     if full and class_index >= 0:
         raise ValueError("the full kernel takes every logit: use class index -1 with it")
     plan = plan_kernel(
-        model, params, net_state, x1, x2, class_index, chunk_size, max_memory_gb, factor_convs
-    )
-    chunk, factored = plan.chunk_size, plan.factored
-    jacobian_fn = make_sharded_factor_fn(model, class_index, factored, mesh())
+        model, params, net_state, x1, x2, class_index, chunk_size, max_memory_gb, factor_convs,
+        full,
+    )  # fmt: skip
+    n_logits = _n_logits(model, params, net_state, x1[:1])
+    if class_index >= 0:
+        selections = [class_index]
+    else:
+        step = plan.logit_group
+        selections = [(start, start + step) for start in range(0, n_logits, step)]
     params, net_state = replicate((params, net_state))
+    starts1, starts2 = range(0, len(x1), plan.chunk_size), range(0, len(x2), plan.chunk_size)
+    n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
+    bar = progress_bar(total=n_blocks * len(selections), desc="kernel blocks", enabled=progress)
+    kernel = None
+    for selection in selections:
+        # each pass's blocks average over its K logits: weight them by K / C for the average
+        weight = 1.0 if len(selections) == 1 else plan.logit_group / n_logits
+        label = f"logits {selection[0]}:{selection[1]} " if len(selections) > 1 else ""
+        part = _kernel_pass(
+            model, params, net_state, x1, x2, square, plan, selection, full, bar, describe, label
+        )
+        kernel = weight * part if kernel is None else kernel + weight * part
+    bar.close()
+    if square:  # the diagonal blocks are symmetric up to float32 rounding; make it exact
+        kernel = 0.5 * (kernel + _swap(kernel))
+    if full:  # (N1, C, N2, C) -> logit-major (C N1, C N2)
+        kernel = kernel.transpose(1, 0, 3, 2).reshape(n_logits * len(x1), n_logits * len(x2))
+    return kernel
+
+
+def _kernel_pass(
+    model, params, net_state, x1, x2, square, plan, selection, full, bar, describe, label
+) -> np.ndarray:
+    """The blocks of empirical_ntk for one selection of logits (a class index, or a (start,
+    stop) range averaged over): (N1, N2), or (N1, C, N2, C) with `full`. `label` prefixes the
+    blocks' descriptions."""
+    chunk = plan.chunk_size
+    jacobian_fn = make_sharded_factor_fn(model, selection, plan.factored, mesh())
     gram = _factor_gram_host if jax.default_backend() == "cpu" else contract_factors
     gram = functools.partial(gram, full=full)
 
@@ -465,17 +536,14 @@ def empirical_ntk(
         return jac if n_real == chunk else jax.tree.map(lambda leaf: leaf[:n_real], jac)
 
     columns: dict[int, Factors] = {}
-    starts1, starts2 = range(0, len(x1), chunk), range(0, len(x2), chunk)
-    n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
-    n_logits = _n_logits(model, params, net_state, x1[:1]) if full else 1
-    shape = (len(x1), n_logits, len(x2), n_logits) if full else (len(x1), len(x2))
+    n_traced = selection[1] - selection[0] if isinstance(selection, tuple) else 1
+    shape = (len(x1), n_traced, len(x2), n_traced) if full else (len(x1), len(x2))
     kernel = np.zeros(shape, np.float64)
-    bar = progress_bar(total=n_blocks, desc="kernel blocks", enabled=progress)
-    for i in starts1:
+    for i in range(0, len(x1), chunk):
         row = columns[i] if square and i in columns else jacobian(x1, i)
         if square and plan.cache_columns:
             columns[i] = row
-        for j in starts2:
+        for j in range(0, len(x2), chunk):
             if square and j < i:
                 continue
             if square and j == i:
@@ -493,13 +561,8 @@ def empirical_ntk(
             if square and j != i:
                 kernel[(cols, slice(None), rows) if full else (cols, rows)] = _swap(block)
             if describe is not None:
-                describe(f"block rows {i}:{i + len(block)} cols {j}:{j + block.shape[-2]}")
+                describe(f"{label}block rows {i}:{i + len(block)} cols {j}:{j + block.shape[-2]}")
             bar.update()
-    bar.close()
-    if square:  # the diagonal blocks are symmetric up to float32 rounding; make it exact
-        kernel = 0.5 * (kernel + _swap(kernel))
-    if full:  # (N1, C, N2, C) -> logit-major (C N1, C N2)
-        kernel = kernel.transpose(1, 0, 3, 2).reshape(n_logits * len(x1), n_logits * len(x2))
     return kernel
 
 

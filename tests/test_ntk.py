@@ -75,6 +75,39 @@ def test_tiny_memory_budget_recomputes_columns_and_agrees(setup):
     assert rel_err(tight, whole) < 1e-6
 
 
+def test_averaged_kernel_in_passes_over_groups_of_logits(setup):
+    """Budgets that hold every image's Jacobians for 2 of the 4 logits, or for 1, but not for
+    all 4: the averaged kernel is the weighted sum of passes over groups of logits, each keeping
+    its column chunks (and, tighter still, one logit per pass with columns recomputed). Each is
+    still the mean over logits of J_k J_k^T, square and cross."""
+    from ntk_evolution import ntk
+
+    model, params, net_state, x1, x2 = setup
+    square_ref = explicit_ntk(model, params, net_state, x1, x1, -1)
+    cross_ref = explicit_ntk(model, params, net_state, x1, x2, -1)
+    budgets = {}
+    for gb in np.geomspace(1e-5, 1.0, 120):
+        try:
+            plan = ntk.plan_kernel(model, params, net_state, x1, x1, -1, max_memory_gb=gb)
+        except ValueError:  # not even one image fits
+            continue
+        budgets.setdefault((plan.logit_group, plan.cache_columns), gb)
+    assert {(4, True), (2, True), (1, True), (1, False)} <= set(budgets)
+    assert (3, True) not in budgets  # groups divide the logits: one compiled shape per kernel
+    for group, cached in ((2, True), (1, True), (1, False)):
+        gb = budgets[(group, cached)]
+        messages = []
+        square = empirical_ntk(
+            model, params, net_state, x1, max_memory_gb=gb, progress=False,
+            describe=messages.append,
+        )  # fmt: skip
+        cross = empirical_ntk(model, params, net_state, x1, x2, max_memory_gb=gb, progress=False)
+        assert rel_err(square, square_ref) < 1e-5 and rel_err(cross, cross_ref) < 1e-5
+        np.testing.assert_array_equal(square, square.T)
+        passes = {m.split(" block")[0] for m in messages}
+        assert passes == {f"logits {c}:{c + group}" for c in range(0, 4, group)}
+
+
 def test_kernel_is_symmetric_positive_semidefinite(setup):
     model, params, net_state, x1, _ = setup
     kernel = empirical_ntk(model, params, net_state, x1, chunk_size=2, progress=False)
