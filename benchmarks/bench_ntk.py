@@ -1,11 +1,15 @@
 """Empirical-NTK benchmark: our ntk.empirical_ntk against torch.func (vmap of jacrev, then the
 same contraction), the same architecture and N random 32x32x3 images, in one process.
 
-Prints, per row: seconds (median over --repeats after one warm-up), the FLOP lower bound
-(per-example gradients: 3x the forward FLOPs per output, plus the Gram product N^2 K P, halved
-for the symmetric kernel) divided by the float32 matmul rate measured here, and ratios.
+Kernels (--kernels): a class kernel (one logit), the kernel averaged over the C logits, the full
+kernel (every pair of logits). Prints, per kernel: seconds (median over --repeats after one
+warm-up), the FLOP lower bound divided by the float32 matmul rate measured here (per image one
+forward and K backward passes, K the logits traced: (1 + 2K) forward FLOPs; per pair of images
+2 P FLOPs for each pair of logits, over half the pairs by symmetry: N^2 P, N^2 C P or
+N^2 C^2 P), and ratios, to the peer and to our class kernel.
 
-    python benchmarks/bench_ntk.py                  # ResNet-18, N = 500, logit 0
+    python benchmarks/bench_ntk.py                  # ResNet-18, N = 500, class kernel (logit 0)
+    python benchmarks/bench_ntk.py --n 100 --kernels class averaged full
     python benchmarks/bench_ntk.py --model mlp_wide --n 200
 """
 
@@ -88,42 +92,77 @@ def torch_model(name: str, n_classes: int, image_shape=(32, 32, 3)) -> torch.nn.
     return net.eval()
 
 
-def torch_ntk(net: torch.nn.Module, x: torch.Tensor, class_index: int, plan) -> np.ndarray:
-    """K = J J^T with J from torch.func.vmap(jacrev), following the same chunk plan as ours:
-    each row chunk computed once, column chunks cached when the plan says they fit."""
+def torch_plan(n: int, n_params: int, kernel: str, n_classes: int, budget: float):
+    """The peer's (logits per pass, ChunkPlan), by our rule (ntk.plan_kernel) with its own
+    memory per image: the averaged kernel in passes over the largest group of logits whose
+    Jacobians of all n images fit, else one logit per pass; class and full kernels in one."""
+    groups = {"class": [1], "full": [n_classes]}.get(
+        kernel, [g for g in range(n_classes, 0, -1) if n_classes % g == 0]
+    )
+    for group in groups:
+        plan = plan_chunks(n, n, 4 * n_params * group, budget)
+        if plan.cache_columns:
+            break
+    return group, plan
+
+
+def torch_ntk(
+    net: torch.nn.Module, x: torch.Tensor, kernel: str, class_index: int, group: int, plan
+) -> np.ndarray:
+    """The same kernel with J from torch.func.vmap(jacrev): each row chunk computed once,
+    column chunks cached when the plan says they fit; the averaged kernel as the mean of passes
+    over groups of `group` logits, the full kernel (every pair of logits) logit-major."""
     from torch.func import functional_call, jacrev, vmap
 
     params = {k: v.detach() for k, v in net.named_parameters()}
     buffers = {k: v.detach() for k, v in net.named_buffers()}
-
-    def f(p, xi):
-        out = functional_call(net, (p, buffers), (xi[None],))[0]
-        return out[class_index : class_index + 1] if class_index >= 0 else out
-
-    jac_fn = vmap(jacrev(f), in_dims=(None, 0))
-    chunk, n = plan.chunk_size, len(x)
-    k_out = 1 if class_index >= 0 else 10
-
-    def jacobian(start):
-        jac = jac_fn(params, x[start : start + chunk])
-        return torch.cat([j.reshape(j.shape[0], -1) for j in jac.values()], dim=1)
-
-    kernel = np.zeros((n, n))
-    cache = {}
+    n, chunk = len(x), plan.chunk_size
     with torch.no_grad():
-        for i in range(0, n, chunk):
-            row = cache.get(i)
-            row = jacobian(i) if row is None else row
-            for j in range(i, n, chunk):
-                col = row if j == i else cache.get(j)
-                if col is None:
-                    col = jacobian(j)
-                    if plan.cache_columns:
-                        cache[j] = col
-                block = (row @ col.T / k_out).double().numpy()
-                kernel[i : i + chunk, j : j + chunk] = block
-                kernel[j : j + chunk, i : i + chunk] = block.T
-    return kernel
+        n_classes = net(x[:1]).shape[-1]
+    if kernel == "class":
+        selections = [(class_index, class_index + 1)]
+    else:
+        selections = [(c, c + group) for c in range(0, n_classes, group)]
+    k = selections[0][1] - selections[0][0]  # logits per pass
+    full = kernel == "full"
+    result = np.zeros((n, k, n, k) if full else (n, n))
+    for start, stop in selections:
+
+        def f(p, xi, start=start, stop=stop):
+            return functional_call(net, (p, buffers), (xi[None],))[0][start:stop]
+
+        jac_fn = vmap(jacrev(f), in_dims=(None, 0))
+
+        def jacobian(i, jac_fn=jac_fn):  # (images * k, P): each (image, logit) a row
+            jac = jac_fn(params, x[i : i + chunk])
+            return torch.cat([j.reshape(j.shape[0] * k, -1) for j in jac.values()], dim=1)
+
+        cache = {}
+        with torch.no_grad():
+            for i in range(0, n, chunk):
+                row = cache.get(i)
+                row = jacobian(i) if row is None else row
+                for j in range(i, n, chunk):
+                    col = row if j == i else cache.get(j)
+                    if col is None:
+                        col = jacobian(j)
+                        if plan.cache_columns:
+                            cache[j] = col
+                    block = (row @ col.T).double().numpy()
+                    n1, n2 = len(block) // k, block.shape[1] // k
+                    block = block.reshape(n1, k, n2, k)
+                    if not full:  # the sum over this pass's logits, weighted for the mean
+                        block = np.einsum("akbk->ab", block) / n_classes
+                        block = block * n_classes / k if kernel == "class" else block
+                        result[i : i + n1, j : j + n2] += block
+                        if j != i:
+                            result[j : j + n2, i : i + n1] += block.T
+                    else:
+                        result[i : i + n1, :, j : j + n2] = block
+                        result[j : j + n2, :, i : i + n1] = block.transpose(2, 3, 0, 1)
+    if full:
+        return result.transpose(1, 0, 3, 2).reshape(n_classes * n, n_classes * n)
+    return result
 
 
 def timed(fn, warm_up, repeats: int) -> tuple[float, object]:
@@ -145,83 +184,119 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+KERNELS = ("class", "averaged", "full")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="resnet18")
     p.add_argument("--n", type=int, default=500)
+    p.add_argument(
+        "--kernels", nargs="+", default=["class"], choices=KERNELS,
+        help="class (logit --class_index), averaged over the logits, full (every pair)",
+    )  # fmt: skip
     p.add_argument("--class_index", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--max_memory_gb", type=float, default=None, help="budget, for both")
     p.add_argument("--factor_convs", default="auto", choices=("auto", "all", "none"))
+    p.add_argument("--no_torch", action="store_true", help="ours only")
     args = p.parse_args()
     torch.set_num_threads(os.cpu_count())
-    shape = (32, 32, 3)
-    model = get_model(args.model, 10)
+    shape, n_classes = (32, 32, 3), 10
+    model = get_model(args.model, n_classes)
     params, net_state = init_model(model, jax.random.PRNGKey(0), shape)
     x = np.random.default_rng(0).uniform(0, 1, (args.n, *shape)).astype(np.float32)
+    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     n_params = tree_size(params)
-    k_out = 1 if args.class_index >= 0 else 10
     rate = matmul_gflops()
     fwd = forward_flops(model, params, net_state, shape)
-    bound_flops = args.n * k_out * 3 * fwd + args.n**2 * k_out * n_params
-    bound_s = bound_flops / (rate * 1e9)
+    budget = args.max_memory_gb or default_memory_gb()
     print(
         f"device {jax.devices()[0].device_kind}, {os.cpu_count()} cores; matmul {rate:.0f} GFLOP/s"
     )
     print(
-        f"{args.model}: {n_params:,} params, forward {fwd / 1e9:.3f} GFLOP/image; "
-        f"N = {args.n}, outputs {k_out}"
+        f"{args.model}: {n_params:,} params, forward {fwd / 1e9:.3f} GFLOP/image; N = {args.n}, "
+        f"{n_classes} logits, budget {budget:.1f} GB"
     )
-
-    budget = args.max_memory_gb or default_memory_gb()
-    plan = plan_kernel(
-        model, params, net_state, x, x, args.class_index, max_memory_gb=budget,
-        factor_convs=args.factor_convs,
-    )  # fmt: skip
-    factored = sum(layer.patch * layer.channels for layer in plan.factored)
-    print(
-        f"ours: {len(plan.factored)} convolutions ({factored / n_params:.0%} of the parameters) "
-        f"factored, {plan.bytes_per_image / 2**20:.1f} MB per image, chunks of "
-        f"{plan.chunk_size}, columns cached: {plan.cache_columns}"
-    )
-
-    def ours_kernel(images):
-        return empirical_ntk(
-            model, params, net_state, images, class_index=args.class_index,
-            chunk_size=plan.chunk_size, max_memory_gb=budget, factor_convs=args.factor_convs,
-            progress=False,
+    rows = []
+    for kernel in args.kernels:
+        k = 1 if kernel == "class" else n_classes  # logits traced per image
+        pairs = {"class": 1, "averaged": n_classes, "full": n_classes**2}[kernel]
+        # per image: one forward and k backward passes (data and weight gradients); per pair of
+        # images (half of them, by symmetry): 2 P FLOPs per pair of logits
+        bound_s = (args.n * (1 + 2 * k) * fwd + args.n**2 * pairs * n_params) / (rate * 1e9)
+        class_index = args.class_index if kernel == "class" else -1
+        full = kernel == "full"
+        plan = plan_kernel(
+            model, params, net_state, x, x, class_index, max_memory_gb=budget,
+            factor_convs=args.factor_convs, full=full,
         )  # fmt: skip
+        factored = sum(layer.patch * layer.channels for layer in plan.factored)
+        print(
+            f"{kernel} kernel, ours: {plan.logit_group} logits per pass, {len(plan.factored)} "
+            f"convolutions ({factored / n_params:.0%} of the parameters) factored, "
+            f"{plan.bytes_per_image / 2**20:.1f} MB per image, chunks of {plan.chunk_size}, "
+            f"columns cached: {plan.cache_columns}",
+            flush=True,
+        )
 
-    ours_s, ours = timed(
-        lambda: ours_kernel(x), lambda: ours_kernel(x[: plan.chunk_size]), args.repeats
-    )
-    ours_gb = peak_rss_gb()
-    torch_plan = plan_chunks(args.n, args.n, 4 * n_params * k_out, budget)
+        def ours_kernel(images, class_index=class_index, full=full, plan=plan):
+            return empirical_ntk(
+                model, params, net_state, images, class_index=class_index, full=full,
+                chunk_size=plan.chunk_size, max_memory_gb=budget, factor_convs=args.factor_convs,
+                progress=False,
+            )  # fmt: skip
+
+        warm = x[: plan.chunk_size]  # warm-up on one chunk: the shapes the timed call uses
+        ours_s, ours = timed(
+            lambda f=ours_kernel: f(x), lambda f=ours_kernel, w=warm: f(w), args.repeats
+        )
+        row = {"kernel": kernel, "ours_s": ours_s, "ours_gb": peak_rss_gb(), "bound_s": bound_s}
+        check_finite(f"ours ({kernel})", ours)
+        if not args.no_torch:
+            group, peer_plan = torch_plan(args.n, n_params, kernel, n_classes, budget)
+            print(
+                f"{kernel} kernel, torch.func: {group} logits per pass, "
+                f"{4 * n_params * group / 2**20:.1f} MB per image, chunks of "
+                f"{peer_plan.chunk_size}, columns cached: {peer_plan.cache_columns}",
+                flush=True,
+            )
+            net = torch_model(args.model, n_classes)
+
+            def peer(images, kernel=kernel, group=group, peer_plan=peer_plan, net=net):
+                return torch_ntk(net, images, kernel, args.class_index, group, peer_plan)
+
+            torch_s, theirs = timed(
+                lambda f=peer: f(x_torch), lambda f=peer: f(x_torch[:8]), args.repeats
+            )
+            row |= {"torch_s": torch_s, "torch_gb": peak_rss_gb()}
+            check_finite(f"torch.func ({kernel})", theirs)
+        rows.append(row)
+        print(f"{kernel} kernel: {row}", flush=True)
+    class_s = next((r["ours_s"] for r in rows if r["kernel"] == "class"), None)
     print(
-        f"torch.func: {4 * n_params * k_out / 2**20:.1f} MB per image, chunks of "
-        f"{torch_plan.chunk_size}, columns cached: {torch_plan.cache_columns}"
+        "\n| kernel | ours s | torch.func s | ours/torch | FLOP bound s | ours x bound | "
+        "ours / ours class | peak memory GB (process so far) |"
     )
-    net = torch_model(args.model, 10)
-    x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    torch_s, theirs = timed(
-        lambda: torch_ntk(net, x_torch, args.class_index, torch_plan),
-        lambda: torch_ntk(net, x_torch[:8], args.class_index, torch_plan),
-        args.repeats,
-    )
-    torch_gb = peak_rss_gb()
-    print("\n| implementation | seconds | peak memory GB | FLOP bound s | x bound | ours/torch |")
-    print("|---|---|---|---|---|---|")
-    print(
-        f"| ours (ntk.py)  | {ours_s:.1f} | {ours_gb:.1f} | {bound_s:.1f} | {ours_s / bound_s:.2f} "
-        f"| {ours_s / torch_s:.2f} |"
-    )
-    print(
-        f"| torch.func     | {torch_s:.1f} | {torch_gb:.1f} (process) | {bound_s:.1f} | "
-        f"{torch_s / bound_s:.2f} | 1.00 |"
-    )
-    for name, kernel in (("ours", ours), ("torch.func", theirs)):
-        if not np.all(np.isfinite(kernel)):
-            print(f"warning: {name}'s kernel has {np.sum(~np.isfinite(kernel))} non-finite entries")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        torch_s = r.get("torch_s")
+        cells = [
+            r["kernel"],
+            f"{r['ours_s']:.1f}",
+            f"{torch_s:.1f}" if torch_s else "-",
+            f"{r['ours_s'] / torch_s:.2f}" if torch_s else "-",
+            f"{r['bound_s']:.1f}",
+            f"{r['ours_s'] / r['bound_s']:.2f}",
+            f"{r['ours_s'] / class_s:.2f}" if class_s else "-",
+            f"{r['ours_gb']:.1f}" + (f" / {r['torch_gb']:.1f}" if torch_s else ""),
+        ]
+        print("| " + " | ".join(cells) + " |")
+
+
+def check_finite(name: str, kernel: np.ndarray) -> None:
+    if not np.all(np.isfinite(kernel)):
+        print(f"warning: {name}'s kernel has {np.sum(~np.isfinite(kernel))} non-finite entries")
 
 
 if __name__ == "__main__":

@@ -352,8 +352,8 @@ def plan_chunks(
     if chunk < 1:
         need = (2 * b + w) / 2**30
         raise ValueError(
-            f"one image's Jacobian needs about {need:.2f} GB of a {max_memory_gb:g} "
-            f"GB budget with working memory; raise --max_memory_gb above {need:.2f}"
+            f"one image's Jacobian needs about {need:.3g} GB of a {max_memory_gb:g} "
+            f"GB budget with working memory; raise --max_memory_gb above {need:.3g}"
         )
     cached_chunk = int((budget - n_cols * b) // (b + w))
     if cached_chunk >= min(MIN_CACHED_CHUNK, n_rows, n_cols):
