@@ -1,0 +1,253 @@
+"""Deterministic finite automata over {0, 1}: the seven Tomita languages, uniform sampling of
+their strings, minimisation, and an exact equivalence check with a shortest counterexample.
+
+A DFA is (states 0..n-1, start, accepting set, delta[state][symbol]) with a total transition
+function; it accepts a string when the state reached from `start` is accepting. The JSON form
+(to_json / from_json) names states by strings:
+
+    {"alphabet": ["0", "1"], "states": ["0", ...], "start": "0", "accepting": [...],
+     "transitions": {"0": {"0": "1", "1": "0"}, ...}}
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+ALPHABET = ("0", "1")
+
+
+@dataclass(frozen=True)
+class DFA:
+    """A total DFA: delta[q][a] is the state after reading symbol ALPHABET[a] in state q."""
+
+    n_states: int
+    start: int
+    accepting: frozenset[int]
+    delta: tuple[tuple[int, ...], ...]
+
+    def run(self, string: str) -> int:
+        state = self.start
+        for symbol in string:
+            state = self.delta[state][ALPHABET.index(symbol)]
+        return state
+
+    def accepts(self, string: str) -> bool:
+        return self.run(string) in self.accepting
+
+    def to_json(self) -> dict:
+        names = [str(q) for q in range(self.n_states)]
+        return {
+            "alphabet": list(ALPHABET),
+            "states": names,
+            "start": names[self.start],
+            "accepting": [names[q] for q in sorted(self.accepting)],
+            "transitions": {
+                names[q]: {a: names[self.delta[q][i]] for i, a in enumerate(ALPHABET)}
+                for q in range(self.n_states)
+            },
+        }
+
+    @classmethod
+    def from_json(cls, record: dict) -> DFA:
+        if list(record.get("alphabet", [])) != list(ALPHABET):
+            raise ValueError(f"alphabet {record.get('alphabet')!r}: expected {list(ALPHABET)}")
+        names = [str(q) for q in record["states"]]
+        index = {name: i for i, name in enumerate(names)}
+        delta = tuple(
+            tuple(index[str(record["transitions"][name][a])] for a in ALPHABET) for name in names
+        )
+        accepting = frozenset(index[str(q)] for q in record["accepting"])
+        return cls(len(names), index[str(record["start"])], accepting, delta)
+
+
+def _dfa(start: int, accepting: set[int], delta: list[tuple[int, int]]) -> DFA:
+    return DFA(len(delta), start, frozenset(accepting), tuple(tuple(row) for row in delta))
+
+
+def _runs(string: str) -> list[tuple[str, int]]:
+    return [(symbol, len(list(group))) for symbol, group in itertools.groupby(string)]
+
+
+def _tomita_3(string: str) -> bool:
+    """No odd-length maximal run of 1s immediately followed by an odd-length maximal run of 0s."""
+    runs = _runs(string)
+    return not any(
+        a == "1" and m % 2 == 1 and b == "0" and n % 2 == 1
+        for (a, m), (b, n) in itertools.pairwise(runs)
+    )
+
+
+# The definitions, as membership predicates: the specification the DFAs below are tested against.
+TOMITA = {
+    1: ("1*", lambda s: re.fullmatch("1*", s) is not None),
+    2: ("(10)*", lambda s: re.fullmatch("(10)*", s) is not None),
+    3: (
+        "no odd-length run of 1s immediately followed by an odd-length run of 0s (maximal runs)",
+        _tomita_3,
+    ),
+    4: ("no 000", lambda s: "000" not in s),
+    5: ("an even number of 0s and an even number of 1s", lambda s: s.count("0") % 2 == 0
+        and s.count("1") % 2 == 0),
+    6: ("#0s - #1s divisible by 3", lambda s: (s.count("0") - s.count("1")) % 3 == 0),
+    7: ("0*1*0*1*", lambda s: re.fullmatch("0*1*0*1*", s) is not None),
+}  # fmt: skip
+
+
+def tomita_dfa(language: int) -> DFA:
+    """The minimal DFA of Tomita language 1..7 (states include the dead state where there is
+    one). Transitions are (on 0, on 1)."""
+    if language == 1:  # 0: in 1*, 1: dead
+        return _dfa(0, {0}, [(1, 0), (1, 1)])
+    if language == 2:  # 0: in (10)*, 1: after a 1, 2: dead
+        return _dfa(0, {0}, [(2, 1), (0, 2), (2, 2)])
+    if language == 3:
+        # 0: clean (start, 0s not after an odd run of 1s, or an even run of 1s), 1: odd run of
+        # 1s, 2: odd run of 0s after an odd run of 1s, 3: even such run, 4: dead
+        return _dfa(0, {0, 1, 3}, [(0, 1), (2, 0), (3, 4), (2, 1), (4, 4)])
+    if language == 4:  # trailing 0s: 0, 1, 2; 3: dead (saw 000)
+        return _dfa(0, {0, 1, 2}, [(1, 0), (2, 0), (3, 0), (3, 3)])
+    if language == 5:  # 2 * (#0 mod 2) + (#1 mod 2)
+        return _dfa(0, {0}, [(2, 1), (3, 0), (0, 3), (1, 2)])
+    if language == 6:  # (#0 - #1) mod 3
+        return _dfa(0, {0}, [(1, 2), (2, 0), (0, 1)])
+    if language == 7:  # phase of 0*1*0*1*; 4: dead
+        return _dfa(0, {0, 1, 2, 3}, [(0, 1), (2, 1), (2, 3), (4, 3), (4, 4)])
+    raise ValueError(f"Tomita language {language}: use 1 to 7")
+
+
+def all_strings(length: int) -> list[str]:
+    return ["".join(bits) for bits in itertools.product(ALPHABET, repeat=length)]
+
+
+def count_completions(dfa: DFA, max_length: int) -> np.ndarray:
+    """c[r, q, y]: the number of strings of length r that lead state q to acceptance (y = 1) or
+    rejection (y = 0), as floats (exact up to 2^53)."""
+    counts = np.zeros((max_length + 1, dfa.n_states, 2))
+    for q in range(dfa.n_states):
+        counts[0, q, int(q in dfa.accepting)] = 1
+    for r in range(1, max_length + 1):
+        for q in range(dfa.n_states):
+            counts[r, q] = sum(counts[r - 1, dfa.delta[q][a]] for a in range(len(ALPHABET)))
+    return counts
+
+
+def sample_strings(
+    dfa: DFA, length: int, label: bool, n: int, rng: np.random.Generator, counts=None
+) -> list[str]:
+    """n strings of `length` drawn uniformly (with replacement) among those the DFA accepts
+    (label True) or rejects, by walking the DFA with the completion counts; [] if none exist."""
+    counts = count_completions(dfa, length) if counts is None else counts
+    y = int(label)
+    if counts[length, dfa.start, y] == 0:
+        return []
+    strings = []
+    for _ in range(n):
+        state, symbols = dfa.start, []
+        for remaining in range(length, 0, -1):
+            weights = np.array([counts[remaining - 1, dfa.delta[state][a], y] for a in (0, 1)])
+            a = int(rng.choice(2, p=weights / weights.sum()))
+            symbols.append(ALPHABET[a])
+            state = dfa.delta[state][a]
+        strings.append("".join(symbols))
+    return strings
+
+
+def minimize(dfa: DFA) -> DFA:
+    """The minimal DFA of the same language: reachable states only, then Moore's partition
+    refinement; states renumbered in breadth-first order from the start (symbol 0 first)."""
+    reachable, queue = {dfa.start}, collections.deque([dfa.start])
+    while queue:
+        q = queue.popleft()
+        for nxt in dfa.delta[q]:
+            if nxt not in reachable:
+                reachable.add(nxt)
+                queue.append(nxt)
+    block = {q: int(q in dfa.accepting) for q in reachable}
+    while True:
+        signature = {q: (block[q], *(block[n] for n in dfa.delta[q])) for q in reachable}
+        ids: dict[tuple, int] = {}
+        refined = {q: ids.setdefault(signature[q], len(ids)) for q in sorted(reachable)}
+        if len(ids) == len(set(block.values())):
+            break
+        block = refined
+    order, queue = {block[dfa.start]: 0}, collections.deque([dfa.start])
+    representative = {block[dfa.start]: dfa.start}
+    while queue:
+        q = queue.popleft()
+        for nxt in dfa.delta[q]:
+            if block[nxt] not in order:
+                order[block[nxt]] = len(order)
+                representative[block[nxt]] = nxt
+                queue.append(nxt)
+    delta = [None] * len(order)
+    accepting = set()
+    for b, i in order.items():
+        q = representative[b]
+        delta[i] = tuple(order[block[n]] for n in dfa.delta[q])
+        if q in dfa.accepting:
+            accepting.add(i)
+    return _dfa(0, accepting, delta)
+
+
+def counterexample(a: DFA, b: DFA) -> str | None:
+    """A shortest string on which a and b disagree (breadth-first search of the product
+    automaton), or None when they accept the same language."""
+    start = (a.start, b.start)
+    parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {start: None}
+    queue = collections.deque([start])
+    while queue:
+        pair = queue.popleft()
+        if (pair[0] in a.accepting) != (pair[1] in b.accepting):
+            symbols = []
+            while parent[pair] is not None:
+                pair, symbol = parent[pair]
+                symbols.append(symbol)
+            return "".join(reversed(symbols))
+        for i, symbol in enumerate(ALPHABET):
+            nxt = (a.delta[pair[0]][i], b.delta[pair[1]][i])
+            if nxt not in parent:
+                parent[nxt] = (pair, symbol)
+                queue.append(nxt)
+    return None
+
+
+def balanced_strings(
+    dfa: DFA,
+    lengths: range,
+    per_length: int,
+    rng: np.random.Generator,
+    exclude: frozenset[str] = frozenset(),
+) -> list[tuple[str, bool]]:
+    """per_length strings of each length (when both sides have one), half in the language and
+    half not, each half drawn uniformly from its side without repeats. A side with fewer
+    distinct strings than per_length / 2 (1* has one per length) gives each of them, repeated
+    in turn up to its half, so that every length stays balanced; a side with none at that
+    length (odd lengths of (10)*) is missing there. Strings in `exclude` (a training set, for a
+    held-out one) are left out of sides that have others."""
+    counts = count_completions(dfa, max(lengths))
+    half = per_length // 2
+    data = []
+    for length in lengths:
+        for label in (True, False):
+            total = int(counts[length, dfa.start, int(label)])
+            if total == 0:
+                continue
+            if total <= 4 * half:  # few: list them all, then pick
+                pool = [s for s in all_strings(length) if dfa.accepts(s) == label]
+                fresh = [s for s in pool if s not in exclude] or pool
+                picked = [fresh[i] for i in rng.permutation(len(fresh))[:half]]
+            else:  # many: draw, dropping repeats and excluded strings
+                chosen: dict[str, None] = {}
+                while len(chosen) < half:
+                    for s in sample_strings(dfa, length, label, half, rng, counts):
+                        if s not in exclude:
+                            chosen.setdefault(s)
+                picked = list(chosen)[:half]
+            data += [(picked[i % len(picked)], label) for i in range(half)]
+    order = rng.permutation(len(data))
+    return [data[i] for i in order]
