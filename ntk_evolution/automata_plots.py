@@ -45,14 +45,16 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
             edges.setdefault((q, dfa.delta[q][i]), []).append(symbol)
     for (q, r), symbols in edges.items():
         text = ",".join(symbols)
-        if q == r:
+        if q == r:  # a loop leaving and re-entering the state on its outer side
             out = pos[q] / (np.linalg.norm(pos[q]) or 1) if n > 1 else np.array([0, 1.0])
-            loop = pos[q] + out * (size + 0.12)
+            rotate = np.array([[np.cos(0.5), -np.sin(0.5)], [np.sin(0.5), np.cos(0.5)]])
             ax.annotate(
-                "", xy=pos[q] + out * size, xytext=loop + np.array([0.08, 0]),
-                arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=-1.2"},
+                "", xy=pos[q] + rotate.T @ out * size, xytext=pos[q] + rotate @ out * size,
+                arrowprops={"arrowstyle": "->", "connectionstyle": "arc3,rad=-2.2",
+                            "shrinkA": 0, "shrinkB": 0},
             )  # fmt: skip
-            ax.text(*(loop + out * 0.12), text, ha="center", va="center", fontsize=11)
+            ax.text(*(pos[q] + out * (size + 0.25)), text, ha="center", va="center",
+                    fontsize=11, color="darkred")  # fmt: skip
             continue
         bend = 0.2 if (r, q) in edges else 0.0
         ax.annotate(
@@ -81,5 +83,5 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     ax.set_ylim(-1.6, 1.7)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title(f"{title}\n{n} states; double ring: accepting", fontsize=11)
+    ax.set_title(f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting", fontsize=11)
     _save(fig, path)
