@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast reproduce robust-data bench lint format clean-venv
+.PHONY: demo test test-fast reproduce robust-data automata bench lint format clean-venv
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ reproduce: $(VENV)/.installed
 
 robust-data: $(VENV)/.installed
 	$(PY) scripts/robust_data_study.py
+
+automata: $(VENV)/.installed
+	$(PY) scripts/automata_study.py
 
 bench: $(VENV)/.installed
 	NTK_CONV_IMPL=$${NTK_CONV_IMPL:-matmul} $(PY) benchmarks/bench_train.py

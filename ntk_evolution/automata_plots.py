@@ -85,3 +85,59 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     ax.axis("off")
     ax.set_title(f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting", fontsize=11)
     _save(fig, path)
+
+
+def plot_automata_studies(
+    runs: list[dict], snapshots: list[int], hard_size: int, path: str
+) -> None:
+    """Three panels from scripts/automata_study.py's runs: equivalent extractions against the
+    number of strings; hidden-state compression and equivalent extractions against epochs
+    trained past convergence. One line per Tomita language (mean over seeds), black the mean."""
+    done = [r for r in runs if "main" in r]
+    languages = sorted({r["language"] for r in done})
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    x_snap = np.array(snapshots, float)
+
+    def per_language(value):
+        """{language: mean over its seeds of value(run)} -> arrays."""
+        return {
+            k: np.mean([value(r) for r in done if r["language"] == k], axis=0) for k in languages
+        }
+
+    sizes = sorted({s for r in done for s in r["data"] if s != "all"}) + ["all"]
+    success = per_language(lambda r: [r["data"].get(s, np.nan) for s in sizes])
+    compressions = per_language(
+        lambda r: [
+            r["snapshots"][e]["compression"] if e in r["snapshots"] else np.nan for e in snapshots
+        ]
+    )
+    hard = per_language(
+        lambda r: [
+            r["snapshots"][e]["equivalent_hard"] if e in r["snapshots"] else np.nan
+            for e in snapshots
+        ]
+    )
+    for ax, x, values, ylabel, title in (
+        (axes[0], np.arange(len(sizes)), success, "share equivalent to the true DFA",
+         "more data"),
+        (axes[1], x_snap, compressions, "within-state spread / between-state distance",
+         "hidden-state compression"),
+        (axes[2], x_snap, hard, f"share equivalent ({hard_size} strings)",
+         "training past convergence"),
+    ):  # fmt: skip
+        for i, k in enumerate(languages):
+            ax.plot(x, values[k], marker="o", color=colours(i), alpha=0.7, label=f"Tomita {k}")
+        ax.plot(x, np.nanmean(list(values.values()), axis=0), color="black", linewidth=2.5,
+                label="mean")  # fmt: skip
+        ax.set(ylabel=ylabel, title=title)
+    axes[0].set(xlabel="training strings in the prefix tree", ylim=(-0.05, 1.05))
+    axes[0].set_xticks(np.arange(len(sizes)), [str(s) for s in sizes])
+    for ax in axes[1:]:
+        ax.set(xscale="symlog", xlabel="epochs trained after 100% held-out accuracy")
+        ax.set_xticks(snapshots, [str(s) for s in snapshots])
+    axes[2].set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle("Automaton extraction from GRUs by state merging on the Tomita languages")
+    fig.tight_layout()
+    _save(fig, path)

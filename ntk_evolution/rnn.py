@@ -11,7 +11,7 @@ the prefixes' logits are what automaton extraction reads.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import haiku as hk
 import jax
@@ -75,9 +75,9 @@ def _forward_fn(cell: str, hidden: int):
 
 def prefix_outputs(params, cell: str, hidden: int, strings: Sequence[str], batch: int = 512):
     """For each string, (logits (len + 1,), states (len + 1, S)) at every prefix, in batches
-    padded to one length (one compiled shape)."""
+    of `batch` strings padded to a multiple of 8 symbols (few compiled shapes)."""
     forward = _forward_fn(cell, hidden)
-    width = max((len(s) for s in strings), default=0)
+    width = -(-max((len(s) for s in strings), default=1) // 8) * 8  # few compiled widths
     results = []
     for start in range(0, len(strings), batch):
         part = list(strings[start : start + batch])
@@ -111,11 +111,13 @@ def train(
     extra_epochs: int = 0,
     seed: int = 0,
     progress: bool = True,
+    on_epoch: Callable[[int, hk.Params, dict], None] | None = None,
 ) -> tuple[hk.Params, dict]:
     """Adam on the binary cross-entropy of each string's last logit, until the RNN classifies
     every test string right (checked after each epoch), then `extra_epochs` more (training past
     convergence). Returns the parameters and a history: per epoch loss and train/test accuracy,
-    and the epoch of convergence (None if max_epochs passed first)."""
+    and the epoch of convergence (None if max_epochs passed first). on_epoch(epoch, params,
+    history) is called after each epoch's check (e.g. to keep snapshots)."""
     model = make_rnn(cell, hidden)
     width = max(len(s) for s, _ in list(train_data) + list(test_data))
     tokens, lengths = encode([s for s, _ in train_data], width)
@@ -156,6 +158,8 @@ def train(
         if history["converged_epoch"] is None and history["test_acc"][-1] == 1.0:
             history["converged_epoch"] = epoch
             stop_at = epoch + extra_epochs
+        if on_epoch is not None:
+            on_epoch(epoch, params, history)
         if epoch >= stop_at:
             break
     bar.close()
