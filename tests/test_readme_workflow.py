@@ -27,9 +27,11 @@ import calculate_kernel
 import cka
 import eigen_features
 import eval_and_make_adv
+import extract_automata
 import ntk_attack
 import robustify_dataset
 import run_exp
+import train_rnn
 import visualize_ntk_features
 
 SCRIPTS = {
@@ -42,6 +44,8 @@ SCRIPTS = {
     "eigen_features.py": eigen_features.main,
     "cka.py": cka.main,
     "robustify_dataset.py": robustify_dataset.main,
+    "train_rnn.py": train_rnn.main,
+    "extract_automata.py": extract_automata.main,
 }
 
 # What the README says the test appends (its "First hour" section): fewer test images and steps.
