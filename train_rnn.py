@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from ntk_evolution import __version__
-from ntk_evolution.automata import TOMITA, balanced_strings, tomita_dfa
+from ntk_evolution.automata import TOMITA, tomita_data
 from ntk_evolution.automata_plots import plot_rnn_training
 from ntk_evolution.cli import Parser, check_out_dir, non_negative_int, positive_int
-from ntk_evolution.rnn import CELLS, train
+from ntk_evolution.rnn import CELLS, train_with_restarts
 from utils import UserError, run_main, save_pickle
 
 
@@ -57,33 +55,19 @@ def main(argv=None) -> dict:
     check_out_dir(args.save_path, "--save_path")
     if args.per_length < 2:
         raise UserError("--per_length must be at least 2 (one string on each side)")
-    dfa = tomita_dfa(args.language)
-    train_data = balanced_strings(
-        dfa, range(args.max_length + 1), args.per_length, np.random.default_rng(args.seed)
+    train_data, test_data = tomita_data(
+        args.language, args.max_length, args.test_max_length, args.per_length, args.seed
     )
-    test_data = balanced_strings(
-        dfa, range(args.test_max_length + 1), args.per_length,
-        np.random.default_rng(args.seed + 1), exclude=frozenset(s for s, _ in train_data),
-    )  # fmt: skip
     print(
         f"Tomita {args.language} ({TOMITA[args.language][0]}): {len(train_data)} training "
         f"strings (lengths 0-{args.max_length}), {len(test_data)} held out "
         f"(lengths 0-{args.test_max_length})"
     )
-    for attempt in range(args.restarts + 1):
-        seed = args.seed + 100 * attempt
-        params, history = train(
-            train_data, test_data, cell=args.cell, hidden=args.hidden, lr=args.lr,
-            batch_size=args.batch_size, max_epochs=args.max_epochs,
-            extra_epochs=args.extra_epochs, seed=seed,
-        )  # fmt: skip
-        if history["converged_epoch"] is not None:
-            break
-        print(
-            f"initialisation seed {seed}: held-out accuracy {history['test_acc'][-1]:.4f} after "
-            f"{args.max_epochs} epochs, not 100%"
-            + ("; trying a fresh initialisation" if attempt < args.restarts else "")
-        )
+    params, history, seed = train_with_restarts(
+        train_data, test_data, restarts=args.restarts, seed=args.seed, cell=args.cell,
+        hidden=args.hidden, lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+        extra_epochs=args.extra_epochs,
+    )  # fmt: skip
     converged = history["converged_epoch"]
     meta = {
         "kind": "tomita_rnn",

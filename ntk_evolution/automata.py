@@ -251,3 +251,18 @@ def balanced_strings(
             data += [(picked[i % len(picked)], label) for i in range(half)]
     order = rng.permutation(len(data))
     return [data[i] for i in order]
+
+
+def tomita_data(
+    language: int, max_length: int, test_max_length: int, per_length: int, seed: int
+) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
+    """(training, held-out) strings of a Tomita language: balanced_strings over lengths
+    0..max_length (seed), and over 0..test_max_length (seed + 1) without the training strings
+    where the language has others."""
+    dfa = tomita_dfa(language)
+    train = balanced_strings(dfa, range(max_length + 1), per_length, np.random.default_rng(seed))
+    test = balanced_strings(
+        dfa, range(test_max_length + 1), per_length, np.random.default_rng(seed + 1),
+        exclude=frozenset(s for s, _ in train),
+    )  # fmt: skip
+    return train, test

@@ -91,8 +91,9 @@ def plot_automata_studies(
     runs: list[dict], snapshots: list[int], hard_size: int, path: str
 ) -> None:
     """Three panels from scripts/automata_study.py's runs: equivalent extractions against the
-    number of strings; hidden-state compression and equivalent extractions against epochs
-    trained past convergence. One line per Tomita language (mean over seeds), black the mean."""
+    number of strings; hidden-state compression and equivalent extractions (from all strings;
+    dashed: the mean from hard_size strings) against epochs trained past convergence. One line
+    per Tomita language (mean over seeds), black the mean."""
     done = [r for r in runs if "main" in r]
     languages = sorted({r["language"] for r in done})
     colours = plt.get_cmap("tab10")
@@ -107,23 +108,21 @@ def plot_automata_studies(
 
     sizes = sorted({s for r in done for s in r["data"] if s != "all"}) + ["all"]
     success = per_language(lambda r: [r["data"].get(s, np.nan) for s in sizes])
-    compressions = per_language(
-        lambda r: [
-            r["snapshots"][e]["compression"] if e in r["snapshots"] else np.nan for e in snapshots
-        ]
-    )
-    hard = per_language(
-        lambda r: [
-            r["snapshots"][e]["equivalent_hard"] if e in r["snapshots"] else np.nan
-            for e in snapshots
-        ]
+
+    def at_snapshots(key):
+        return per_language(
+            lambda r: [r["snapshots"][e][key] if e in r["snapshots"] else np.nan for e in snapshots]
+        )
+
+    compressions, whole, hard = (
+        at_snapshots(key) for key in ("compression", "equivalent_all", "equivalent_hard")
     )
     for ax, x, values, ylabel, title in (
         (axes[0], np.arange(len(sizes)), success, "share equivalent to the true DFA",
          "more data"),
         (axes[1], x_snap, compressions, "within-state spread / between-state distance",
          "hidden-state compression"),
-        (axes[2], x_snap, hard, f"share equivalent ({hard_size} strings)",
+        (axes[2], x_snap, whole, "share equivalent to the true DFA",
          "training past convergence"),
     ):  # fmt: skip
         for i, k in enumerate(languages):
@@ -136,7 +135,10 @@ def plot_automata_studies(
     for ax in axes[1:]:
         ax.set(xscale="symlog", xlabel="epochs trained after 100% held-out accuracy")
         ax.set_xticks(snapshots, [str(s) for s in snapshots])
+    axes[2].plot(x_snap, np.nanmean(list(hard.values()), axis=0), color="black", linestyle="--",
+                 linewidth=2, label=f"mean, from {hard_size} strings")  # fmt: skip
     axes[2].set_ylim(-0.05, 1.05)
+    axes[2].legend(fontsize=8, loc="lower right", handles=axes[2].get_lines()[-2:])
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("Automaton extraction from GRUs by state merging on the Tomita languages")
     fig.tight_layout()

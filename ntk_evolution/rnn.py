@@ -165,3 +165,28 @@ def train(
     bar.close()
     history["epochs"] = len(history["loss"])
     return params, history
+
+
+def train_with_restarts(
+    train_data: Sequence[tuple[str, bool]],
+    test_data: Sequence[tuple[str, bool]],
+    *,
+    restarts: int = 2,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    **kwargs,
+) -> tuple[hk.Params, dict, int]:
+    """train() from initialisation seed, then seed + 100, seed + 200, ... (`restarts` more)
+    until one converges: (params, history, the seed used). The last try is returned when none
+    converges."""
+    for attempt in range(restarts + 1):
+        init_seed = seed + 100 * attempt
+        params, history = train(train_data, test_data, seed=init_seed, **kwargs)
+        if history["converged_epoch"] is not None:
+            break
+        log(
+            f"initialisation seed {init_seed}: held-out accuracy {history['test_acc'][-1]:.4f} "
+            f"after {history['epochs']} epochs, not 100%"
+            + ("; trying a fresh initialisation" if attempt < restarts else "")
+        )
+    return params, history, init_seed

@@ -198,3 +198,22 @@ def test_extract_refuses_what_is_not_an_rnn_checkpoint(tmp_path, capsys):
         assert exit_info.value.code == 2
         message = capsys.readouterr().err.strip()
         assert message.startswith("error: --model_path") and "\n" not in message
+
+
+def test_training_restarts_from_fresh_initialisations_until_one_converges():
+    """One epoch is too few for Tomita 5: each try is logged, the next seed is seed + 100,
+    and the last try comes back with converged_epoch None."""
+    from ntk_evolution.automata import tomita_data
+    from ntk_evolution.rnn import train_with_restarts
+
+    train_data, test_data = tomita_data(5, 6, 8, 16, seed=0)
+    messages = []
+    _, history, seed = train_with_restarts(
+        train_data, test_data, restarts=2, seed=3, hidden=8, max_epochs=1, progress=False,
+        log=messages.append,
+    )  # fmt: skip
+    assert seed == 203 and history["converged_epoch"] is None and history["epochs"] == 1
+    assert [m.split(":")[0] for m in messages] == [
+        f"initialisation seed {s}" for s in (3, 103, 203)
+    ]
+    assert "trying a fresh initialisation" in messages[0] and "trying" not in messages[-1]
