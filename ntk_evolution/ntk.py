@@ -442,9 +442,14 @@ def plan_kernel(
     if class_index < 0 and not full:
         groups += [g for g in range(n_logits - 1, 0, -1) if n_logits % g == 0]
     for group in groups:  # the first that keeps its column chunks, else one logit per pass
-        factored, bytes_per_image, chunks = _plan_pass(
-            layers, n_params, group, len(x1), len(x2), budget, factor_convs
-        )
+        try:
+            factored, bytes_per_image, chunks = _plan_pass(
+                layers, n_params, group, len(x1), len(x2), budget, factor_convs
+            )
+        except ValueError:  # not one image's Jacobians for `group` logits fit: fewer logits
+            if group == groups[-1]:
+                raise
+            continue
         if chunks.cache_columns:
             break
     chunk = chunk_size or chunks.chunk_size

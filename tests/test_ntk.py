@@ -93,6 +93,15 @@ def test_averaged_kernel_in_passes_over_groups_of_logits(setup):
             continue
         budgets.setdefault((plan.logit_group, plan.cache_columns), gb)
     assert {(4, True), (2, True), (1, True), (1, False)} <= set(budgets)
+    # whatever budget fits a class kernel fits the averaged one, one logit per pass if need be
+    for gb in np.geomspace(1e-5, 1e-2, 40):
+        try:
+            ntk.plan_kernel(model, params, net_state, x1, x1, 0, max_memory_gb=gb)
+        except ValueError:
+            with pytest.raises(ValueError, match="max_memory_gb"):
+                ntk.plan_kernel(model, params, net_state, x1, x1, -1, max_memory_gb=gb)
+            continue
+        ntk.plan_kernel(model, params, net_state, x1, x1, -1, max_memory_gb=gb)
     assert (3, True) not in budgets  # groups divide the logits: one compiled shape per kernel
     for group, cached in ((2, True), (1, True), (1, False)):
         gb = budgets[(group, cached)]
