@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from ntk_evolution.automata import ALPHABET, TOMITA, counterexample, tomita_dfa
+from ntk_evolution.automata import TOMITA, counterexample, random_strings, tomita_dfa
 from ntk_evolution.automata_plots import plot_dfa
 from ntk_evolution.cli import Parser, non_negative_int, positive_int
 from ntk_evolution.extraction import agreement, extract
@@ -57,12 +57,6 @@ def load_rnn(path: str) -> dict:
     return record
 
 
-def check_strings(n: int, max_length: int, rng: np.random.Generator) -> list[str]:
-    """n strings, lengths uniform over 0..max_length, each uniform among its length's."""
-    lengths = rng.integers(0, max_length + 1, n)
-    return ["".join(rng.choice(list(ALPHABET), length)) for length in lengths]
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     record = load_rnn(args.model_path)
@@ -78,7 +72,7 @@ def main(argv=None) -> dict:
 
     dfa, info = extract(strings, oracle, args.max_distance)
     true_dfa = tomita_dfa(language)
-    checks = check_strings(args.n_check, args.check_length, rng)
+    checks = random_strings(args.n_check, args.check_length, rng)
     rnn_agreement = agreement(dfa, oracle, checks)
     witness = counterexample(dfa, true_dfa)
     report = {

@@ -152,8 +152,10 @@ def torch_ntk(
                     n1, n2 = len(block) // k, block.shape[1] // k
                     block = block.reshape(n1, k, n2, k)
                     if not full:  # the sum over this pass's logits, weighted for the mean
-                        block = np.einsum("akbk->ab", block) / n_classes
-                        block = block * n_classes / k if kernel == "class" else block
+                        # this pass's share of the mean over the kernel's logits
+                        block = np.einsum("akbk->ab", block) / (
+                            k if kernel == "class" else n_classes
+                        )
                         result[i : i + n1, j : j + n2] += block
                         if j != i:
                             result[j : j + n2, i : i + n1] += block.T

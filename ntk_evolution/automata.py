@@ -216,6 +216,32 @@ def counterexample(a: DFA, b: DFA) -> str | None:
     return None
 
 
+def side_strings(dfa: DFA, length: int, label: bool, counts=None) -> list[str]:
+    """Every string of `length` the DFA accepts (label True) or rejects, in lexicographic
+    order: a walk of the branches that still have completions on that side (count_completions),
+    so the cost follows the number of such strings, not 2^length."""
+    counts = count_completions(dfa, length) if counts is None else counts
+    y, found = int(label), []
+    stack = [(dfa.start, "")] if counts[length, dfa.start, y] > 0 else []
+    while stack:
+        state, prefix = stack.pop()
+        remaining = length - len(prefix)
+        if remaining == 0:
+            found.append(prefix)
+            continue
+        for a in reversed(range(len(ALPHABET))):  # pushed last, popped first: "0" before "1"
+            nxt = dfa.delta[state][a]
+            if counts[remaining - 1, nxt, y] > 0:
+                stack.append((nxt, prefix + ALPHABET[a]))
+    return found
+
+
+def random_strings(n: int, max_length: int, rng: np.random.Generator) -> list[str]:
+    """n strings, lengths uniform over 0..max_length, each uniform among its length's."""
+    lengths = rng.integers(0, max_length + 1, n)
+    return ["".join(rng.choice(list(ALPHABET), length)) for length in lengths]
+
+
 def balanced_strings(
     dfa: DFA,
     lengths: range,
@@ -238,7 +264,7 @@ def balanced_strings(
             if total == 0:
                 continue
             if total <= 4 * half:  # few: list them all, then pick
-                pool = [s for s in all_strings(length) if dfa.accepts(s) == label]
+                pool = side_strings(dfa, length, label, counts)
                 fresh = [s for s in pool if s not in exclude] or pool
                 picked = [fresh[i] for i in rng.permutation(len(fresh))[:half]]
             else:  # many: draw, dropping repeats and excluded strings

@@ -41,12 +41,12 @@ class PrefixTree:
 def prefix_tree(strings: Sequence[str], oracle: Oracle) -> PrefixTree:
     """The prefix tree of `strings`, labelled and annotated by oracle (rnn.prefix_outputs:
     per string, logits and hidden states at every prefix)."""
+    outputs = oracle(strings) if strings else oracle([""])  # the root: the empty string
     index = {"": 0}
     nodes, children = [""], [[-1, -1]]
-    labels, states = [None], [None]
-    for string, (logits, hidden) in zip(strings, oracle(strings), strict=True):
+    labels, states = [outputs[0][0][0] > 0], [outputs[0][1][0]]
+    for string, (logits, hidden) in zip(strings, outputs, strict=True):
         node = 0
-        labels[0], states[0] = logits[0] > 0, hidden[0]
         for t, symbol in enumerate(string, start=1):
             prefix = string[:t]
             if prefix not in index:
@@ -57,9 +57,6 @@ def prefix_tree(strings: Sequence[str], oracle: Oracle) -> PrefixTree:
                 states.append(hidden[t])
                 children[node][ALPHABET.index(symbol)] = index[prefix]
             node = index[prefix]
-    if states[0] is None:  # no strings: the root alone, from the empty string
-        logits, hidden = oracle([""])[0]
-        labels[0], states[0] = logits[0] > 0, hidden[0]
     return PrefixTree(nodes, children, np.array(labels, bool), np.stack(states))
 
 
@@ -123,7 +120,14 @@ def extract(
 ) -> tuple[DFA, dict]:
     """The minimal DFA extracted from the RNN behind `oracle` on the sample `strings`, and
     facts about the extraction (prefix-tree size, red states, transitions the RNN completed)."""
-    tree = prefix_tree(strings, oracle)
+    return extract_from_tree(prefix_tree(strings, oracle), oracle, max_distance)
+
+
+def extract_from_tree(
+    tree: PrefixTree, oracle: Oracle, max_distance: float | None = None
+) -> tuple[DFA, dict]:
+    """extract() from a prefix tree already built (the oracle answers only the transitions
+    the sample never takes)."""
     red, trans = red_blue(tree, max_distance)
     number = {node: i for i, node in enumerate(red)}
     missing = [(r, a) for r in red for a in range(len(ALPHABET)) if trans[r][a] < 0]

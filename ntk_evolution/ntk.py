@@ -502,15 +502,15 @@ def empirical_ntk(
     starts1, starts2 = range(0, len(x1), plan.chunk_size), range(0, len(x2), plan.chunk_size)
     n_blocks = sum(1 for i in starts1 for j in starts2 if not square or j >= i)
     bar = progress_bar(total=n_blocks * len(selections), desc="kernel blocks", enabled=progress)
-    kernel = None
-    for selection in selections:
-        # each pass's blocks average over its K logits: weight them by K / C for the average
-        weight = 1.0 if len(selections) == 1 else plan.logit_group / n_logits
-        label = f"logits {selection[0]}:{selection[1]} " if len(selections) > 1 else ""
-        part = _kernel_pass(
-            model, params, net_state, x1, x2, square, plan, selection, full, bar, describe, label
+    # each pass averages over its own group of logits; the groups are equal (divisors of C),
+    # so the mean of the passes is the average over all C
+    kernel = sum(
+        _kernel_pass(
+            model, params, net_state, x1, x2, square, plan, selection, full, bar, describe,
+            f"logits {selection[0]}:{selection[1]} " if len(selections) > 1 else "",
         )
-        kernel = weight * part if kernel is None else kernel + weight * part
+        for selection in selections
+    ) / len(selections)  # fmt: skip
     bar.close()
     if square:  # the diagonal blocks are symmetric up to float32 rounding; make it exact
         kernel = 0.5 * (kernel + _swap(kernel))

@@ -1,6 +1,6 @@
 """`make automata`: automaton extraction from RNNs by state merging (arXiv 2201.12451) in
 miniature on the seven Tomita languages, then REPORT.md with tables, pictures and the paper's
-claims beside our figures. About 3 minutes on the 2-core CPU.
+claims beside our figures. About 2 minutes on the 2-core CPU.
 
 For each language and --seeds seed, one GRU is trained with train_rnn.py's defaults (data,
 width, learning rate, fresh initialisations when one does not converge;
@@ -25,16 +25,26 @@ import time
 
 import numpy as np
 
-from ntk_evolution.automata import TOMITA, counterexample, tomita_data, tomita_dfa
+import train_rnn
+from ntk_evolution.automata import (
+    TOMITA,
+    counterexample,
+    random_strings,
+    tomita_data,
+    tomita_dfa,
+)
 from ntk_evolution.automata_plots import plot_automata_studies, plot_dfa
 from ntk_evolution.cli import Parser
-from ntk_evolution.extraction import agreement, extract, prefix_tree
+from ntk_evolution.extraction import PrefixTree, agreement, extract, extract_from_tree, prefix_tree
 from ntk_evolution.reports import table
 from ntk_evolution.rnn import prefix_outputs, train_with_restarts
 from utils import write_json
 
-# train_rnn.py's defaults
-MAX_LENGTH, TEST_MAX_LENGTH, PER_LENGTH, CELL, HIDDEN, DEFAULT_EXTRA = 14, 20, 64, "gru", 32, 50
+DEFAULTS = train_rnn.parse_args(["--language", "1", "--save_path", "."])  # train_rnn.py's
+MAX_LENGTH, TEST_MAX_LENGTH, PER_LENGTH = (
+    DEFAULTS.max_length, DEFAULTS.test_max_length, DEFAULTS.per_length
+)  # fmt: skip
+CELL, HIDDEN, DEFAULT_EXTRA = DEFAULTS.cell, DEFAULTS.hidden, DEFAULTS.extra_epochs
 
 PAPER = """The paper (arXiv 2201.12451) reports, on the Tomita languages:
 - faithful automata extracted for all seven languages;
@@ -55,11 +65,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def compression(params, strings: list[str], language: int) -> float:
+def compression(tree: PrefixTree, language: int) -> float:
     """Mean distance of each prefix's hidden state to the centroid of its true DFA state,
     divided by the mean distance between those centroids: lower is more compressed."""
     dfa = tomita_dfa(language)
-    tree = prefix_tree(strings, lambda batch: prefix_outputs(params, CELL, HIDDEN, batch))
     groups = np.array([dfa.run(s) for s in tree.strings])
     keys = np.unique(groups)
     centroids = np.stack([tree.states[groups == g].mean(axis=0) for g in keys])
@@ -73,11 +82,10 @@ def compression(params, strings: list[str], language: int) -> float:
     return float(within / between)
 
 
-def extraction_result(params, strings: list[str], language: int) -> dict:
-    def oracle(batch):
-        return prefix_outputs(params, CELL, HIDDEN, batch)
-
-    dfa, info = extract(strings, oracle)
+def extraction_result(oracle, strings: list[str], language: int, tree=None) -> dict:
+    """extract() from `strings` (or from their prefix tree, when given), judged against the
+    true DFA."""
+    dfa, info = extract(strings, oracle) if tree is None else extract_from_tree(tree, oracle)
     witness = counterexample(dfa, tomita_dfa(language))
     return {"dfa": dfa, "equivalent": witness is None, "counterexample": witness, **info}
 
@@ -86,10 +94,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
-    checks = np.random.default_rng(12345)
-    check_strings = [
-        "".join(checks.choice(["0", "1"], n)) for n in checks.integers(0, TEST_MAX_LENGTH + 1, 2000)
-    ]
+    check_strings = random_strings(2000, TEST_MAX_LENGTH, np.random.default_rng(12345))
     runs = []
     for language in args.languages:
         dfa = tomita_dfa(language)
@@ -106,8 +111,10 @@ def main(argv=None) -> dict:
 
             t = time.time()
             _, history, _ = train_with_restarts(
-                train_data, test_data, restarts=2, seed=seed, cell=CELL, hidden=HIDDEN,
-                max_epochs=300, extra_epochs=max(args.snapshots), progress=False, on_epoch=keep,
+                train_data, test_data, restarts=DEFAULTS.restarts, seed=seed, cell=CELL,
+                hidden=HIDDEN, lr=DEFAULTS.lr, batch_size=DEFAULTS.batch_size,
+                max_epochs=DEFAULTS.max_epochs, extra_epochs=max(args.snapshots), progress=False,
+                on_epoch=keep,
             )  # fmt: skip
             strings = [s for s, _ in train_data]
             run = {
@@ -123,16 +130,21 @@ def main(argv=None) -> dict:
                 runs.append(run)
                 continue
             for extra, params in sorted(snapshots.items()):
-                whole = extraction_result(params, strings, language)
+
+                def oracle(batch, params=params):
+                    return prefix_outputs(params, CELL, HIDDEN, batch)
+
+                tree = prefix_tree(strings, oracle)  # one RNN pass for the two uses below
+                whole = extraction_result(oracle, strings, language, tree)
                 hard = [
                     extraction_result(
-                        params, list(np.random.default_rng(k).choice(strings, args.hard_size,
+                        oracle, list(np.random.default_rng(k).choice(strings, args.hard_size,
                                                                      replace=False)), language,
                     )["equivalent"]
                     for k in range(args.subsets)
                 ]  # fmt: skip
                 run["snapshots"][extra] = {
-                    "compression": compression(params, strings, language),
+                    "compression": compression(tree, language),
                     "equivalent_all": whole["equivalent"],
                     "equivalent_hard": float(np.mean(hard)),
                     "states": whole["dfa"].n_states,
@@ -144,11 +156,7 @@ def main(argv=None) -> dict:
                     "true_states": dfa.n_states,
                     "equivalent": whole["equivalent"],
                     "counterexample": whole["counterexample"],
-                    "agreement": agreement(
-                        whole["dfa"],
-                        lambda batch, p=params: prefix_outputs(p, CELL, HIDDEN, batch),
-                        check_strings,
-                    ),
+                    "agreement": agreement(whole["dfa"], oracle, check_strings),
                 }
                 if seed == args.seeds[0]:
                     plot_dfa(
@@ -161,7 +169,7 @@ def main(argv=None) -> dict:
                     rng = np.random.default_rng(1000 + size)
                     results = [
                         extraction_result(
-                            params, list(rng.choice(strings, size, replace=False)), language
+                            oracle, list(rng.choice(strings, size, replace=False)), language
                         )["equivalent"]
                         for _ in range(args.subsets)
                     ]
