@@ -176,12 +176,12 @@ class Position:
     saved: tuple[int, int] | None = None
 
 
-def interrupt_message() -> str:
-    """The one line Ctrl-C prints (run_main's on_interrupt)."""
+def interrupt_message(cause: str = "interrupted") -> str:
+    """The one line Ctrl-C or SIGTERM prints (run_main's on_interrupt; `cause` says which)."""
     if Position.at is None:
-        where = "interrupted before training started"
+        where = f"{cause} before training started"
     else:
-        where = "interrupted at phase {} epoch {} step {}".format(*Position.at)
+        where = f"{cause} at phase {{}} epoch {{}} step {{}}".format(*Position.at)
     if Position.saved is None:
         return f"{where}; no epoch is complete yet; run the same command to start again"
     return (

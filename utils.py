@@ -12,8 +12,10 @@ import io
 import json
 import os
 import pickle
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -75,34 +77,54 @@ def progress_bar(iterable=None, *, desc: str, total: int | None = None, enabled:
 
 
 INTERRUPTED = (
-    "interrupted; nothing half-written was left (every output is written whole or not at all); "
+    "{cause}; nothing half-written was left (every output is written whole or not at all); "
     "run the same command again for the outputs not yet written"
 )
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `kill`), raised in the main thread like Ctrl-C's
+    KeyboardInterrupt, so that it unwinds the same way: no half-written file is left."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 def run_main(
     main: Callable[[Sequence[str] | None], Any],
     argv: Sequence[str] | None = None,
-    on_interrupt: Callable[[], str] | None = None,
+    on_interrupt: Callable[[str], str] | None = None,
 ):
     """Run an entry script's main(); a UserError ends in one line on stderr and exit code 2,
-    Ctrl-C in one line (`on_interrupt()`, else INTERRUPTED) and exit code 130."""
+    Ctrl-C in one line (`on_interrupt(cause)`, else INTERRUPTED, with cause "interrupted") and
+    exit code 130, SIGTERM likewise with cause "terminated (SIGTERM)" and exit code 143
+    (128 + 15, as a shell reports a process that SIGTERM ended)."""
+    in_main_thread = threading.current_thread() is threading.main_thread()  # signals go there
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         return main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except KeyboardInterrupt:
-        print(on_interrupt() if on_interrupt else INTERRUPTED, file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated)
+        cause = "terminated (SIGTERM)" if terminated else "interrupted"
+        message = on_interrupt(cause) if on_interrupt else INTERRUPTED.format(cause=cause)
+        print(message, file=sys.stderr, flush=True)
+        raise SystemExit(143 if terminated else 130) from None
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------- pickles
 
 
 def to_numpy(tree: Any) -> Any:
-    """Every JAX array in `tree` as a NumPy array (pickles must not need JAX to load), keeping
-    dict order (jax.tree.map would sort the keys)."""
+    """Every JAX array in `tree` as a NumPy array (pickles must not need JAX to load), and every
+    array neither C- nor Fortran-ordered as a C-ordered copy, keeping dict order (jax.tree.map
+    would sort the keys)."""
     if isinstance(tree, dict):  # interned keys: the same content pickles to the same bytes
         return {_intern(key): to_numpy(value) for key, value in tree.items()}
     if isinstance(tree, list | tuple):
@@ -110,6 +132,10 @@ def to_numpy(tree: Any) -> Any:
         return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
     if isinstance(tree, jax.Array):
         return to_host(tree)
+    if isinstance(tree, np.ndarray) and not (tree.flags.c_contiguous or tree.flags.f_contiguous):
+        # a transposed or sliced array is written C-ordered: NumPy before 2.3 cannot read
+        # protocol 5's form of it
+        return np.ascontiguousarray(tree)
     return tree
 
 
@@ -253,9 +279,19 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
     return _NUMPY_SCALAR(dtype, data)
 
 
-def _frombuffer(buffer: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
-    """numpy's _frombuffer: reshapes the bytes the file carries, allocates nothing more."""
-    return _NUMPY_FROMBUFFER(buffer, dtype, shape, order)
+def _frombuffer(
+    buffer: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None
+) -> np.ndarray:
+    """numpy's _frombuffer: reshapes the bytes the file carries, allocates nothing more. NumPy
+    2.3 and later pickle an array that is neither C- nor Fortran-ordered (a transposed one, as
+    NHWC images become NCHW) under protocol 5 as its bytes in memory order with order 'K' and
+    the permutation `axis_order` that restores its axes; earlier NumPy passes four arguments."""
+    if axis_order is None or order != "K":
+        return _NUMPY_FROMBUFFER(buffer, dtype, shape, order)
+    rank = len(shape) if isinstance(shape, tuple | list) else -1
+    if not isinstance(axis_order, tuple | list) or sorted(axis_order) != list(range(rank)):
+        raise _refuse(f"an array of shape {shape!r} by the axis order {axis_order!r}")
+    return _NUMPY_FROMBUFFER(buffer, dtype, shape, "C").transpose(axis_order)
 
 
 def _from_containers(kind: type) -> Callable[..., Any]:
@@ -275,6 +311,13 @@ def _bytearray(*args: Any) -> bytearray:
     if not args or not isinstance(args[0], bytes | str) or len(args) > 2:
         raise _refuse("a bytearray of a size given in the file")
     return bytearray(*args)
+
+
+def _bytes(*args: Any) -> bytes:
+    """bytes(), how protocol 2 carries empty bytes (a zero-size array's data); never bytes(n)."""
+    if args:
+        raise _refuse("bytes of a size given in the file")
+    return b""
 
 
 def _encode(text: Any, encoding: str = "latin1") -> bytes:
@@ -307,6 +350,7 @@ SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     ("collections", "OrderedDict"): _from_containers(collections.OrderedDict),
     ("builtins", "complex"): _complex,
     ("builtins", "bytearray"): _bytearray,
+    ("builtins", "bytes"): _bytes,
     **{
         ("builtins", kind.__name__): _from_containers(kind)
         for kind in (dict, list, tuple, set, frozenset)

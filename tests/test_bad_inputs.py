@@ -13,6 +13,7 @@ import os
 import pickle
 import shlex
 import shutil
+import signal
 import struct
 import sys
 
@@ -387,21 +388,31 @@ def test_outputs_with_nan_are_refused_before_writing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def sigterm():
+    os.kill(os.getpid(), signal.SIGTERM)  # a real signal: run_main's handler takes it
+
+
+@pytest.mark.parametrize(
+    "stop, code, cause",
+    [(ctrl_c, 130, "interrupted"), (sigterm, 143, "terminated (SIGTERM)")],
+    ids=["ctrl_c", "sigterm"],
+)
 @pytest.mark.parametrize(
     "script, command",
     [("analyze_kernels", "{kernel} --out_dir {out}"), ("calculate_kernel", "--model_path {ckpt}")],
 )
-def test_ctrl_c_in_other_scripts_is_one_line_and_exit_code_130(
-    files, capsys, monkeypatch, tmp_path, script, command
+def test_ctrl_c_or_sigterm_in_other_scripts_is_one_line_and_its_exit_code(
+    files, capsys, monkeypatch, tmp_path, script, command, stop, code, cause
 ):
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
     module = sys.modules[SCRIPTS[script].__module__]
-    monkeypatch.setattr(module, "expand_paths", ctrl_c)  # Ctrl-C while the inputs are read
+    monkeypatch.setattr(module, "expand_paths", lambda *a, **k: stop())  # while inputs are read
     command = command.format(kernel=files["kernel"], ckpt=files["ckpt"], out=tmp_path / "out")
     with pytest.raises(SystemExit) as exit_info:
         run_main(SCRIPTS[script], shlex.split(command))
-    assert exit_info.value.code == 130
+    assert exit_info.value.code == code
     err = capsys.readouterr().err.strip()
-    assert err.startswith("interrupted; nothing half-written") and len(err.splitlines()) == 1
+    assert err.startswith(f"{cause}; nothing half-written") and len(err.splitlines()) == 1

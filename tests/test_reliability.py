@@ -188,9 +188,16 @@ def test_interrupted_run_resumes_to_identical_results(
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_real_process_says_how_to_resume_and_resuming_gives_identical_results(
-    reference_run, tmp_path
+@pytest.mark.parametrize(
+    "sig, code, cause",
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated (SIGTERM)")],
+    ids=["ctrl_c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_in_a_real_process_says_how_to_resume_and_resuming_is_identical(
+    reference_run, tmp_path, sig, code, cause
 ):
+    """Ctrl-C, and SIGTERM as a scheduler preempts a job: one line, the last complete epoch
+    kept, and --resume gives byte-identical results to the uninterrupted run."""
     folder, results = reference_run
     save_path = tmp_path / "interrupted"
     command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
@@ -206,13 +213,13 @@ def test_ctrl_c_in_a_real_process_says_how_to_resume_and_resuming_gives_identica
     while not state_path.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     assert process.poll() is None, "the run ended before its first epoch was saved"
-    process.send_signal(signal.SIGINT)  # Ctrl-C, after phase 1 epoch 1 is saved
+    process.send_signal(sig)  # after phase 1 epoch 1 is saved
     _, err = process.communicate(timeout=120)
-    assert process.returncode == 130, err
+    assert process.returncode == code, err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "interrupted" in line]
+    lines = [line for line in err.splitlines() if line.startswith(cause)]
     assert len(lines) == 1 and err.strip().endswith(lines[0]), err
-    assert lines[0].startswith("interrupted at phase ")
+    assert lines[0].startswith(f"{cause} at phase ")
     assert lines[0].endswith(
         "; the last complete epoch is saved; run the same command with --resume to continue"
     )
