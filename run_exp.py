@@ -7,7 +7,8 @@ BatchNorm frozen unless --loose_bn_second. --loaders XY picks clean (C), adversa
 clean-then-adversarial (F) data for phase 1 (X) and phase 2 (Y).
 
 Writes into --save_path: checkpoints, results.pkl, resume_state.pkl, metrics.csv (a row per
-epoch and per test) and training_curves.png (drawn from it).
+epoch and per test) and training_curves.png (drawn from it). While it runs it holds a lock on
+--save_path (.run_exp.lock): a second run into the same folder is refused.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.evaluation import evaluate
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_training_curves
+from ntk_evolution.run_lock import folder_lock
 from ntk_evolution.schemas import RESUME_TODO, check_results, check_resume_state
 from ntk_evolution.training import (
     TrainingLog,
@@ -64,7 +66,7 @@ from ntk_evolution.training import (
     run_epoch,
     set_learning_rate,
 )
-from utils import UserError, load_pickle, run_main, save_pickle, to_numpy
+from utils import UserError, is_writer, load_pickle, run_main, save_pickle, to_numpy
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1
@@ -554,6 +556,13 @@ def main(argv=None) -> dict:
     Position.at = Position.saved = None
     initialize(args)
     run, base = setup(args)
+    # one run at a time per folder: a second one is refused, naming the first
+    with folder_lock(args.save_path, "--save_path", argv, enabled=is_writer()):
+        return train_and_test(args, run, base)
+
+
+def train_and_test(args, run: Run, base: LoadedModel | None) -> dict:
+    """Phase 1 (or --base_model_path, or the --resume point), phase 2, results.pkl."""
     resume = load_resume_state(args, run) if args.resume else None
     resume_at = None if resume is None else (resume["phase"], resume["epoch"])
     run = run._replace(log=TrainingLog(os.path.join(args.save_path, METRICS_FILE), resume_at))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import pickle
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,6 +22,8 @@ import calculate_kernel
 import eval_and_make_adv
 import run_exp
 import visualize_ntk_features
+from ntk_evolution import run_lock
+from ntk_evolution.run_lock import LOCK_FILE
 from utils import UserError, load_pickle, run_main, save_pickle
 
 DIGITS = "--dataset digits --model cnn_small"
@@ -230,6 +234,85 @@ def test_ctrl_c_or_sigterm_in_a_real_process_says_how_to_resume_and_resuming_is_
     for name in ("results.pkl", "parameters_final.pkl"):
         expected = open(folder / name, "rb").read()
         assert open(save_path / name, "rb").read() == expected, name
+
+
+# ----------------------------------------------------------------------------- one run per folder
+
+
+def start_run(save_path, cwd, extra=()):
+    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN), *extra]
+    return subprocess.Popen(
+        [*command, "--save_path", str(save_path)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_second_run_into_a_running_runs_folder_is_refused_and_the_first_is_untouched(
+    reference_run, tmp_path
+):
+    folder, results = reference_run
+    save_path = tmp_path / "shared"
+    first = start_run(save_path, tmp_path)
+    lock = save_path / LOCK_FILE
+    deadline = time.time() + 300
+    while not (lock.exists() and lock.read_text().strip()) and time.time() < deadline:
+        assert first.poll() is None, first.communicate()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGSTOP)  # hold it mid-run, whatever the machine's speed
+    try:
+        second = start_run(save_path, tmp_path)
+        _, err = second.communicate(timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert second.returncode == 2, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"error: --save_path {save_path} is in use by another run_exp.py ")
+    assert f"pid {first.pid} on host {socket.gethostname()}" in err
+    _, first_err = first.communicate(timeout=600)
+    assert first.returncode == 0, first_err
+    assert digest(save_path) == digest(folder)  # byte for byte the uninterrupted run's files
+    assert not lock.exists()  # released at the end: a later run into the folder may start
+
+
+def test_a_lock_held_elsewhere_is_named_and_nothing_is_written(tmp_path, capsys):
+    save_path = tmp_path / "held"
+    save_path.mkdir()
+    fd = run_lock.acquire(str(save_path), "--save_path", ["--the", "other", "run"])
+    try:
+        expect_one_line_error(
+            capsys,
+            run_exp.main,
+            f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --save_path {save_path}",
+            f"is in use by another run_exp.py (pid {os.getpid()} on host {socket.gethostname()}",
+        )
+        assert sorted(os.listdir(save_path)) == [LOCK_FILE]
+        holder = json.loads((save_path / LOCK_FILE).read_text())
+        assert holder["command"] == "run_exp.py --the other run"  # not overwritten
+    finally:
+        run_lock.release(fd, str(save_path))
+    assert os.listdir(save_path) == []
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_with_a_note(tmp_path, capsys):
+    save_path = tmp_path / "left"
+    save_path.mkdir()
+    left = {"pid": 999999, "host": "node17", "started": "2026-12-01T10:00:00+00:00"}
+    (save_path / LOCK_FILE).write_text(json.dumps(left))  # the file, but nobody holds the lock
+    run_exp.main(
+        shlex.split(
+            f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --skip_first_test "
+            f"--skip_second_test --save_path {save_path}"
+        )
+    )
+    out = capsys.readouterr().out
+    assert "note: taking over" in out and "pid 999999 on host node17" in out
+    assert (save_path / "results.pkl").is_file() and not (save_path / LOCK_FILE).exists()
+    # runs one after another into one folder stay allowed (the README's examples 1 and 2 do
+    # it: test_readme_examples.py)
 
 
 def untimed_metrics(folder) -> list[dict]:
