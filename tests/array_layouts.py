@@ -2,7 +2,7 @@
 
 Plain NumPy only, so that it also runs under NumPy 1: `python tests/array_layouts.py DIR`
 writes each layout under pickle protocols 2 to 5 into DIR as `<layout>_p<protocol>.pkl`, with
-the NumPy version that wrote them in `VERSION`. tests/data/numpy1/ was written that way by
+the NumPy version that wrote them in `VERSION`. tests/numpy1_pickles/ was written that way by
 NumPy 1.26.4 (`pip install numpy==1.26.4` in a fresh venv): genuine NumPy 1 files, which name
 `numpy.core` where NumPy 2 names `numpy._core`.
 """
