@@ -81,6 +81,33 @@ def test_every_attack_stays_in_the_eps_ball_and_image_range(linear_classifier, n
     assert accuracy < 0.9  # it attacked
 
 
+@pytest.fixture(scope="module")
+def colour_classifier():
+    """The same kind of linear classifier on 30 colour images of CIFAR's shape (32 x 32 x 3),
+    with a weight per channel: the per-channel code paths (Square's windows) run."""
+    rng = np.random.default_rng(1)
+    weights = (rng.normal(size=(32 * 32 * 3, N_CLASSES)) / np.sqrt(48)).astype(np.float32)
+    x = random_images(30, (32, 32, 3), seed=2)
+
+    def logits_fn(z):
+        return (z.reshape(z.shape[0], -1) - 0.5) @ weights
+
+    return logits_fn, x, np.asarray(jnp.argmax(logits_fn(jnp.asarray(x)), -1))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("norm,eps", [("linf", 4 / 255), ("l2", 0.5)])
+@pytest.mark.parametrize("name", list(ATTACK_FNS))
+def test_every_attack_stays_in_the_eps_ball_on_colour_images(colour_classifier, name, norm, eps):
+    logits_fn, x, y = colour_classifier
+    attack = jax.jit(functools.partial(ATTACK_FNS[name], logits_fn, eps=eps, norm=norm))
+    x_adv = attack(jnp.asarray(x), jnp.asarray(y), jax.random.PRNGKey(0))
+    assert x_adv.shape == x.shape
+    _in_ball(x_adv, x, eps, norm)
+    accuracy = float(np.mean(np.argmax(logits_fn(x_adv), -1) == y))
+    assert accuracy < 0.9  # it attacked
+
+
 def minimal_linf_distance(weights, bias, x, y) -> np.ndarray:
     """The exact smallest L-inf perturbation (within [0, 1]) that changes a linear classifier's
     label: over the other classes t, the box-constrained step onto z_t = z_y (inf where the box

@@ -1,7 +1,7 @@
 """The safe loader (utils.load_pickle) accepts every honest array NumPy pickles: every memory
-layout, under pickle protocols 2 to 5, written by NumPy 2 here and by NumPy 1 (files in
-tests/numpy1_pickles, written by tests/array_layouts.py under NumPy 1.26.4). The reference is NumPy's
-own unpickler (plain pickle.loads of the same bytes). What the loader refuses is tested in
+layout, under pickle protocols 2 to 5, written by NumPy 2 here and by NumPy 1 (the files in
+tests/numpy1_pickles, written by tests/array_layouts.py under NumPy 1.26.4). The reference is
+NumPy's own unpickler (plain pickle.loads of the same bytes). What the loader refuses is tested in
 test_reliability.py and test_bad_inputs.py; the refusals that the new forms could open are
 tested here."""
 

@@ -4,6 +4,7 @@ torchvision's on-disk layout."""
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -17,6 +18,9 @@ import calculate_kernel
 import eval_and_make_adv
 import run_exp
 import visualize_ntk_features
+from ntk_evolution.checkpoints import load_examples, load_kernel, load_model
+from ntk_evolution.schemas import check_results
+from utils import load_pickle
 
 SCRIPTS = {
     "run_exp.py": run_exp.main,
@@ -70,7 +74,7 @@ def test_readme_has_the_six_original_examples():
     assert readme_examples() == ORIGINAL_EXAMPLES
 
 
-def check_outputs(data, n_test):
+def check_outputs(data, n_test, kernel_size=500):
     phase1 = "saved_model_path_phase_1"
     phase2 = "saved_model_loaded_centering_phase_2"
     names = set(os.listdir(phase1))
@@ -102,10 +106,11 @@ def check_outputs(data, n_test):
     clean = data.x_test[:n_test].transpose(0, 3, 1, 2)
     assert np.abs(examples["images"] - clean).max() <= 4 / 255 + 1e-6
     np.testing.assert_array_equal(examples["labels"], data.y_test[:n_test])
-    kernel = load(f"{phase1}/saved_kernel_class_0_500.pkl")
-    assert kernel["kernel"].shape == (500, 500) and kernel["kernel"].dtype == np.float64
+    kernel = load(f"{phase1}/saved_kernel_class_0_{kernel_size}.pkl")
+    assert kernel["kernel"].shape == (kernel_size, kernel_size)
+    assert kernel["kernel"].dtype == np.float64
     np.testing.assert_array_equal(kernel["labels"], data.y_train[kernel["indices"]])
-    assert os.path.isfile(f"{phase1}/saved_kernel_class_0_500.png")
+    assert os.path.isfile(f"{phase1}/saved_kernel_class_0_{kernel_size}.png")
 
 
 def _leaves(tree):
@@ -159,20 +164,57 @@ def test_readme_examples_on_digits(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_readme_examples_on_cifar10_fixture(tmp_path, monkeypatch, skip_cifar_md5):
+def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
+    tmp_path, monkeypatch, skip_cifar_md5
+):
+    """The six examples chained on colour images (3 x 32 x 32) with cnn_small, every output read
+    back with the project's loaders, then example 5's examples evaluated on the phase-1 network
+    with --test_path (the transfer the original's users run; its file was once unreadable)."""
     from data import load_dataset
 
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=600, n_test=100)
-    small = "--model mlp_skinny --n_test 50"
+    write_cifar10_fixture("data", n_train=300, n_test=100)
+    small = "--model cnn_small --n_test 50"
+    skip = "--skip_first_test --skip_second_test"
     extras = [
-        f"{small} --standard_epochs 21",
-        f"{small} --standard_epochs 1",
-        f"{small} --linear_epochs 1",
-        f"{small} --linear_epochs 1",
+        f"{small} --standard_epochs 21 {skip}",
+        f"{small} --standard_epochs 1 {skip}",
+        f"{small} --linear_epochs 1 {skip}",
+        f"{small} --linear_epochs 1 --skip_first_test",  # the last to write results.pkl
         small,
-        "--model mlp_skinny",
+        "--model cnn_small --dataset_size 50",
     ]
     for command, extra in zip(readme_examples(), extras, strict=True):
         run_command(command, extra)
-    check_outputs(load_dataset("cifar10", "data"), 50)
+    data = load_dataset("cifar10", "data")
+    check_outputs(data, 50, kernel_size=50)
+    check_with_project_loaders(data, 50)
+    transfer = eval_and_make_adv.main(
+        shlex.split(
+            "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl --test_path "
+            "saved_model_loaded_centering_phase_2/test_results/adv_examples_test_results.pkl"
+        )
+    )
+    assert transfer["acc_clean"] is None and 0 <= transfer["acc_transfer"] <= 1
+    assert transfer["predictions_clean"].shape == (50,) and transfer["acc_dirty"] is not None
+    stored = load_pickle("saved_model_path_phase_1/test_results_transfer_test_results.pkl")
+    assert stored["acc_transfer"] == transfer["acc_transfer"]
+
+
+def check_with_project_loaders(data, n_test):
+    """Every output of the six examples through the loader and schema its consumers use."""
+    phase1 = "saved_model_path_phase_1"
+    phase2 = "saved_model_loaded_centering_phase_2"
+    for path in glob.glob(f"{phase1}/parameters_*.pkl") + glob.glob(f"{phase2}/parameters_*.pkl"):
+        assert load_model(path).meta["dataset"] == data.name
+    for path in (f"{phase1}/results.pkl", f"{phase2}/results.pkl"):
+        check_results(load_pickle(path), path)
+    results = f"{phase2}/test_results/test_results_test_results.pkl"
+    check_results(load_pickle(results), results)
+    images, labels = load_examples(
+        f"{phase2}/test_results/adv_examples_test_results.pkl", data.image_shape, data.n_classes
+    )
+    assert images.shape == (n_test, *data.image_shape)
+    np.testing.assert_array_equal(labels, data.y_test[:n_test])
+    kernel = load_kernel(f"{phase1}/saved_kernel_class_0_50.pkl")
+    assert kernel["class_index"] == 0 and kernel["dataset"] == data.name
