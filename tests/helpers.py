@@ -1,4 +1,4 @@
-"""Small models and inputs shared by the numerical tests."""
+"""Small models and inputs shared by the numerical tests, and the entry scripts by name."""
 
 from __future__ import annotations
 
@@ -7,7 +7,29 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
+import analyze_kernels
+import calculate_kernel
+import cka
+import eigen_features
+import eval_and_make_adv
+import ntk_attack
+import robustify_dataset
+import run_exp
+import visualize_ntk_features
 from models import get_model, init_model
+
+# the nine NTK/CKA entry scripts' main(argv), by module name
+SCRIPTS = {
+    "run_exp": run_exp.main,
+    "eval_and_make_adv": eval_and_make_adv.main,
+    "calculate_kernel": calculate_kernel.main,
+    "visualize_ntk_features": visualize_ntk_features.main,
+    "analyze_kernels": analyze_kernels.main,
+    "ntk_attack": ntk_attack.main,
+    "eigen_features": eigen_features.main,
+    "cka": cka.main,
+    "robustify_dataset": robustify_dataset.main,
+}
 
 
 def small_model(name: str = "cnn_small", n_classes: int = 10, image_shape=(8, 8, 1), seed=0):

@@ -19,31 +19,15 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import SCRIPTS
 
-import analyze_kernels
 import calculate_kernel
-import cka
-import eigen_features
 import eval_and_make_adv
-import ntk_attack
-import robustify_dataset
 import run_exp
-import visualize_ntk_features
 from utils import load_pickle, run_main, save_pickle
 
 DIGITS = "--dataset digits --model cnn_small"
 RUN_FLAGS = f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --random_seed 4"
-SCRIPTS = {
-    "run_exp": run_exp.main,
-    "eval_and_make_adv": eval_and_make_adv.main,
-    "calculate_kernel": calculate_kernel.main,
-    "visualize_ntk_features": visualize_ntk_features.main,
-    "analyze_kernels": analyze_kernels.main,
-    "ntk_attack": ntk_attack.main,
-    "eigen_features": eigen_features.main,
-    "cka": cka.main,
-    "robustify_dataset": robustify_dataset.main,
-}
 
 
 # ----------------------------------------------------------------------------- raw pickles

@@ -22,16 +22,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import write_cifar10_fixture
+from helpers import SCRIPTS
 
-import analyze_kernels
-import calculate_kernel
-import cka
-import eigen_features
-import eval_and_make_adv
-import ntk_attack
-import robustify_dataset
-import run_exp
-import visualize_ntk_features
 from data import Dataset, load_dataset
 from ntk_evolution.checkpoints import load_examples, load_kernel, load_model
 from ntk_evolution.schemas import check_results, check_resume_state
@@ -39,17 +31,6 @@ from utils import load_pickle
 
 pytestmark = pytest.mark.slow
 
-SCRIPTS = {
-    "run_exp": run_exp.main,
-    "eval_and_make_adv": eval_and_make_adv.main,
-    "calculate_kernel": calculate_kernel.main,
-    "visualize_ntk_features": visualize_ntk_features.main,
-    "analyze_kernels": analyze_kernels.main,
-    "ntk_attack": ntk_attack.main,
-    "eigen_features": eigen_features.main,
-    "cka": cka.main,
-    "robustify_dataset": robustify_dataset.main,
-}
 EPS = 16  # in 1/255
 RUN = (
     "--model cnn_small --loaders AC --standard_epochs 2 --centering --constant_save "
