@@ -102,14 +102,14 @@ def attacked_batches(
     description: str = "evaluate",
     key_fn: Callable[[jax.Array, int, int], jax.Array] = attack_key,
 ) -> Iterator[tuple[dict[str, jax.Array], jax.Array, int]]:
-    """The test batches of (x, y) in order (padded to TEST_BATCH and to the device count, split
-    over the devices), each with its attacked versions: yields ({'clean': x, name: fn(x, y,
-    key_fn(key, batch, j)) for the j-th attack, 'transfer': the matching rows of `transfer`},
-    y, number of real rows), under a progress bar."""
-    transfer_batches = None if transfer is None else padded_batches(transfer, y, TEST_BATCH)
-    bar = progress_bar(
-        padded_batches(x, y, TEST_BATCH), total=-(-len(x) // TEST_BATCH), desc=description
-    )
+    """The test batches of (x, y) in order (batches of TEST_BATCH, the last padded to it, or one
+    batch of them all when there are fewer; padded to the device count and split over the
+    devices), each with its attacked versions: yields ({'clean': x, name: fn(x, y, key_fn(key,
+    batch, j)) for the j-th attack, 'transfer': the matching rows of `transfer`}, y, number of
+    real rows), under a progress bar."""
+    batch = max(1, min(TEST_BATCH, len(x)))  # --n_test 16 attacks 16 images, not 100
+    transfer_batches = None if transfer is None else padded_batches(transfer, y, batch)
+    bar = progress_bar(padded_batches(x, y, batch), total=-(-len(x) // batch), desc=description)
     for i, (xb, yb, n_real) in enumerate(bar):
         xb, yb = shard_batch(xb, yb, pad=True)
         inputs = {"clean": xb}
