@@ -214,9 +214,7 @@ def test_checkpoints_read_back_as_the_network(chain):
     assert len(checkpoints) >= 6
     for file in checkpoints:
         loaded = load_model(file)  # every tree checked against a cnn_small of these images
-        assert loaded.meta["image_shape"] == list(chain.ds.image_shape) or tuple(
-            loaded.meta["image_shape"]
-        ) == tuple(chain.ds.image_shape)
+        assert tuple(loaded.meta["image_shape"]) == tuple(chain.ds.image_shape)
         assert loaded.meta["dataset"] == chain.ds.name
 
 

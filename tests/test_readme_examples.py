@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import glob
 import os
-import pickle
 import re
 import shlex
 
@@ -44,8 +43,7 @@ def run_command(command: str, extra: str):
 
 
 def load(path):
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    return load_pickle(path)  # the safe loader: no --trust_pickle needed for our own files
 
 
 # The six example commands of the original README (yolky/adversarial_ntk_evolution), verbatim:
@@ -75,6 +73,7 @@ def test_readme_has_the_six_original_examples():
 
 
 def check_outputs(data, n_test, kernel_size=500):
+    """The files of the six examples hold what SPEC.md says, read as their consumers read them."""
     phase1 = "saved_model_path_phase_1"
     phase2 = "saved_model_loaded_centering_phase_2"
     names = set(os.listdir(phase1))
@@ -95,12 +94,14 @@ def check_outputs(data, n_test, kernel_size=500):
         for a, b in zip(_leaves(final["params"]), _leaves(final["lin_params"]), strict=True)
     ]
     assert any(moved)  # phase 2 trained w away from theta_t
-    test_results = load(f"{phase2}/test_results/test_results_test_results.pkl")
+    test_results_path = f"{phase2}/test_results/test_results_test_results.pkl"
+    test_results = load(test_results_path)
     for key in ("acc_clean", "acc_dirty", "predictions_clean", "predictions_dirty"):
         assert key in test_results
     assert test_results["predictions_dirty"].shape == (n_test,)  # labels, as the original's
     assert set(test_results["components_clean"]) == {"f", "df"}
-    examples = load(f"{phase2}/test_results/adv_examples_test_results.pkl")
+    examples_path = f"{phase2}/test_results/adv_examples_test_results.pkl"
+    examples = load(examples_path)
     h, w, c = data.image_shape
     assert examples["images"].shape == (n_test, c, h, w)
     clean = data.x_test[:n_test].transpose(0, 3, 1, 2)
@@ -111,6 +112,16 @@ def check_outputs(data, n_test, kernel_size=500):
     assert kernel["kernel"].dtype == np.float64
     np.testing.assert_array_equal(kernel["labels"], data.y_train[kernel["indices"]])
     assert os.path.isfile(f"{phase1}/saved_kernel_class_0_{kernel_size}.png")
+    # and through the loaders and schemas of the scripts that consume them
+    for path in glob.glob(f"{phase1}/parameters_*.pkl") + glob.glob(f"{phase2}/parameters_*.pkl"):
+        assert load_model(path).meta["dataset"] == data.name
+    for path in (f"{phase1}/results.pkl", f"{phase2}/results.pkl", test_results_path):
+        check_results(load(path), path)
+    images, labels = load_examples(examples_path, data.image_shape, data.n_classes)
+    assert images.shape == (n_test, *data.image_shape)
+    np.testing.assert_array_equal(labels, data.y_test[:n_test])
+    kernel = load_kernel(f"{phase1}/saved_kernel_class_0_{kernel_size}.pkl")
+    assert kernel["class_index"] == 0 and kernel["dataset"] == data.name
 
 
 def _leaves(tree):
@@ -188,7 +199,6 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
         run_command(command, extra)
     data = load_dataset("cifar10", "data")
     check_outputs(data, 50, kernel_size=50)
-    check_with_project_loaders(data, 50)
     transfer = eval_and_make_adv.main(
         shlex.split(
             "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl --test_path "
@@ -197,24 +207,5 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     )
     assert transfer["acc_clean"] is None and 0 <= transfer["acc_transfer"] <= 1
     assert transfer["predictions_clean"].shape == (50,) and transfer["acc_dirty"] is not None
-    stored = load_pickle("saved_model_path_phase_1/test_results_transfer_test_results.pkl")
+    stored = load("saved_model_path_phase_1/test_results_transfer_test_results.pkl")
     assert stored["acc_transfer"] == transfer["acc_transfer"]
-
-
-def check_with_project_loaders(data, n_test):
-    """Every output of the six examples through the loader and schema its consumers use."""
-    phase1 = "saved_model_path_phase_1"
-    phase2 = "saved_model_loaded_centering_phase_2"
-    for path in glob.glob(f"{phase1}/parameters_*.pkl") + glob.glob(f"{phase2}/parameters_*.pkl"):
-        assert load_model(path).meta["dataset"] == data.name
-    for path in (f"{phase1}/results.pkl", f"{phase2}/results.pkl"):
-        check_results(load_pickle(path), path)
-    results = f"{phase2}/test_results/test_results_test_results.pkl"
-    check_results(load_pickle(results), results)
-    images, labels = load_examples(
-        f"{phase2}/test_results/adv_examples_test_results.pkl", data.image_shape, data.n_classes
-    )
-    assert images.shape == (n_test, *data.image_shape)
-    np.testing.assert_array_equal(labels, data.y_test[:n_test])
-    kernel = load_kernel(f"{phase1}/saved_kernel_class_0_50.pkl")
-    assert kernel["class_index"] == 0 and kernel["dataset"] == data.name

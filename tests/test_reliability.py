@@ -191,6 +191,18 @@ def test_interrupted_run_resumes_to_identical_results(
     assert (tmp_path / "resumed" / "training_curves.png").is_file()
 
 
+def start_run(save_path, cwd):
+    """RUN into `save_path` in a process of its own."""
+    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
+    return subprocess.Popen(
+        [*command, "--save_path", str(save_path)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "sig, code, cause",
@@ -204,14 +216,7 @@ def test_ctrl_c_or_sigterm_in_a_real_process_says_how_to_resume_and_resuming_is_
     kept, and --resume gives byte-identical results to the uninterrupted run."""
     folder, results = reference_run
     save_path = tmp_path / "interrupted"
-    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
-    process = subprocess.Popen(
-        [*command, "--save_path", str(save_path)],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_run(save_path, tmp_path)
     state_path = save_path / "resume_state.pkl"
     deadline = time.time() + 300
     while not state_path.exists() and process.poll() is None and time.time() < deadline:
@@ -237,17 +242,6 @@ def test_ctrl_c_or_sigterm_in_a_real_process_says_how_to_resume_and_resuming_is_
 
 
 # ----------------------------------------------------------------------------- one run per folder
-
-
-def start_run(save_path, cwd, extra=()):
-    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN), *extra]
-    return subprocess.Popen(
-        [*command, "--save_path", str(save_path)],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 @pytest.mark.slow
