@@ -32,7 +32,6 @@ from ntk_evolution.cli import (
     check_out_dir,
     non_negative_int,
 )
-from ntk_evolution.evaluation import masking_warnings
 from ntk_evolution.kernel_regression import component_factors, eigen_decomposition, one_hot
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_component_gradients, plot_eigen_features
@@ -147,7 +146,7 @@ def main(argv=None) -> dict:
         row = {"kind": kind, "k": k, "eigenvalue": float(eigen.values[k - 1]), "clean": clean}
         if evaluate:
             coefficients, projection = component_factors(eigen, chosen)
-            accuracies, _ = evaluate_predictor(
+            accuracies, _, warnings = evaluate_predictor(
                 support,
                 coefficients,
                 projection,
@@ -159,11 +158,12 @@ def main(argv=None) -> dict:
                 variant=args.attack_variant,
                 description=f"{kind} {k}",
                 autoattack=autoattack_threat(args),
+                autoattack_each=args.autoattack_each,
             )
             row["linf"] = accuracies["linf"]
             if args.autoattack:
                 row["autoattack"] = accuracies["autoattack"]
-                for warning in masking_warnings(accuracies):
+                for warning in warnings:
                     print(f"warning: {kind} {k}: {warning}")
         rows.append(row)
 

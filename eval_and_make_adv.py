@@ -15,11 +15,15 @@ ordinary evaluation does not overwrite it.
 "dirty" is L-inf PGD on the cross-entropy. Added for an honest robustness figure: --margin
 (the same PGD on the Carlini-Wagner margin loss), --restarts (random restarts of each attack; an
 example is robust only if every restart fails), --transfer_path (another model's adversarial
-examples of the same test images), --autoattack (AutoAttack's standard attacks: acc_apgd_ce,
-acc_apgd_t, acc_fab_t, acc_square and acc_autoattack, robust to all four), --eps_sweep (the
-worst-case accuracy at several radii, eps_sweep), and acc_worst: correct on the clean image and
-under every attack run. A warning names gradient masking when the gradient-free attack beats the
-gradient attacks, or when robust accuracy does not fall towards zero as eps grows.
+examples of the same test images), --autoattack (AutoAttack's standard version: APGD-CE,
+APGD-T, FAB-T and Square in turn, each on the images still robust; acc_after_apgd_ce ...
+acc_after_square the robust accuracy after each, acc_autoattack the last, autoattack_checks the
+reference's checks; --autoattack_each also each attack alone on every image: acc_apgd_ce,
+acc_apgd_t, acc_fab_t, acc_square), --eps_sweep (the worst-case accuracy at several radii,
+eps_sweep), and acc_worst: correct on the clean image and under every attack run. Warnings
+name gradient masking when Square finds what the gradient attacks together missed, when input
+gradients vanish, or when robust accuracy does not fall towards zero as eps grows; and a
+randomised model or probability outputs.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ from ntk_evolution.dynamics import Dynamics
 from ntk_evolution.evaluation import (
     NAMES,
     Tally,
+    after,
     attacked_batches,
     hits,
     load_transfer,
@@ -61,6 +66,7 @@ from ntk_evolution.evaluation import (
     make_components_fn,
     masking_warnings,
     print_warnings,
+    run_autoattack,
     sweep_warnings,
 )
 from ntk_evolution.parallel import initialize, replicate, shard_batch
@@ -174,9 +180,8 @@ def main(argv=None) -> dict:
     def logits_of(f, df):
         return df if args.centering else f + df
 
-    def attack_fns(eps_linf: float, autoattack: bool) -> dict:
-        """{result name: attack(x, y, key)}: PGD-Linf ('dirty'), with --margin PGD-margin, with
-        `autoattack` AutoAttack's four."""
+    def attack_fns(eps_linf: float) -> dict:
+        """{result name: attack(x, y, key)}: PGD-Linf ('dirty'), with --margin PGD-margin."""
         settings = attack_settings(eps_linf)
         kinds = {"dirty": "linf", **({"margin": "margin"} if args.margin else {})}
         fns = {
@@ -185,20 +190,32 @@ def main(argv=None) -> dict:
             )
             for name, kind in kinds.items()
         }
-        if autoattack:
-            eps = eps_linf if args.autoattack_norm == "linf" else args.eps_l2
-            fns.update(
-                make_autoattack_fns(
-                    model, dynamics, eps=eps, norm=args.autoattack_norm, n_classes=ds.n_classes
-                )
-            )
         return {name: functools.partial(fn, w, theta_t, net_state) for name, fn in fns.items()}
 
     def batch_hits(x_in, yb, n_real):
         f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
         return f[:n_real], df[:n_real], hits(logits_of(f, df), yb, n_real)
 
-    fns = {} if args.no_adv else attack_fns(eps_from_255(args.eps), args.autoattack)
+    def add_autoattack(tally: Tally, eps_linf: float) -> dict:
+        """AutoAttack (run_autoattack) on the images correct when clean; its checks."""
+        eps = eps_linf if args.autoattack_norm == "linf" else args.eps_l2
+        fns = make_autoattack_fns(
+            model, dynamics, eps=eps, norm=args.autoattack_norm, n_classes=ds.n_classes
+        )
+        fns = {name: functools.partial(fn, w, theta_t, net_state) for name, fn in fns.items()}
+        flags, checks = run_autoattack(
+            fns,
+            lambda xs: logits_of(*components_fn(w, theta_t, net_state, xs)),
+            x,
+            y,
+            tally.flags("clean"),
+            key,
+            each=args.autoattack_each,
+        )
+        tally.add(flags)
+        return checks
+
+    fns = {} if args.no_adv else attack_fns(eps_from_255(args.eps))
     outputs = {"clean": [], "dirty": []}
     adv_images = []
     tally = Tally()
@@ -211,6 +228,9 @@ def main(argv=None) -> dict:
             if name in outputs:
                 outputs[name].append((f, df))
         tally.add(correct)
+    checks = None
+    if args.autoattack and not args.no_adv:
+        checks = add_autoattack(tally, eps_from_255(args.eps))
 
     accuracies = tally.accuracies()
     results = {}
@@ -225,7 +245,7 @@ def main(argv=None) -> dict:
         # predicted labels, as the original stores them (the logits are in the components)
         results[f"predictions_{name}"] = np.argmax(logits_of(f, df), axis=1)
         results[f"components_{name}"] = {"f": f, "df": df}
-    for name in ("margin", "transfer", *AUTOATTACK, "autoattack", "worst"):
+    for name in ("margin", "transfer", *AUTOATTACK, *map(after, AUTOATTACK), "autoattack", "worst"):
         results[f"acc_{name}"] = accuracies.get(name)
     if args.test_path:
         # the "clean" pass ran on another model's examples: that is a transfer accuracy
@@ -233,19 +253,19 @@ def main(argv=None) -> dict:
     results["test_path"] = os.path.abspath(args.test_path) if args.test_path else None
     results["restarts"] = args.restarts
     results["autoattack"] = autoattack_threat(args)  # (norm, eps)
-    warnings = masking_warnings(accuracies)
+    results["autoattack_checks"] = checks
+    warnings = masking_warnings(accuracies, checks)
     results["eps_sweep"] = None
     if args.eps_sweep and not args.no_adv:
         sweep = {}
         for eps in args.eps_sweep:
             sweep_tally = Tally()
-            sweep_fns = attack_fns(
-                eps_from_255(eps), args.autoattack and args.autoattack_norm == "linf"
-            )
             for inputs, yb, n_real in attacked_batches(
-                x, y, key, sweep_fns, description=f"eps {eps:g}/255"
+                x, y, key, attack_fns(eps_from_255(eps)), description=f"eps {eps:g}/255"
             ):
                 sweep_tally.add({k: batch_hits(v, yb, n_real)[2] for k, v in inputs.items()})
+            if args.autoattack and args.autoattack_norm == "linf":
+                add_autoattack(sweep_tally, eps_from_255(eps))
             sweep[eps] = sweep_tally.accuracies()["worst"]
             print(f"eps {eps:g}/255: worst-case accuracy {sweep[eps]:.4f}")
         results["eps_sweep"] = sweep
@@ -268,7 +288,7 @@ def main(argv=None) -> dict:
         "acc_clean": "clean accuracy",
         "acc_dirty": f"{attack}-Linf (eps {args.eps:g}/255{restarts}) accuracy",
         "acc_margin": f"{attack}-margin accuracy",
-        **{f"acc_{name}": NAMES[name] for name in AUTOATTACK},
+        **{f"acc_{name}": f"{NAMES[name]} alone" for name in AUTOATTACK},
         "acc_autoattack": f"AutoAttack ({args.autoattack_norm}, eps {autoattack_eps(args):.4g})",
         "acc_transfer": (
             f"accuracy on {args.test_path}'s examples" if args.test_path else "transfer accuracy"

@@ -33,7 +33,7 @@ from ntk_evolution.cli import (
     check_attack_variant,
     check_out_dir,
 )
-from ntk_evolution.evaluation import NAMES, load_transfer, masking_warnings, print_warnings
+from ntk_evolution.evaluation import NAMES, load_transfer, print_warnings
 from ntk_evolution.kernel_regression import one_hot, regression_coefficients
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_image_grid
@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     coefficients = regression_coefficients(
         support.kernel, one_hot(support.labels, ds.n_classes), args.ridge
     )
-    accuracies, adversarial = evaluate_predictor(
+    accuracies, adversarial, warnings = evaluate_predictor(
         support,
         coefficients,
         np.eye(ds.n_classes),
@@ -92,6 +92,7 @@ def main(argv=None) -> dict:
         transfer=transfer,
         description="NTK attack",
         autoattack=autoattack_threat(args),
+        autoattack_each=args.autoattack_each,
     )
     attack = f"{VARIANT_NAMES[args.attack_variant]}-Linf (eps {args.eps:g}/255)"
     names = {**NAMES, "linf": attack, "transfer": "transfer"}
@@ -103,7 +104,6 @@ def main(argv=None) -> dict:
         + f" on {len(x)} test images"
         + (f" ({args.restarts} restarts)" if args.restarts > 1 else "")
     )
-    warnings = masking_warnings(accuracies)
     print_warnings(warnings)
 
     summary = {

@@ -47,7 +47,7 @@ from ntk_evolution.cli import (
     finite_float,
     positive_int,
 )
-from ntk_evolution.evaluation import masking_warnings, print_warnings
+from ntk_evolution.evaluation import print_warnings
 from ntk_evolution.kernel_regression import kernel_predictor, one_hot, regression_coefficients
 from ntk_evolution.parallel import initialize
 from ntk_evolution.plots import plot_robustified
@@ -217,11 +217,11 @@ def main(argv=None) -> dict:
         coefficients = regression_coefficients(
             support.kernel, one_hot(labels, ds.n_classes), args.ridge
         )
-        summary[name], _ = evaluate_predictor(
+        summary[name], _, warnings = evaluate_predictor(
             support, coefficients, np.eye(ds.n_classes), x_test, y_test,
             jax.random.PRNGKey(args.random_seed), eps_linf=eps, n_steps=20,
             variant=args.attack_variant, description=f"evaluate {name}",
-            autoattack=autoattack_threat(args),
+            autoattack=autoattack_threat(args), autoattack_each=args.autoattack_each,
         )  # fmt: skip
         autoattack = summary[name].get("autoattack")
         print(
@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
             + (f", AutoAttack {autoattack:.4f}" if autoattack is not None else "")
             + f" on {len(x_test)} test images"
         )
-        print_warnings(masking_warnings(summary[name]))
+        print_warnings(warnings)
 
     path = os.path.join(args.out_dir, f"robust_{args.save_name}.pkl")
     record = {

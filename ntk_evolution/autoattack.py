@@ -22,12 +22,15 @@ over devices like attacks.pgd.
   is within eps.
 - square: Square Attack on the margin z_y - max_{j != y} z_j, 5000 queries, p_init 0.8:
   random square windows (side sqrt(p H W), p shrinking on the schedule of the paper) set to
-  the vertices of the L-inf ball, or (L2) moving perturbation mass between two windows; a
-  candidate is kept if it lowers the margin. Gradient-free: it cannot be fooled by masked
-  gradients.
+  the vertices of the L-inf ball, or (L2) moving perturbation mass between two windows, with
+  the windows' norms taken per channel as in the reference (`_l2_candidate`); a candidate is
+  kept if it lowers the margin. Gradient-free: it cannot be fooled by masked gradients.
+  Windows are drawn per example and may sit anywhere, the last row and column included (the
+  reference draws one corner per query for the whole batch, in 0 .. H - s - 1).
 
-An example is robust to AutoAttack if it is classified correctly on the clean image and under
-all four (evaluation.py's tally does that).
+start_gradient_vanishes is the reference's zero-gradient check (CHECK_FNS). The standard
+version's order, each attack on the examples still robust after the ones before, and the
+reference's other checks are evaluation.run_autoattack's.
 """
 
 from __future__ import annotations
@@ -108,6 +111,32 @@ def apgd_checkpoints(n_iter: int) -> tuple[np.ndarray, np.ndarray]:
     return is_check, lengths
 
 
+def _apgd_start(x: jax.Array, key: jax.Array, eps: float, norm: str) -> jax.Array:
+    """APGD's random start: a uniform (L-inf) or Gaussian (L2) draw scaled onto the eps-sphere,
+    clipped to [0, 1]."""
+    if norm == "linf":
+        t = jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0)
+        t = t / jnp.max(jnp.abs(t), axis=(1, 2, 3), keepdims=True)
+    else:
+        t = jax.random.normal(key, x.shape)
+        t = t / (_norm(t) + 1e-12)
+    return jnp.clip(x + eps * t, 0.0, 1.0)
+
+
+def start_gradient_vanishes(
+    logits_fn, x, y, key, *, eps: float, norm: str = "linf", n_classes: int = 10
+) -> jax.Array:
+    """(N,) bool: the cross-entropy's input gradient is exactly zero at APGD-CE's start (the same
+    key draws the same start). The reference's check_zero_gradients: there a gradient attack
+    has nothing to follow, and only Square can find what such an example hides."""
+
+    def loss(z):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(logits_fn(z), y))
+
+    grad = jax.grad(loss)(_apgd_start(x, key, eps, norm))
+    return jnp.all(grad == 0, axis=tuple(range(1, x.ndim)))
+
+
 def apgd(
     logits_fn: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -134,13 +163,7 @@ def apgd(
 
     value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-    if norm == "linf":
-        t = jax.random.uniform(key, x.shape, minval=-1.0, maxval=1.0)
-        t = t / jnp.max(jnp.abs(t), axis=(1, 2, 3), keepdims=True)
-    else:
-        t = jax.random.normal(key, x.shape)
-        t = t / (_norm(t) + 1e-12)
-    x_adv = jnp.clip(x + eps * t, 0.0, 1.0)
+    x_adv = _apgd_start(x, key, eps, norm)
     (_, (loss0, logits)), grad = value_and_grad(x_adv)
     fooled = jnp.argmax(logits, -1) != y
     step = jnp.full((x.shape[0], 1, 1, 1), 2.0 * eps)
@@ -350,10 +373,11 @@ def square_p_schedule(i: int, p_init: float = SQUARE_P_INIT) -> float:
 
 
 def _segments(n_queries: int, side: Callable[[int], int]) -> list[tuple[int, int, int]]:
-    """[(first query, end query, window side)] over queries 1 .. n_queries - 1, one segment per
+    """[(first query, end query, window side)] over the candidate queries 0 .. n_queries - 1
+    (after the start's: n_queries + 1 in all, as the reference counts them), one segment per
     window side (a static shape inside each)."""
     segments: list[tuple[int, int, int]] = []
-    for i in range(1, n_queries):
+    for i in range(n_queries):
         s = side(i)
         if segments and segments[-1][2] == s:
             segments[-1] = (segments[-1][0], i + 1, s)
@@ -418,13 +442,13 @@ def square(
     if norm == "linf":
         stripes = jax.random.rademacher(init_key, (n, 1, w, c), dtype=x.dtype)
         x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-        side = lambda i: max(int(round(math.sqrt(square_p_schedule(i) * h * w))), 1)  # noqa: E731
+        side = lambda i: min(max(int(round(math.sqrt(square_p_schedule(i) * h * w))), 1), h, w)  # noqa: E731
     else:
         x_best = jnp.clip(x + eps * _l2_init(init_key, x.shape), 0.0, 1.0)
 
         def side(i):
             s = max(int(round(math.sqrt(square_p_schedule(i) * h * w))), 3)
-            return min(s + 1 if s % 2 == 0 else s, h)
+            return min(s + 1 if s % 2 == 0 else s, h, w)
 
     best_margin = margin_of(x_best)
 
@@ -440,7 +464,9 @@ def square(
                 inside = _window(x.shape, corner_h, corner_w, s)
                 x_new = _project(x, x_best + jnp.where(inside, 2 * eps * signs, 0.0), eps, norm)
             else:
-                x_new = _l2_candidate(x, x_best, k, corner_h, corner_w, s, eps)
+                corners2 = (jax.random.randint(k[3], (n,), 0, h - s + 1),
+                            jax.random.randint(k[4], (n,), 0, w - s + 1))  # fmt: skip
+                x_new = _l2_candidate(x, x_best, k[2], (corner_h, corner_w), corners2, s, eps)
             new_margin = margin_of(x_new)
             better = (new_margin < best_margin) & (best_margin > 0)
             x_best = jnp.where(_expand(better), x_new, x_best)
@@ -460,8 +486,9 @@ def square(
 
 
 def _l2_init(key: jax.Array, shape) -> jax.Array:
-    """Unit-L2 start of the L2 Square attack: a grid of pseudo-Gaussian blocks of side H // 5
-    with random signs per example and channel, normalised."""
+    """Unit-L2 start of the L2 Square attack: a grid of pseudo-Gaussian blocks of side H // 5,
+    each transposed or not at random (per example), with random signs per example and channel,
+    normalised."""
     n, h, w, c = shape
     s = max(h // 5, 1)
     start = (h - s * 5) // 2
@@ -470,37 +497,50 @@ def _l2_init(key: jax.Array, shape) -> jax.Array:
     keys = jax.random.split(key, (h // s) * (w // s))
     for a in range(h // s):
         for b in range(w // s):
-            sign = jax.random.rademacher(keys[a * (w // s) + b], (n, 1, 1, c), dtype=jnp.float32)
+            sign_key, flip_key = jax.random.split(keys[a * (w // s) + b])
+            sign = jax.random.rademacher(sign_key, (n, 1, 1, c), dtype=jnp.float32)
+            flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+            block_pattern = jnp.where(flip, jnp.swapaxes(pattern, 1, 2), pattern)
             rows = slice(start + a * s, start + (a + 1) * s)
             cols = slice(start + b * s, start + (b + 1) * s)
             block = delta[:, rows, cols, :]
             delta = delta.at[:, rows, cols, :].add(
-                (pattern * sign)[:, : block.shape[1], : block.shape[2]]
+                (block_pattern * sign)[:, : block.shape[1], : block.shape[2]]
             )
     return delta / (_norm(delta) + 1e-12)
 
 
-def _l2_candidate(x, x_best, keys, corner_h, corner_w, s, eps):
-    """One L2 Square proposal: the perturbation's mass in a second random window moves into the
-    first, redrawn as a pseudo-Gaussian square on top of what the first held, keeping the
-    total norm at eps."""
+def _channel_norm(v: jax.Array) -> jax.Array:
+    """L2 norm over rows and columns, per example and channel: (N, H, W, C) -> (N, 1, 1, C)."""
+    return jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
+
+
+def _l2_candidate(x, x_best, key, corners1, corners2, s, eps):
+    """One L2 Square proposal: the perturbation's mass in the second s x s window (corners2:
+    (rows, columns) per example) moves into the first (corners1), redrawn there as a
+    pseudo-Gaussian square with random signs per channel on top of what the first held; then
+    the whole perturbation is rescaled to norm eps. As in the reference, the window norms are
+    per channel: channel k's new square gets the norm sqrt(W_k^2 + (eps^2 - |delta|^2) / C),
+    W_k the norm of channel k of the perturbation in both windows, |delta| the whole one's."""
     n, h, w, c = x.shape
     delta = x_best - x
-    corner_h2 = jax.random.randint(keys[3], (n,), 0, h - s + 1)
-    corner_w2 = jax.random.randint(keys[4], (n,), 0, w - s + 1)
+    (corner_h, corner_w), (corner_h2, corner_w2) = corners1, corners2
     window1 = _window(x.shape, corner_h, corner_w, s)
     window2 = _window(x.shape, corner_h2, corner_w2, s)
     take = jax.vmap(lambda d, a, b: jax.lax.dynamic_slice(d, (a, b, 0), (s, s, c)))
     old = take(delta, corner_h, corner_w)  # (N, s, s, C)
-    old_norm = jnp.sqrt(jnp.sum(old * old, axis=(1, 2), keepdims=True))
-    image_norm = _norm(delta)
-    windows_norm = _norm(jnp.where(window1 | window2, delta, 0.0))
+    old_norm = _channel_norm(old)  # (N, 1, 1, C), as every window norm here
+    image_norm = _norm(delta)  # (N, 1, 1, 1): the whole image's, all channels
+    windows_norm = _channel_norm(jnp.where(window1 | window2, delta, 0.0))
     pattern = jnp.asarray(_pseudo_gaussian(s), x.dtype)
-    flip = jax.random.bernoulli(keys[2], 0.5, (n,))[:, None, None, None]
+    flip = jax.random.bernoulli(key, 0.5, (n,))[:, None, None, None]
     pattern = jnp.where(flip, pattern.T[None, :, :, None], pattern[None, :, :, None])
-    signs = jax.random.rademacher(jax.random.fold_in(keys[2], 1), (n, 1, 1, c), dtype=x.dtype)
+    signs = jax.random.rademacher(jax.random.fold_in(key, 1), (n, 1, 1, c), dtype=x.dtype)
     new = pattern * signs + old / (1e-12 + old_norm)
-    new_norm = jnp.sqrt(jnp.sum(new * new, axis=(1, 2), keepdims=True))
+    new_norm = _channel_norm(new)
+    # each channel's window gets that channel's mass of both windows plus an equal share of
+    # what the image lacks to reach eps (the reference's rule; the final rescaling to norm eps
+    # settles the rest)
     budget = jnp.sqrt(jnp.maximum(eps**2 - image_norm**2, 0.0) / c + windows_norm**2)
     new = new / (1e-12 + new_norm) * budget
     delta = jnp.where(window2 | window1, 0.0, delta) + _place(new, x.shape, corner_h, corner_w)
@@ -516,3 +556,5 @@ ATTACK_FNS = {
         "square": square,
     }.items()
 }
+# not attacks: the reference's zero-gradient check, run where APGD-CE starts (same signature)
+CHECK_FNS = {"zero_gradient": _convs_as_matmul_on_cpu(start_gradient_vanishes)}

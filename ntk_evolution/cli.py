@@ -241,7 +241,14 @@ def add_autoattack_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--autoattack",
         action="store_true",
-        help="also AutoAttack's standard attacks (APGD-CE, APGD-T, FAB-T, Square 5000)",
+        help="also AutoAttack's standard version: APGD-CE, APGD-T, FAB-T and Square (5000 "
+        "queries) in turn, each on the images still robust, as the reference runs them",
+    )
+    p.add_argument(
+        "--autoattack_each",
+        action="store_true",
+        help="with --autoattack, run every attack on every image too, for each attack's own "
+        "accuracy (acc_apgd_ce, ...; slower); the AutoAttack figure is the same",
     )
     p.add_argument(
         "--autoattack_norm",

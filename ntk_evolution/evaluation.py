@@ -3,14 +3,17 @@ L-inf PGD, 100 steps of 2*eps/100, random start; L2 PGD, eps 0.25, 100 steps of 
 BatchNorm runs in inference mode. Test batches of 100.
 
 Added: `margin`, the L-inf PGD above on the Carlini-Wagner margin loss instead of the
-cross-entropy; random restarts for every attack; AutoAttack's four attacks (autoattack.py);
-the worst case, the fraction of examples classified correctly on the clean image and under
-every attack; and warnings that name gradient masking when the figures show its signs.
+cross-entropy; random restarts for every attack; AutoAttack's standard version
+(run_autoattack: its four attacks of autoattack.py in turn, each on the examples still robust,
+and the reference's checks); the worst case, the fraction of examples classified correctly on
+the clean image and under every attack; and warnings that name gradient masking when the
+figures show its signs.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 
 import haiku as hk
@@ -25,16 +28,16 @@ from ntk_evolution.attacks import (
     nested_attack_key,
     pgd_restarts,
 )
-from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, GRADIENT_FREE
+from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
 from ntk_evolution.checkpoints import load_examples
 from ntk_evolution.dynamics import Dynamics, components, forward
 from ntk_evolution.parallel import replicate, shard_batch
 from utils import UserError, progress_bar, to_host
 
 TEST_BATCH = 100
+AUTOATTACK_KEY = 1_000_003  # folded into the evaluation key: AutoAttack's own stream
 
 
-GRADIENT_ATTACKS = ("dirty", "linf", "margin", "apgd_ce", "apgd_t", "fab_t")
 NAMES = {
     "dirty": "PGD-Linf",
     "linf": "PGD-Linf",
@@ -44,23 +47,52 @@ NAMES = {
     "fab_t": "FAB-T",
     "square": "Square",
 }
+NAMES.update({f"after_{name}": f"after {NAMES[name]}" for name in AUTOATTACK})
+# the reference's checks (auto-attack's checks.py) and their thresholds
+SQUARE_ALPHA = 0.002  # check_square_sr: Square may remove at most this share beyond the others
+RANDOMNESS_ALPHA = 1e-4  # check_randomized: largest change of the L2-normalised logits
+PROBABILITY_ALPHA = 1e-5  # check_range_output: tolerance of "in [0, 1] and summing to 1"
+RANDOMNESS_PASSES = 5  # check_randomized: clean passes over the first batch
 
 
-def masking_warnings(accuracies: dict[str, float]) -> list[str]:
-    """Warnings naming gradient masking where a gradient-free attack got a lower accuracy than
-    every gradient attack run (its figure is then the one to trust)."""
-    gradient = {k: v for k, v in accuracies.items() if k in GRADIENT_ATTACKS and v is not None}
+def after(name: str) -> str:
+    """The key of the robust accuracy after AutoAttack's attacks up to `name` (the cascade)."""
+    return f"after_{name}"
+
+
+def masking_warnings(accuracies: dict[str, float], checks: dict | None = None) -> list[str]:
+    """The reference AutoAttack's checks as warnings (auto-attack's checks.py), each with its
+    figures: Square removing more than 0.2% of the images beyond what APGD-CE, APGD-T and FAB-T
+    leave together (check_square_sr: `accuracies` after FAB-T and after Square); and, from
+    run_autoattack's `checks`, inputs whose gradient is exactly zero, a model whose clean
+    outputs change between passes, outputs that look like probabilities."""
     warnings = []
-    for name in GRADIENT_FREE:
-        if accuracies.get(name) is None or not gradient:
-            continue
-        best = min(gradient, key=gradient.get)
-        if accuracies[name] < gradient[best]:
-            warnings.append(
-                f"possible gradient masking: the gradient-free {NAMES[name]} attack leaves "
-                f"{accuracies[name]:.4f} robust accuracy, below the strongest gradient attack "
-                f"({NAMES[best]}, {gradient[best]:.4f}); trust the worst case, not PGD"
-            )
+    gradient, final = accuracies.get(after("fab_t")), accuracies.get(after("square"))
+    if gradient is not None and final is not None and final < gradient - SQUARE_ALPHA:
+        warnings.append(
+            f"possible gradient masking: the gradient-free Square attack lowers the robust "
+            f"accuracy by {gradient - final:.2%} (from {gradient:.4f} after APGD-CE, APGD-T and "
+            f"FAB-T together to {final:.4f}; the reference warns above "
+            f"{SQUARE_ALPHA:.1%}); trust AutoAttack's figure, not PGD's"
+        )
+    checks = checks or {}
+    zero, attacked = checks.get("zero_gradients", 0), checks.get("zero_gradient_of", 0)
+    if zero:
+        warnings.append(
+            f"possible gradient masking: {zero} of the {attacked} images APGD-CE attacked have an "
+            "input gradient of exactly zero where it starts; gradient attacks cannot move there"
+        )
+    if checks.get("randomness", 0.0) > RANDOMNESS_ALPHA or checks.get("predictions_change"):
+        warnings.append(
+            f"the model looks randomised: {RANDOMNESS_PASSES} clean passes over the first batch "
+            f"differ (largest change of the normalised logits {checks['randomness']:.2g}); "
+            "AutoAttack's standard version assumes a deterministic model"
+        )
+    if checks.get("probabilities"):
+        warnings.append(
+            "the model's outputs look like probabilities (in [0, 1], summing to 1): the attacks "
+            "need logits; a softmax saturates their losses and gradients"
+        )
     return warnings
 
 
@@ -144,35 +176,115 @@ def hits(logits: jax.Array, y: np.ndarray, n_real: int) -> np.ndarray:
 
 
 class Tally:
-    """Correct counts per input kind over batches, plus `worst`: examples correct on every
-    kind at once (clean and each attack), and `autoattack`: correct on the clean image and
-    under all four AutoAttack attacks, when they were run."""
+    """Per-example correctness per input kind: add() takes one batch's (or, for AutoAttack's
+    cascade, the whole test set's) boolean arrays per kind; accuracies() gives each kind's
+    accuracy, 'autoattack' (robust after all four of AutoAttack's attacks) when they ran, and
+    'worst' (correct on every kind at once)."""
 
     def __init__(self):
-        self.correct: dict[str, int] = {}
-        self.worst = 0
-        self.autoattack = 0
-        self.total = 0
+        self._hits: dict[str, list[np.ndarray]] = {}
 
     def add(self, hits: dict[str, np.ndarray]) -> None:
-        """One batch: a boolean array (n,) of correct predictions per kind, real rows only."""
+        """Boolean arrays of correct predictions per kind, real rows only."""
         for name, h in hits.items():
-            self.correct[name] = self.correct.get(name, 0) + int(np.sum(h))
-        self.worst += int(np.sum(np.logical_and.reduce(list(hits.values()))))
-        if set(AUTOATTACK) <= set(hits):
-            group = [hits["clean"], *(hits[name] for name in AUTOATTACK)]
-            self.autoattack += int(np.sum(np.logical_and.reduce(group)))
-        self.total += len(next(iter(hits.values())))
+            self._hits.setdefault(name, []).append(np.asarray(h, bool))
+
+    def flags(self, name: str) -> np.ndarray:
+        """Kind `name`'s correctness per example, in test-set order."""
+        return np.concatenate(self._hits[name])
 
     def accuracies(self, worst: bool = True) -> dict[str, float]:
-        """Accuracy per kind, 'autoattack' when its four attacks ran, and (`worst`) 'worst'
-        when there was more than one kind."""
-        result = {name: count / self.total for name, count in self.correct.items()}
-        if set(AUTOATTACK) <= set(self.correct):
-            result["autoattack"] = self.autoattack / self.total
-        if worst and len(self.correct) > 1:
-            result["worst"] = self.worst / self.total
+        """Accuracy per kind, 'autoattack' when AutoAttack ran, and (`worst`) 'worst' when there
+        was more than one kind."""
+        flags = {name: self.flags(name) for name in self._hits}
+        result = {name: float(np.mean(f)) for name, f in flags.items()}
+        if after(AUTOATTACK[-1]) in flags:
+            result["autoattack"] = result[after(AUTOATTACK[-1])]
+        if worst and len(flags) > 1:
+            result["worst"] = float(np.mean(np.logical_and.reduce(list(flags.values()))))
         return result
+
+
+def run_autoattack(
+    attack_fns: dict[str, Callable],
+    logits_fn: Callable[[jax.Array], jax.Array],
+    x: np.ndarray,
+    y: np.ndarray,
+    correct: np.ndarray,
+    key: jax.Array,
+    *,
+    each: bool = False,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """AutoAttack's standard version as the reference runs it: APGD-CE, APGD-T, FAB-T and Square
+    in turn, each on the examples still robust (`correct`: classified correctly on the clean
+    image), printing the robust accuracy after each. `attack_fns`: make_autoattack_fns' jitted
+    attack(x, y, key) on a device batch, plus its 'zero_gradient' check; `logits_fn(x)` the
+    model's logits on one.
+
+    Returns ({after(name): robust after the attacks up to `name`, per example}, checks): with
+    `each`, every attack also runs on every example and its own correctness is under `name`
+    (the per-attack tables), the cascade's figures following from them. `checks`: the
+    reference's checks with their figures: zero_gradients (of zero_gradient_of images attacked
+    by APGD-CE), randomness (largest change of the L2-normalised clean logits over
+    RANDOMNESS_PASSES passes of the first batch) and predictions_change, probabilities."""
+    # batches of TEST_BATCH as the evaluation's (fewer images: one batch of them all), the
+    # last padded: one compiled shape per attack, shared by every model of one architecture
+    batch = max(1, min(TEST_BATCH, len(x)))
+    aa_key = jax.random.fold_in(key, AUTOATTACK_KEY)
+    checks = _output_checks(logits_fn, x[:batch], y[:batch])
+    robust, flags = np.asarray(correct, bool).copy(), {}
+    started = time.perf_counter()
+    for j, name in enumerate(["zero_gradient", *AUTOATTACK]):
+        rows = np.arange(len(x)) if each else np.flatnonzero(robust)
+        ok = np.ones(len(x), bool)
+        bar = progress_bar(
+            padded_batches(x[rows], y[rows], batch),
+            total=-(-len(rows) // batch),
+            desc=NAMES.get(name, "zero-gradient check"),
+        )
+        for i, (xb, yb, n_real) in enumerate(bar):
+            xs, ys = shard_batch(xb, yb, pad=True)
+            # the check draws APGD-CE's keys: it looks at the points APGD-CE starts from
+            result = attack_fns[name](xs, ys, attack_key(aa_key, i, max(j - 1, 0)))
+            taken = rows[i * batch : i * batch + n_real]
+            if name == "zero_gradient":
+                ok[taken] = ~to_host(result)[:n_real]
+            else:
+                ok[taken] = hits(logits_fn(result), ys, n_real)
+        bar.close()
+        if name == "zero_gradient":
+            checks.update(zero_gradients=int(np.sum(~ok)), zero_gradient_of=len(rows))
+            continue
+        if each:
+            flags[name] = ok
+        robust &= ok
+        flags[after(name)] = robust.copy()
+        print(
+            f"robust accuracy after {NAMES[name]}: {np.mean(robust):.2%} ({np.sum(robust)} of "
+            f"{len(x)}; total time {time.perf_counter() - started:.1f} s)",
+            flush=True,
+        )
+    return flags, checks
+
+
+def _output_checks(logits_fn: Callable, x: np.ndarray, y: np.ndarray) -> dict:
+    """The reference's check_randomized and check_range_output on one batch of clean images."""
+    (xs,) = shard_batch(x, pad=True)
+    outputs = [to_host(logits_fn(xs))[: len(x)] for _ in range(RANDOMNESS_PASSES)]
+    unit = [o / (np.linalg.norm(o, axis=1, keepdims=True) + 1e-10) for o in outputs]
+    change = max(float(np.max(np.linalg.norm(a - b, axis=1))) for a in unit for b in unit)
+    labels = [np.argmax(o, 1) for o in outputs]
+    first = outputs[0]
+    probabilities = bool(
+        first.max() < 1 + PROBABILITY_ALPHA
+        and first.min() > -PROBABILITY_ALPHA
+        and np.all(np.abs(first.sum(1) - 1) < PROBABILITY_ALPHA)
+    )
+    return {
+        "randomness": change,
+        "predictions_change": any(not np.array_equal(labels[0], other) for other in labels),
+        "probabilities": probabilities,
+    }
 
 
 def _jit_attack(model: hk.TransformedWithState, dynamics: Dynamics, attack: Callable) -> Callable:
@@ -189,6 +301,7 @@ def _jit_attack(model: hk.TransformedWithState, dynamics: Dynamics, attack: Call
     return jax.jit(run)
 
 
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
 def make_attack_fn(
     model: hk.TransformedWithState, dynamics: Dynamics, restarts: int = 1, **pgd_kwargs
 ) -> Callable:
@@ -202,21 +315,22 @@ def make_attack_fn(
     )
 
 
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
 def make_autoattack_fns(
     model: hk.TransformedWithState, dynamics: Dynamics, *, eps: float, norm: str, n_classes: int
 ) -> dict[str, Callable]:
     """{name: jitted attack(w, theta_t, net_state, x, y, key)} for AutoAttack's four attacks
-    (autoattack.py) in the `norm` ball of radius eps."""
+    (autoattack.py) in the `norm` ball of radius eps, and its 'zero_gradient' check."""
+    fns = {**ATTACK_FNS, **CHECK_FNS}
     return {
         name: _jit_attack(
-            model,
-            dynamics,
-            functools.partial(ATTACK_FNS[name], eps=eps, norm=norm, n_classes=n_classes),
+            model, dynamics, functools.partial(fns[name], eps=eps, norm=norm, n_classes=n_classes)
         )
-        for name in AUTOATTACK
+        for name in fns
     }
 
 
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
 def make_components_fn(model: hk.TransformedWithState, dynamics: Dynamics) -> Callable:
     """Jitted fn(w, theta_t, net_state, x) -> (f, df); see dynamics.components."""
     dynamics = dynamics._replace(bn_train=False)
@@ -225,6 +339,7 @@ def make_components_fn(model: hk.TransformedWithState, dynamics: Dynamics) -> Ca
     )
 
 
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
 def make_logits_fn(model: hk.TransformedWithState, dynamics: Dynamics) -> Callable:
     """Jitted fn(w, theta_t, net_state, x) -> logits, BatchNorm in inference mode."""
     dynamics = dynamics._replace(bn_train=False)

@@ -21,9 +21,15 @@ import numpy as np
 from data import Dataset, class_balanced_subset
 from models import get_model, init_model
 from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
-from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK
+from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
 from ntk_evolution.checkpoints import LoadedModel, load_kernel
-from ntk_evolution.evaluation import Tally, attacked_batches, hits
+from ntk_evolution.evaluation import (
+    Tally,
+    attacked_batches,
+    hits,
+    masking_warnings,
+    run_autoattack,
+)
 from ntk_evolution.kernel_regression import (
     SupportKernel,
     cntk_blocked,
@@ -161,11 +167,11 @@ def _attack_fn(
 
 @functools.lru_cache(maxsize=16)
 def _autoattack_fn(apply: Callable, name: str, norm: str) -> Callable:
-    """Jitted AutoAttack attack `name` against the predictor: attack(operand, P, x, y, key,
-    eps)."""
+    """Jitted AutoAttack attack `name` (or its 'zero_gradient' check) against the predictor:
+    attack(operand, P, x, y, key, eps)."""
 
     def attack(operand, projection, x, y, key, eps):
-        return ATTACK_FNS[name](
+        return {**ATTACK_FNS, **CHECK_FNS}[name](
             lambda z: apply(z, operand) @ projection,
             x,
             y,
@@ -204,15 +210,18 @@ def evaluate_predictor(
     transfer: np.ndarray | None = None,
     description: str = "kernel predictor",
     autoattack: tuple[str, float] | None = None,
-) -> tuple[dict[str, float], np.ndarray | None]:
+    autoattack_each: bool = False,
+) -> tuple[dict[str, float], np.ndarray | None, list[str]]:
     """Accuracy of z -> K(z, X) B P on (x, y): clean, under each attack in `attacks` against
     this predictor itself (`linf`: PGD-Linf on the cross-entropy of its outputs; `margin`: on
     the margin loss; `n_steps` steps of 2 eps / n_steps from `restarts` random starts, or as
     `variant` says: attacks.variant_schedule), on
     `transfer` (adversarial images of x made elsewhere), and 'worst' (correct on all of them)
-    when there is more than one; with `autoattack` = (norm, eps), also AutoAttack's four
-    attacks and 'autoattack' (robust to all four). Returns the accuracies and the first
-    attack's adversarial images (None without attacks)."""
+    when there is more than one; with `autoattack` = (norm, eps), also AutoAttack's standard
+    version (evaluation.run_autoattack; `autoattack_each`: every attack on every image too):
+    the accuracy after each of its attacks and 'autoattack'. Returns the accuracies, the first
+    attack's adversarial images (None without attacks) and the gradient-masking and
+    AutoAttack-check warnings (evaluation.masking_warnings)."""
     apply, operand = support.operator(coefficients)
     operand, projection = replicate((operand, jnp.asarray(projection, jnp.float32)))
     predict = _predict_fn(apply)
@@ -225,16 +234,6 @@ def evaluate_predictor(
         )
         for name in attacks
     }
-    if autoattack is not None:
-        norm, eps = autoattack
-        attack_fns.update(
-            {
-                name: functools.partial(
-                    _autoattack_fn(apply, name, norm), operand, projection, eps=eps
-                )
-                for name in AUTOATTACK
-            }
-        )
     tally = Tally()
     adversarial = []
     for inputs, yb, n_real in attacked_batches(
@@ -245,4 +244,23 @@ def evaluate_predictor(
         tally.add(
             {name: hits(predict(operand, projection, z), yb, n_real) for name, z in inputs.items()}
         )
-    return tally.accuracies(), (np.concatenate(adversarial) if attacks else None)
+    checks = None
+    if autoattack is not None:
+        norm, eps = autoattack
+        autoattack_fns = {
+            name: functools.partial(_autoattack_fn(apply, name, norm), operand, projection, eps=eps)
+            for name in (*AUTOATTACK, *CHECK_FNS)
+        }
+        flags, checks = run_autoattack(
+            autoattack_fns,
+            lambda z: predict(operand, projection, z),
+            x,
+            y,
+            tally.flags("clean"),
+            key,
+            each=autoattack_each,
+        )
+        tally.add(flags)
+    accuracies = tally.accuracies()
+    warnings = masking_warnings(accuracies, checks)
+    return accuracies, (np.concatenate(adversarial) if attacks else None), warnings

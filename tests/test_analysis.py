@@ -136,7 +136,7 @@ def test_attack_on_kernel_predictor_stays_in_ball_and_lowers_accuracy():
     support = relu_support_kernel(ds.x_train[:200], ds.y_train[:200], np.arange(200), depth=2)
     coefficients = regression_coefficients(support.kernel, one_hot(support.labels, 10), 1e-4)
     eps = 48 / 255
-    accuracies, adversarial = evaluate_predictor(
+    accuracies, adversarial, _ = evaluate_predictor(
         support, coefficients, np.eye(10), ds.x_test[:100], ds.y_test[:100],
         jax.random.PRNGKey(0), eps_linf=eps, n_steps=20,
     )  # fmt: skip
@@ -145,7 +145,7 @@ def test_attack_on_kernel_predictor_stays_in_ball_and_lowers_accuracy():
     assert accuracies["clean"] > 0.8
     assert accuracies["linf"] < accuracies["clean"] - 0.2
     # FGSM against the predictor: one signed-gradient step of eps from each image
-    _, fgsm = evaluate_predictor(
+    _, fgsm, _ = evaluate_predictor(
         support, coefficients, np.eye(10), ds.x_test[:100], ds.y_test[:100],
         jax.random.PRNGKey(0), eps_linf=eps, variant="fgsm",
     )  # fmt: skip
