@@ -56,8 +56,8 @@ EPS = {  # per model and norm: radii that leave a fair share robust
     ("adversarial", "l2"): 1.0,
     ("linearized", "linf"): 32 / 255,
     ("linearized", "l2"): 1.0,
-    ("colour", "linf"): 8 / 255,
-    ("colour", "l2"): 0.5,
+    ("colour", "linf"): 4 / 255,
+    ("colour", "l2"): 0.3,
 }
 COLOUR_SIDE = 16
 

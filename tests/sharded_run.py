@@ -14,6 +14,7 @@ import numpy as np
 from data import load_dataset
 from models import get_model, init_model
 from ntk_evolution.attacks import attack_settings
+from ntk_evolution.autoattack import AUTOATTACK
 from ntk_evolution.dynamics import PHASE1
 from ntk_evolution.evaluation import evaluate, make_attack_fn, make_autoattack_fns, make_logits_fn
 from ntk_evolution.ntk import empirical_ntk
@@ -58,8 +59,8 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
     autoattack = make_autoattack_fns(model, PHASE1, eps=EPS, norm="linf", n_classes=10)
     logits = make_logits_fn(model, PHASE1)
     autoattack_accuracy = []
-    for fn in autoattack.values():
-        x_aa = fn(w, None, net, xb, yb, jax.random.PRNGKey(4))
+    for name in AUTOATTACK:  # not its zero-gradient check
+        x_aa = autoattack[name](w, None, net, xb, yb, jax.random.PRNGKey(4))
         correct = jax.numpy.argmax(logits(w, None, net, x_aa), -1) == yb
         autoattack_accuracy.append(float(np.mean(to_host(correct))))
     kernel = empirical_ntk(model, state.w, state.net_state, ds.x_train[:30], chunk_size=10)
