@@ -21,7 +21,7 @@ which our L2 Square once fell behind the reference on colour images.
 
     python benchmarks/bench_autoattack.py                      # all, 100 images
     python benchmarks/bench_autoattack.py --models colour --norms l2 --n_test 200
-    python benchmarks/bench_autoattack.py --resnet18           # also the ResNet-18 cost
+    python benchmarks/bench_autoattack.py --models --resnet18  # only the ResNet-18 cost
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from ntk_evolution import autoattack
 from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
 from ntk_evolution.checkpoints import load_model
 from ntk_evolution.dynamics import Dynamics, forward
-from ntk_evolution.evaluation import NAMES, after, run_autoattack
+from ntk_evolution.evaluation import NAMES, after, autoattack_batch, run_autoattack
 
 DEMO = {
     "adversarial": "demo_runs/phase1_adversarial/parameters_final.pkl",
@@ -213,7 +213,7 @@ def ours_cascade(logits_fn, x, y, eps, norm):
         for name, fn in {**ATTACK_FNS, **CHECK_FNS}.items()
     }
     jit_logits = jax.jit(logits_fn)
-    batch = min(100, len(x))
+    batch = min(autoattack_batch(), len(x))
     start = time.perf_counter()
     for fn in fns.values():  # compile
         jax.block_until_ready(
@@ -365,7 +365,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--n_test", type=int, default=100)
     p.add_argument(
-        "--models", nargs="+", default=["adversarial", "linearized", "colour"],
+        "--models", nargs="*", default=["adversarial", "linearized", "colour"],
         choices=["adversarial", "linearized", "colour"],
     )  # fmt: skip
     p.add_argument("--norms", nargs="+", default=["linf", "l2"], choices=["linf", "l2"])

@@ -35,6 +35,7 @@ from ntk_evolution.parallel import replicate, shard_batch
 from utils import UserError, progress_bar, to_host
 
 TEST_BATCH = 100
+AUTOATTACK_CPU_BATCH = 25
 AUTOATTACK_KEY = 1_000_003  # folded into the evaluation key: AutoAttack's own stream
 
 
@@ -227,9 +228,7 @@ def run_autoattack(
     reference's checks with their figures: zero_gradients (of zero_gradient_of images attacked
     by APGD-CE), randomness (largest change of the L2-normalised clean logits over
     RANDOMNESS_PASSES passes of the first batch) and predictions_change, probabilities."""
-    # batches of TEST_BATCH as the evaluation's (fewer images: one batch of them all), the
-    # last padded: one compiled shape per attack, shared by every model of one architecture
-    batch = max(1, min(TEST_BATCH, len(x)))
+    batch = max(1, min(autoattack_batch(), len(x)))
     aa_key = jax.random.fold_in(key, AUTOATTACK_KEY)
     checks = _output_checks(logits_fn, x[:batch], y[:batch])
     robust, flags = np.asarray(correct, bool).copy(), {}
@@ -265,6 +264,14 @@ def run_autoattack(
             flush=True,
         )
     return flags, checks
+
+
+def autoattack_batch() -> int:
+    """The batch of run_autoattack: one compiled shape per attack, shared by every model of
+    one architecture, the last batch padded. On CPUs an attack's cost grows with the batch
+    in proportion (25 images cost a quarter of 100), so batches of AUTOATTACK_CPU_BATCH waste
+    little on padding when few images are left; accelerators take TEST_BATCH."""
+    return AUTOATTACK_CPU_BATCH if jax.default_backend() == "cpu" else TEST_BATCH
 
 
 def _output_checks(logits_fn: Callable, x: np.ndarray, y: np.ndarray) -> dict:
