@@ -53,9 +53,9 @@ DEMO = {
 }
 EPS = {  # per model and norm: radii that leave a fair share robust
     ("adversarial", "linf"): 32 / 255,
-    ("adversarial", "l2"): 1.0,
+    ("adversarial", "l2"): 0.5,
     ("linearized", "linf"): 32 / 255,
-    ("linearized", "l2"): 1.0,
+    ("linearized", "l2"): 0.5,
     ("colour", "linf"): 4 / 255,
     ("colour", "l2"): 0.3,
 }
