@@ -42,7 +42,7 @@ from bench_ntk import torch_model
 from data import load_dataset
 from models import get_model, init_model
 from ntk_evolution import autoattack
-from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
+from ntk_evolution.autoattack import AUTOATTACK, AUTOATTACK_FNS
 from ntk_evolution.checkpoints import load_model
 from ntk_evolution.dynamics import Dynamics, forward
 from ntk_evolution.evaluation import NAMES, after, autoattack_batch, run_autoattack
@@ -181,7 +181,7 @@ def torchattacks_cascade(net, x, y, eps, norm):
             net, n_queries=5000, p_init=0.8, resc_schedule=False, **common
         ),
     }
-    return _cascade(net, x, y, {name: attack for name, attack in attacks.items()})
+    return _cascade(net, x, y, attacks)
 
 
 def _cascade(net, x, y, runs: dict):
@@ -210,7 +210,7 @@ def ours_cascade(logits_fn, x, y, eps, norm):
     """run_autoattack with our attacks jitted on the model, after one compiling call each."""
     fns = {
         name: jax.jit(functools.partial(fn, logits_fn, eps=eps, norm=norm, n_classes=10))
-        for name, fn in {**ATTACK_FNS, **CHECK_FNS}.items()
+        for name, fn in AUTOATTACK_FNS.items()
     }
     jit_logits = jax.jit(logits_fn)
     batch = min(autoattack_batch(), len(x))
@@ -247,7 +247,7 @@ def square_alone(logits_fn, net, x, y, eps, norm):
     torch_norm = {"linf": "Linf", "l2": "L2"}[norm]
     peers = {
         "reference": SquareAttack(net, norm=torch_norm, n_queries=5000, eps=eps, p_init=0.8,
-                                  seed=0, resc_schedule=False),
+                                  seed=0, resc_schedule=False).perturb,
         "torchattacks": torchattacks.Square(net, norm=torch_norm, eps=eps, n_queries=5000,
                                             p_init=0.8, resc_schedule=False, seed=0),
     }  # fmt: skip
@@ -255,8 +255,7 @@ def square_alone(logits_fn, net, x, y, eps, norm):
         torch.manual_seed(0)
         start = time.perf_counter()
         with torch.no_grad():
-            adv = torch.cat([peer.perturb(tx[i : i + 100], ty[i : i + 100]) if label ==
-                             "reference" else peer(tx[i : i + 100], ty[i : i + 100])
+            adv = torch.cat([peer(tx[i : i + 100], ty[i : i + 100])
                              for i in range(0, len(x), 100)])  # fmt: skip
             ok = (net(adv).argmax(1) == ty).numpy()
         result[label] = (ok.mean(), time.perf_counter() - start)

@@ -558,3 +558,4 @@ ATTACK_FNS = {
 }
 # not attacks: the reference's zero-gradient check, run where APGD-CE starts (same signature)
 CHECK_FNS = {"zero_gradient": _convs_as_matmul_on_cpu(start_gradient_vanishes)}
+AUTOATTACK_FNS = {**ATTACK_FNS, **CHECK_FNS}  # what evaluation.run_autoattack runs

@@ -28,7 +28,7 @@ from ntk_evolution.attacks import (
     nested_attack_key,
     pgd_restarts,
 )
-from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
+from ntk_evolution.autoattack import AUTOATTACK, AUTOATTACK_FNS
 from ntk_evolution.checkpoints import load_examples
 from ntk_evolution.dynamics import Dynamics, components, forward
 from ntk_evolution.parallel import replicate, shard_batch
@@ -48,7 +48,6 @@ NAMES = {
     "fab_t": "FAB-T",
     "square": "Square",
 }
-NAMES.update({f"after_{name}": f"after {NAMES[name]}" for name in AUTOATTACK})
 # the reference's checks (auto-attack's checks.py) and their thresholds
 SQUARE_ALPHA = 0.002  # check_square_sr: Square may remove at most this share beyond the others
 RANDOMNESS_ALPHA = 1e-4  # check_randomized: largest change of the L2-normalised logits
@@ -59,6 +58,9 @@ RANDOMNESS_PASSES = 5  # check_randomized: clean passes over the first batch
 def after(name: str) -> str:
     """The key of the robust accuracy after AutoAttack's attacks up to `name` (the cascade)."""
     return f"after_{name}"
+
+
+NAMES.update({after(name): f"after {NAMES[name]}" for name in AUTOATTACK})
 
 
 def masking_warnings(accuracies: dict[str, float], checks: dict | None = None) -> list[str]:
@@ -328,12 +330,11 @@ def make_autoattack_fns(
 ) -> dict[str, Callable]:
     """{name: jitted attack(w, theta_t, net_state, x, y, key)} for AutoAttack's four attacks
     (autoattack.py) in the `norm` ball of radius eps, and its 'zero_gradient' check."""
-    fns = {**ATTACK_FNS, **CHECK_FNS}
     return {
         name: _jit_attack(
-            model, dynamics, functools.partial(fns[name], eps=eps, norm=norm, n_classes=n_classes)
+            model, dynamics, functools.partial(fn, eps=eps, norm=norm, n_classes=n_classes)
         )
-        for name in fns
+        for name, fn in AUTOATTACK_FNS.items()
     }
 
 

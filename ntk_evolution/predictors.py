@@ -21,7 +21,7 @@ import numpy as np
 from data import Dataset, class_balanced_subset
 from models import get_model, init_model
 from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
-from ntk_evolution.autoattack import ATTACK_FNS, AUTOATTACK, CHECK_FNS
+from ntk_evolution.autoattack import AUTOATTACK_FNS
 from ntk_evolution.checkpoints import LoadedModel, load_kernel
 from ntk_evolution.evaluation import (
     Tally,
@@ -171,7 +171,7 @@ def _autoattack_fn(apply: Callable, name: str, norm: str) -> Callable:
     attack(operand, P, x, y, key, eps)."""
 
     def attack(operand, projection, x, y, key, eps):
-        return {**ATTACK_FNS, **CHECK_FNS}[name](
+        return AUTOATTACK_FNS[name](
             lambda z: apply(z, operand) @ projection,
             x,
             y,
@@ -249,7 +249,7 @@ def evaluate_predictor(
         norm, eps = autoattack
         autoattack_fns = {
             name: functools.partial(_autoattack_fn(apply, name, norm), operand, projection, eps=eps)
-            for name in (*AUTOATTACK, *CHECK_FNS)
+            for name in AUTOATTACK_FNS
         }
         flags, checks = run_autoattack(
             autoattack_fns,

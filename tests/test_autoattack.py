@@ -16,7 +16,7 @@ from scipy.optimize import linprog
 from ntk_evolution.autoattack import (
     ATTACK_FNS,
     AUTOATTACK,
-    CHECK_FNS,
+    AUTOATTACK_FNS,
     _l2_candidate,
     apgd,
     apgd_checkpoints,
@@ -321,7 +321,7 @@ def cascade_fns(logits_fn, eps, norm="linf", n_queries=5000, seen=None):
     """run_autoattack's attack functions on a plain logits function (one device, no sharding),
     each recording the real images it was given in `seen` when that is a dict."""
     fns = {}
-    for name, fn in {**ATTACK_FNS, **CHECK_FNS}.items():
+    for name, fn in AUTOATTACK_FNS.items():
         extra = {"n_queries": n_queries} if name == "square" else {}
         jitted = jax.jit(functools.partial(fn, logits_fn, eps=eps, norm=norm, **extra))
 
