@@ -1,9 +1,10 @@
 """Deterministic finite automata over {0, 1}: the seven Tomita languages, uniform sampling of
 their strings, minimisation, and an exact equivalence check with a shortest counterexample.
 
-A DFA is (states 0..n-1, start, accepting set, delta[state][symbol]) with a total transition
-function; it accepts a string when the state reached from `start` is accepting. The JSON form
-(to_json / from_json) names states by strings:
+A DFA is (states 0..n-1, start, accepting set, delta[state][symbol]); it accepts a string when
+the state reached from `start` is accepting. delta may be partial: an entry -1 is a missing
+transition, and a string that needs one is rejected (as in the extraction of arXiv 2201.12451).
+The JSON form (to_json / from_json) names states by strings and leaves missing transitions out:
 
     {"alphabet": ["0", "1"], "states": ["0", ...], "start": "0", "accepting": [...],
      "transitions": {"0": {"0": "1", "1": "0"}, ...}}
@@ -23,7 +24,8 @@ ALPHABET = ("0", "1")
 
 @dataclass(frozen=True)
 class DFA:
-    """A total DFA: delta[q][a] is the state after reading symbol ALPHABET[a] in state q."""
+    """delta[q][a]: the state after reading symbol ALPHABET[a] in state q, -1 where missing
+    (the string is rejected)."""
 
     n_states: int
     start: int
@@ -31,10 +33,26 @@ class DFA:
     delta: tuple[tuple[int, ...], ...]
 
     def run(self, string: str) -> int:
+        """The state reached, -1 once a missing transition is needed."""
         state = self.start
         for symbol in string:
             state = self.delta[state][ALPHABET.index(symbol)]
+            if state < 0:
+                return -1
         return state
+
+    @property
+    def is_total(self) -> bool:
+        return all(q >= 0 for row in self.delta for q in row)
+
+    def complete(self) -> DFA:
+        """The same language with a total transition function: missing transitions go to an
+        added rejecting sink state (none added when there is none missing)."""
+        if self.is_total:
+            return self
+        sink = self.n_states
+        delta = tuple(tuple(sink if q < 0 else q for q in row) for row in self.delta)
+        return DFA(self.n_states + 1, self.start, self.accepting, (*delta, (sink,) * len(ALPHABET)))
 
     def accepts(self, string: str) -> bool:
         return self.run(string) in self.accepting
@@ -47,7 +65,11 @@ class DFA:
             "start": names[self.start],
             "accepting": [names[q] for q in sorted(self.accepting)],
             "transitions": {
-                names[q]: {a: names[self.delta[q][i]] for i, a in enumerate(ALPHABET)}
+                names[q]: {
+                    a: names[self.delta[q][i]]
+                    for i, a in enumerate(ALPHABET)
+                    if self.delta[q][i] >= 0
+                }
                 for q in range(self.n_states)
             },
         }
@@ -58,8 +80,10 @@ class DFA:
             raise ValueError(f"alphabet {record.get('alphabet')!r}: expected {list(ALPHABET)}")
         names = [str(q) for q in record["states"]]
         index = {name: i for i, name in enumerate(names)}
+        edges = record["transitions"]
         delta = tuple(
-            tuple(index[str(record["transitions"][name][a])] for a in ALPHABET) for name in names
+            tuple(index[str(edges[name][a])] if a in edges.get(name, {}) else -1 for a in ALPHABET)
+            for name in names
         )
         accepting = frozenset(index[str(q)] for q in record["accepting"])
         return cls(len(names), index[str(record["start"])], accepting, delta)
@@ -158,8 +182,10 @@ def sample_strings(
 
 
 def minimize(dfa: DFA) -> DFA:
-    """The minimal DFA of the same language: reachable states only, then Moore's partition
-    refinement; states renumbered in breadth-first order from the start (symbol 0 first)."""
+    """The minimal total DFA of the same language (a partial one is completed first):
+    reachable states only, then Moore's partition refinement; states renumbered in
+    breadth-first order from the start (symbol 0 first)."""
+    dfa = dfa.complete()
     reachable, queue = {dfa.start}, collections.deque([dfa.start])
     while queue:
         q = queue.popleft()
@@ -194,9 +220,36 @@ def minimize(dfa: DFA) -> DFA:
     return _dfa(0, accepting, delta)
 
 
+def trim(dfa: DFA) -> DFA:
+    """The same language without unreachable states and without states from which no
+    accepting state can be reached (transitions into them become missing); the start state
+    stays. trim(minimize(dfa)) counts states as the authors' pythomata minimize().trim()
+    does: the minimal DFA without its dead state."""
+    reachable, queue = {dfa.start}, collections.deque([dfa.start])
+    while queue:
+        for nxt in dfa.delta[queue.popleft()]:
+            if nxt >= 0 and nxt not in reachable:
+                reachable.add(nxt)
+                queue.append(nxt)
+    live = set(dfa.accepting) & reachable
+    changed = True
+    while changed:
+        changed = False
+        for q in reachable - live:
+            if any(n in live for n in dfa.delta[q]):
+                live.add(q)
+                changed = True
+    keep = sorted(live | {dfa.start})
+    number = {q: i for i, q in enumerate(keep)}
+    delta = tuple(tuple(number.get(n, -1) for n in dfa.delta[q]) for q in keep)
+    accepting = frozenset(number[q] for q in dfa.accepting if q in number)
+    return DFA(len(keep), number[dfa.start], accepting, delta)
+
+
 def counterexample(a: DFA, b: DFA) -> str | None:
     """A shortest string on which a and b disagree (breadth-first search of the product
     automaton), or None when they accept the same language."""
+    a, b = a.complete(), b.complete()
     start = (a.start, b.start)
     parent: dict[tuple[int, int], tuple[tuple[int, int], str] | None] = {start: None}
     queue = collections.deque([start])
@@ -292,3 +345,61 @@ def tomita_data(
         exclude=frozenset(s for s, _ in train),
     )  # fmt: skip
     return train, test
+
+
+# ----------------------------------------------------------------------------- the paper's data
+# arXiv 2201.12451's code (viking-sudo-rm/dfa-extractor, sampling.py): a balanced sample is n
+# strings of one length, half drawn from the language and half uniformly at random; a test
+# sample has random lengths 0..max, its first half drawn from the language. Every string is
+# labelled at every prefix (the RNN is a tagger).
+
+
+def sample_positive(dfa: DFA, length: int, n: int, rng: np.random.Generator) -> list[str]:
+    """n strings the DFA accepts, uniform among those of `length`, or of the longest shorter
+    length that has one (the authors' (10)* sampler returns "10" * (length // 2)); all n drawn
+    together, one symbol per step (vectorised sample_strings)."""
+    counts = count_completions(dfa, length)
+    while length > 0 and counts[length, dfa.start, 1] == 0:
+        length -= 1
+    if counts[length, dfa.start, 1] == 0:
+        raise ValueError("the language accepts no string of this length or shorter")
+    delta = np.array(dfa.delta)
+    states = np.full(n, dfa.start)
+    symbols = np.zeros((n, length), np.int8)
+    for t, remaining in enumerate(range(length, 0, -1)):
+        weights = counts[remaining - 1][delta[states], 1]  # (n, 2): completions after 0 or 1
+        ones = rng.random(n) * weights.sum(1) >= weights[:, 0]
+        symbols[:, t] = ones
+        states = delta[states, ones.astype(int)]
+    return ["".join(ALPHABET[a] for a in row) for row in symbols]
+
+
+def uniform_strings(n: int, length: int, rng: np.random.Generator) -> list[str]:
+    """n strings of `length`, each symbol uniform."""
+    return ["".join(ALPHABET[a] for a in row) for row in rng.integers(0, 2, (n, length))]
+
+
+def paper_balanced(dfa: DFA, n: int, length: int, rng: np.random.Generator) -> list[str]:
+    """The authors' BalancedSampler: n strings of `length` (n // 2 pairs; odd n rounds up
+    here), alternately drawn from the language (sample_positive) and uniformly at random."""
+    half = -(-n // 2)
+    positive, random = sample_positive(dfa, length, half, rng), uniform_strings(half, length, rng)
+    return [s for pair in zip(positive, random, strict=True) for s in pair][:n]
+
+
+def paper_test(dfa: DFA, n: int, max_length: int, rng: np.random.Generator) -> list[str]:
+    """The authors' TestSampler: n strings of lengths uniform over 0..max_length, the first
+    n // 2 drawn from the language, the rest uniformly at random."""
+    lengths = rng.integers(0, max_length + 1, n)
+    half = n // 2
+    strings = [sample_positive(dfa, int(k), 1, rng)[0] for k in lengths[:half]]
+    return strings + [uniform_strings(1, int(k), rng)[0] for k in lengths[half:]]
+
+
+def prefix_labels(dfa: DFA, string: str) -> list[bool]:
+    """Whether the DFA accepts each prefix of `string`, lengths 0..len(string)."""
+    state, labels = dfa.start, [dfa.start in dfa.accepting]
+    for symbol in string:
+        state = dfa.delta[state][ALPHABET.index(symbol)]
+        labels.append(state in dfa.accepting)
+    return labels

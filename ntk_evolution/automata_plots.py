@@ -42,7 +42,8 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     edges: dict[tuple[int, int], list[str]] = {}
     for q in range(n):
         for i, symbol in enumerate(ALPHABET):
-            edges.setdefault((q, dfa.delta[q][i]), []).append(symbol)
+            if dfa.delta[q][i] >= 0:  # a missing transition (rejects) is not drawn
+                edges.setdefault((q, dfa.delta[q][i]), []).append(symbol)
     for (q, r), symbols in edges.items():
         text = ",".join(symbols)
         if q == r:  # a loop leaving and re-entering the state on its outer side
@@ -83,7 +84,10 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     ax.set_ylim(-1.6, 1.7)
     ax.set_aspect("equal")
     ax.axis("off")
-    ax.set_title(f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting", fontsize=11)
+    note = "" if dfa.is_total else "; a missing arrow rejects"
+    ax.set_title(
+        f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting{note}", fontsize=11
+    )
     _save(fig, path)
 
 
