@@ -21,8 +21,8 @@ accuracy against the RNN's predictions and against the true labels; and exact eq
 the true Tomita DFA, with a shortest counterexample when they differ.
 
 Writes --save_path (the automaton as JSON: alphabet, states, start, accepting, transitions; a
-transition left out rejects), and beside it <stem>.png (its state diagram, when it has at most
-40 states) and <stem>_check.json (the facts above).
+transition left out rejects), and beside it <stem>.png (its state diagram; the minimal DFA's
+when it has more than 40 states) and <stem>_check.json (the facts above).
 
     python extract_automata.py --model_path runs/tomita3/parameters_final.pkl --save_path dfa.json
 """
@@ -177,15 +177,20 @@ def main(argv=None) -> dict:
     stem = os.path.splitext(args.save_path)[0]
     write_json(dfa.to_json(), args.save_path)
     write_json(report, f"{stem}_check.json")
-    drawn = dfa if dfa.n_states <= MAX_DRAWN_STATES else None
-    if drawn is not None:
-        what = "minimal DFA" if args.minimize else "automaton"
+    drawn = dfa if dfa.n_states <= MAX_DRAWN_STATES else trim(minimize(dfa))
+    if drawn.n_states <= MAX_DRAWN_STATES:
+        what = "Minimal DFA" if drawn is not dfa or args.minimize else "Automaton"
+        shown = (
+            "" if drawn is dfa else f" (minimised for the picture: {dfa.n_states} merged states)"
+        )
         plot_dfa(
-            dfa,
-            f"{what.capitalize()} extracted ({args.method}) from the {meta['cell']} RNN on "
-            f"Tomita {language}",
+            drawn,
+            f"{what} extracted ({args.method}) from the {meta['cell']} RNN on "
+            f"Tomita {language}{shown}",
             f"{stem}.png",
         )
+    else:
+        drawn = None
     method = args.method + (
         f", threshold {facts['threshold']:.3f}" if facts["threshold"] is not None else ""
     )

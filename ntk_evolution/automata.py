@@ -160,27 +160,6 @@ def count_completions(dfa: DFA, max_length: int) -> np.ndarray:
     return counts
 
 
-def sample_strings(
-    dfa: DFA, length: int, label: bool, n: int, rng: np.random.Generator, counts=None
-) -> list[str]:
-    """n strings of `length` drawn uniformly (with replacement) among those the DFA accepts
-    (label True) or rejects, by walking the DFA with the completion counts; [] if none exist."""
-    counts = count_completions(dfa, length) if counts is None else counts
-    y = int(label)
-    if counts[length, dfa.start, y] == 0:
-        return []
-    strings = []
-    for _ in range(n):
-        state, symbols = dfa.start, []
-        for remaining in range(length, 0, -1):
-            weights = np.array([counts[remaining - 1, dfa.delta[state][a], y] for a in (0, 1)])
-            a = int(rng.choice(2, p=weights / weights.sum()))
-            symbols.append(ALPHABET[a])
-            state = dfa.delta[state][a]
-        strings.append("".join(symbols))
-    return strings
-
-
 def minimize(dfa: DFA) -> DFA:
     """The minimal total DFA of the same language (a partial one is completed first):
     reachable states only, then Moore's partition refinement; states renumbered in
@@ -269,84 +248,6 @@ def counterexample(a: DFA, b: DFA) -> str | None:
     return None
 
 
-def side_strings(dfa: DFA, length: int, label: bool, counts=None) -> list[str]:
-    """Every string of `length` the DFA accepts (label True) or rejects, in lexicographic
-    order: a walk of the branches that still have completions on that side (count_completions),
-    so the cost follows the number of such strings, not 2^length."""
-    counts = count_completions(dfa, length) if counts is None else counts
-    y, found = int(label), []
-    stack = [(dfa.start, "")] if counts[length, dfa.start, y] > 0 else []
-    while stack:
-        state, prefix = stack.pop()
-        remaining = length - len(prefix)
-        if remaining == 0:
-            found.append(prefix)
-            continue
-        for a in reversed(range(len(ALPHABET))):  # pushed last, popped first: "0" before "1"
-            nxt = dfa.delta[state][a]
-            if counts[remaining - 1, nxt, y] > 0:
-                stack.append((nxt, prefix + ALPHABET[a]))
-    return found
-
-
-def random_strings(n: int, max_length: int, rng: np.random.Generator) -> list[str]:
-    """n strings, lengths uniform over 0..max_length, each uniform among its length's."""
-    lengths = rng.integers(0, max_length + 1, n)
-    return ["".join(rng.choice(list(ALPHABET), length)) for length in lengths]
-
-
-def balanced_strings(
-    dfa: DFA,
-    lengths: range,
-    per_length: int,
-    rng: np.random.Generator,
-    exclude: frozenset[str] = frozenset(),
-) -> list[tuple[str, bool]]:
-    """per_length strings of each length (when both sides have one), half in the language and
-    half not, each half drawn uniformly from its side without repeats. A side with fewer
-    distinct strings than per_length / 2 (1* has one per length) gives each of them, repeated
-    in turn up to its half, so that every length stays balanced; a side with none at that
-    length (odd lengths of (10)*) is missing there. Strings in `exclude` (a training set, for a
-    held-out one) are left out of sides that have others."""
-    counts = count_completions(dfa, max(lengths))
-    half = per_length // 2
-    data = []
-    for length in lengths:
-        for label in (True, False):
-            total = int(counts[length, dfa.start, int(label)])
-            if total == 0:
-                continue
-            if total <= 4 * half:  # few: list them all, then pick
-                pool = side_strings(dfa, length, label, counts)
-                fresh = [s for s in pool if s not in exclude] or pool
-                picked = [fresh[i] for i in rng.permutation(len(fresh))[:half]]
-            else:  # many: draw, dropping repeats and excluded strings
-                chosen: dict[str, None] = {}
-                while len(chosen) < half:
-                    for s in sample_strings(dfa, length, label, half, rng, counts):
-                        if s not in exclude:
-                            chosen.setdefault(s)
-                picked = list(chosen)[:half]
-            data += [(picked[i % len(picked)], label) for i in range(half)]
-    order = rng.permutation(len(data))
-    return [data[i] for i in order]
-
-
-def tomita_data(
-    language: int, max_length: int, test_max_length: int, per_length: int, seed: int
-) -> tuple[list[tuple[str, bool]], list[tuple[str, bool]]]:
-    """(training, held-out) strings of a Tomita language: balanced_strings over lengths
-    0..max_length (seed), and over 0..test_max_length (seed + 1) without the training strings
-    where the language has others."""
-    dfa = tomita_dfa(language)
-    train = balanced_strings(dfa, range(max_length + 1), per_length, np.random.default_rng(seed))
-    test = balanced_strings(
-        dfa, range(test_max_length + 1), per_length, np.random.default_rng(seed + 1),
-        exclude=frozenset(s for s, _ in train),
-    )  # fmt: skip
-    return train, test
-
-
 # ----------------------------------------------------------------------------- the paper's data
 # arXiv 2201.12451's code (viking-sudo-rm/dfa-extractor, sampling.py): a balanced sample is n
 # strings of one length, half drawn from the language and half uniformly at random; a test
@@ -356,8 +257,9 @@ def tomita_data(
 
 def sample_positive(dfa: DFA, length: int, n: int, rng: np.random.Generator) -> list[str]:
     """n strings the DFA accepts, uniform among those of `length`, or of the longest shorter
-    length that has one (the authors' (10)* sampler returns "10" * (length // 2)); all n drawn
-    together, one symbol per step (vectorised sample_strings)."""
+    length that has one (the authors' (10)* sampler returns "10" * (length // 2)): all n drawn
+    together, one symbol per step, each symbol with probability proportional to the number of
+    accepted completions after it (count_completions)."""
     counts = count_completions(dfa, length)
     while length > 0 and counts[length, dfa.start, 1] == 0:
         length -= 1

@@ -16,7 +16,8 @@ def plot_rnn_training(history: dict, language: int, cell: str, path: str) -> Non
     ax_loss.set(xlabel="epoch", ylabel="training loss (binary cross-entropy)", title="loss")
     ax_acc.plot(epochs, history["train_acc"], label="training strings")
     ax_acc.plot(epochs, history["test_acc"], label="held-out strings")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0.4, 1.02))
+    ax_acc.set(xlabel="epoch", ylabel="accuracy over all prefixes", title="prefix accuracy",
+               ylim=(0.4, 1.02))  # fmt: skip
     converged = history.get("converged_epoch")
     for ax in (ax_loss, ax_acc):
         if converged is not None:
@@ -24,7 +25,8 @@ def plot_rnn_training(history: dict, language: int, cell: str, path: str) -> Non
     if converged is not None:
         ax_acc.text(converged, 0.45, f" 100% held out\n at epoch {converged}", fontsize=8)
     ax_acc.legend(loc="lower right")
-    fig.suptitle(f"{cell.upper()} trained on Tomita {language}")
+    name = {"vanilla": "Elman RNN"}.get(cell, cell.upper())
+    fig.suptitle(f"{name} tagger trained on Tomita {language}")
     fig.tight_layout()
     _save(fig, path)
 
@@ -67,7 +69,7 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
         )  # fmt: skip
         middle = (pos[q] + pos[r]) / 2
         normal = np.array([pos[r][1] - pos[q][1], pos[q][0] - pos[r][0]])
-        middle = middle - bend * normal * 0.55
+        middle = middle + bend * normal * 0.55  # the curve's middle: arc3 bends towards +normal
         ax.text(*middle, text, ha="center", va="center", fontsize=11, color="darkred",
                 bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none"})  # fmt: skip
     for q in range(n):
@@ -85,65 +87,97 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     ax.set_aspect("equal")
     ax.axis("off")
     note = "" if dfa.is_total else "; a missing arrow rejects"
-    ax.set_title(
-        f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting{note}", fontsize=11
-    )
+    ax.set_title(f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting{note}", fontsize=11)
     _save(fig, path)
 
 
-def plot_automata_studies(
-    runs: list[dict], snapshots: list[int], hard_size: int, path: str
+def _band(ax, x, values: np.ndarray, colour, label: str) -> None:
+    """The median over seeds (rows of values) as a line, the quartiles as a band (the
+    authors' plots)."""
+    low, mid, high = np.nanpercentile(values, [25, 50, 75], axis=0)
+    ax.fill_between(x, low, high, color=colour, alpha=0.2, linewidth=0)
+    ax.plot(x, mid, color=colour, marker=".", label=label)
+
+
+def plot_study_curves(
+    x: list,
+    curves: dict[int, dict[str, np.ndarray]],
+    xlabel: str,
+    title: str,
+    path: str,
+    xscale: str = "linear",
+    marks: dict[int, float] | None = None,
 ) -> None:
-    """Three panels from scripts/automata_study.py's runs: equivalent extractions against the
-    number of strings; hidden-state compression and equivalent extractions (from all strings;
-    dashed: the mean from hard_size strings) against epochs trained past convergence. One line
-    per Tomita language (mean over seeds), black the mean."""
-    done = [r for r in runs if "main" in r]
-    languages = sorted({r["language"] for r in done})
+    """Three panels against x, one line per Tomita language (median over seeds, quartile
+    band): test accuracy against the RNN, states after merging, states after minimising.
+    curves[language][key] is (seeds, len(x)) for key in accuracy, states, states_minimized;
+    marks[language]: an x to mark on each line (e.g. the epoch of convergence)."""
     colours = plt.get_cmap("tab10")
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    x_snap = np.array(snapshots, float)
-
-    def per_language(value):
-        """{language: mean over its seeds of value(run)} -> arrays."""
-        return {
-            k: np.mean([value(r) for r in done if r["language"] == k], axis=0) for k in languages
-        }
-
-    sizes = sorted({s for r in done for s in r["data"] if s != "all"}) + ["all"]
-    success = per_language(lambda r: [r["data"].get(s, np.nan) for s in sizes])
-
-    def at_snapshots(key):
-        return per_language(
-            lambda r: [r["snapshots"][e][key] if e in r["snapshots"] else np.nan for e in snapshots]
-        )
-
-    compressions, whole, hard = (
-        at_snapshots(key) for key in ("compression", "equivalent_all", "equivalent_hard")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    panels = (
+        ("accuracy", "test accuracy against the RNN (1000 strings, lengths 0-50)"),
+        ("states", "states after merging"),
+        ("states_minimized", "states after minimising"),
     )
-    for ax, x, values, ylabel, title in (
-        (axes[0], np.arange(len(sizes)), success, "share equivalent to the true DFA",
-         "more data"),
-        (axes[1], x_snap, compressions, "within-state spread / between-state distance",
-         "hidden-state compression"),
-        (axes[2], x_snap, whole, "share equivalent to the true DFA",
-         "training past convergence"),
-    ):  # fmt: skip
-        for i, k in enumerate(languages):
-            ax.plot(x, values[k], marker="o", color=colours(i), alpha=0.7, label=f"Tomita {k}")
-        ax.plot(x, np.nanmean(list(values.values()), axis=0), color="black", linewidth=2.5,
-                label="mean")  # fmt: skip
-        ax.set(ylabel=ylabel, title=title)
-    axes[0].set(xlabel="training strings in the prefix tree", ylim=(-0.05, 1.05))
-    axes[0].set_xticks(np.arange(len(sizes)), [str(s) for s in sizes])
-    for ax in axes[1:]:
-        ax.set(xscale="symlog", xlabel="epochs trained after 100% held-out accuracy")
-        ax.set_xticks(snapshots, [str(s) for s in snapshots])
-    axes[2].plot(x_snap, np.nanmean(list(hard.values()), axis=0), color="black", linestyle="--",
-                 linewidth=2, label=f"mean, from {hard_size} strings")  # fmt: skip
-    axes[2].set_ylim(-0.05, 1.05)
-    axes[2].legend(fontsize=8, loc="lower right", handles=axes[2].get_lines()[-2:])
-    axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle("Automaton extraction from GRUs by state merging on the Tomita languages")
+    for ax, (key, ylabel) in zip(axes, panels, strict=True):
+        for i, (language, values) in enumerate(sorted(curves.items())):
+            _band(ax, np.asarray(x, float), values[key], colours(i), f"Tomita {language}")
+            if marks and marks.get(language) is not None and marks[language] in x:
+                k = list(x).index(marks[language])
+                ax.plot(x[k], np.nanmedian(values[key][:, k]), marker="*", markersize=13,
+                        color=colours(i), markeredgecolor="black")  # fmt: skip
+        ax.set(xlabel=xlabel, ylabel=ylabel, xscale=xscale)
+        if xscale == "log":
+            ax.set_xticks(x, [str(v) for v in x])
+        if key != "accuracy":
+            _plain_log_y(ax)
+    axes[0].set_ylim(0.4, 1.02)
+    if marks:
+        axes[0].plot([], [], "*", color="grey", markeredgecolor="black", markersize=12,
+                     label="100% held-out\naccuracy reached")  # fmt: skip
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=9)  # fmt: skip
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _plain_log_y(ax) -> None:
+    """A log y axis with plain numbers (1, 10, 100; 2, 3, 5 between), not 2x10^1."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.set_yscale("log")
+    ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def plot_method_bars(
+    results: dict[str, dict[int, dict[str, float]]], title: str, path: str
+) -> None:
+    """Two panels of grouped bars, one group per Tomita language, one bar per method (the
+    mean over seeds): test accuracy against the true labels, and states after minimising
+    (the true DFA's count as a black tick)."""
+    methods = list(results)
+    languages = sorted(next(iter(results.values())))
+    width = 0.8 / len(methods)
+    colours = plt.get_cmap("tab10")
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.4))
+    x = np.arange(len(languages))
+    for m, method in enumerate(methods):
+        for ax, key in zip(axes, ("accuracy_labels", "states_minimized"), strict=True):
+            values = [results[method][k][key] for k in languages]
+            ax.bar(x + (m - (len(methods) - 1) / 2) * width, values, width, label=method,
+                   color=colours(m))  # fmt: skip
+    true_states = [next(iter(results.values()))[k]["true_states"] for k in languages]
+    axes[1].scatter(x, true_states, marker="_", s=600, color="black", zorder=5,
+                    label="true minimal DFA")  # fmt: skip
+    for ax in axes:
+        ax.set_xticks(x, [f"Tomita {k}" for k in languages])
+    axes[0].set(ylabel="test accuracy against the true labels", ylim=(0.4, 1.02))
+    axes[1].set(ylabel="states after minimising (the minimal DFA, no dead state)")
+    fig.legend(*axes[1].get_legend_handles_labels(), loc="center left",
+               bbox_to_anchor=(1.0, 0.5), fontsize=9)  # fmt: skip
+    fig.suptitle(title)
     fig.tight_layout()
     _save(fig, path)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import collections
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,15 +17,12 @@ from ntk_evolution.automata import (
     DFA,
     TOMITA,
     all_strings,
-    balanced_strings,
     counterexample,
     minimize,
     paper_balanced,
     paper_test,
     prefix_labels,
     sample_positive,
-    sample_strings,
-    side_strings,
     tomita_dfa,
     trim,
 )
@@ -90,38 +89,6 @@ def test_json_round_trip():
         record = json.loads(json.dumps(dfa.to_json()))
         assert set(record) == {"alphabet", "states", "start", "accepting", "transitions"}
         assert counterexample(DFA.from_json(record), dfa) is None
-
-
-def test_sampling_is_uniform_within_a_side():
-    """Strings of length 5 without 000 (24 of 32), drawn 4800 times: each about 200 times."""
-    dfa = tomita_dfa(4)
-    draws = sample_strings(dfa, 5, True, 4800, np.random.default_rng(0))
-    counts = collections.Counter(draws)
-    assert set(counts) == {s for s in all_strings(5) if "000" not in s}
-    chi2 = sum((c - 200) ** 2 / 200 for c in counts.values())
-    assert chi2 < 60  # 23 degrees of freedom: p < 1e-4 above this
-    assert sample_strings(tomita_dfa(2), 3, True, 5, np.random.default_rng(0)) == []
-
-
-def test_balanced_strings_per_length_and_exclusion():
-    dfa = tomita_dfa(2)
-    rng = np.random.default_rng(0)
-    train = balanced_strings(dfa, range(9), 16, rng)
-    by_length = collections.defaultdict(collections.Counter)
-    for s, label in train:
-        assert dfa.accepts(s) == label
-        by_length[len(s)][label] += 1
-    # (10)* has one string of each even length (repeated to 8), none of odd ones; the empty
-    # string is its only one of length 0
-    for length in range(9):
-        assert by_length[length][True] == (8 if length % 2 == 0 else 0)
-        assert by_length[length][False] == (0 if length == 0 else 8)
-    distinct_negatives = {s for s, label in train if not label and len(s) == 8}
-    assert len(distinct_negatives) == 8  # drawn without repeats where there are enough
-    held_out = balanced_strings(dfa, range(9), 16, rng, exclude=frozenset(s for s, _ in train))
-    overlap = {s for s, _ in held_out} & {s for s, _ in train}
-    # only where a side has nothing else: the positives, and the negatives of length <= 3
-    assert all(dfa.accepts(s) or len(s) <= 3 for s in overlap)
 
 
 def dfa_oracle(dfa: DFA, noise: float = 0.0, seed: int = 0):
@@ -384,10 +351,154 @@ def test_training_restarts_from_fresh_initialisations_until_one_converges():
     assert "trying a fresh initialisation" in messages[0] and "trying" not in messages[-1]
 
 
-def test_side_strings_are_every_string_of_that_side():
-    for language in range(1, 8):
-        dfa = tomita_dfa(language)
-        for length in (0, 1, 5, 9):
-            for label in (True, False):
-                expected = [s for s in all_strings(length) if dfa.accepts(s) == label]
-                assert side_strings(dfa, length, label) == expected
+SMALL_TRAINING = "--n_train 2000 --train_length 40 --n_dev 300 --dev_length 80 --max_epochs 8"
+
+
+@pytest.fixture(scope="module")
+def tomita4_run(tmp_path_factory):
+    """train_rnn.py on Tomita 4 at a small scale, every epoch saved."""
+    import train_rnn
+
+    run = tmp_path_factory.mktemp("tomita4")
+    record = train_rnn.main(
+        ["--language", "4", "--save_path", str(run), "--save_all", *SMALL_TRAINING.split()]
+    )
+    return run, record
+
+
+@pytest.mark.slow
+def test_train_and_extract_scripts_give_the_true_dfa(tomita4_run, tmp_path):
+    """The paper's tagger reaches 100% held-out prefix accuracy, every epoch's file is a
+    checkpoint extract_automata.py reads, and the default extraction written as JSON is the
+    true DFA; every method and option writes an automaton that reads back."""
+    import extract_automata
+    from utils import load_pickle
+
+    run, record = tomita4_run
+    meta = record["meta"]
+    assert (meta["cell"], meta["hidden"], meta["embed"]) == ("vanilla", 100, 10)
+    assert meta["test_acc"] == 1.0 and (run / "training.png").exists()
+    epochs = sorted(run.glob("parameters_epoch*.pkl"))
+    assert len(epochs) == meta["epochs"] + 1
+    assert load_pickle(str(run / "parameters_epoch0.pkl"))["meta"]["epoch"] == 0
+    out = tmp_path / "dfa.json"
+    report = extract_automata.main(
+        ["--model_path", str(run / "parameters_final.pkl"), "--save_path", str(out)]
+    )
+    dfa = DFA.from_json(json.loads(out.read_text()))
+    assert counterexample(dfa, tomita_dfa(4)) is None and report["equivalent_to_true_dfa"]
+    assert report["test_accuracy_rnn"] == 1.0 and dfa.n_states == report["states"]
+    check = json.loads((tmp_path / "dfa_check.json").read_text())
+    assert check["states_minimized"] == 3 == check["true_states"]
+    assert (tmp_path / "dfa.png").exists()
+    for flags in (
+        ["--method", "kmeans"], ["--method", "rpni"], ["--find_threshold"], ["--minimize"],
+        ["--eval", "labels", "--seed", "3"], ["--sim_threshold", "1.01"],
+    ):  # fmt: skip
+        path = tmp_path / f"{'_'.join(flags).strip('-')}.json"
+        report = extract_automata.main(
+            ["--model_path", str(epochs[-1]), "--save_path", str(path), *flags]
+        )
+        dfa = DFA.from_json(json.loads(path.read_text()))
+        assert dfa.n_states == report["written_states"]
+        if "--sim_threshold" in flags:  # nothing merges: the prefix tree itself
+            assert dfa.n_states == report["prefix_tree_nodes"] == report["states"]
+        if "--minimize" in flags:
+            assert dfa.n_states == report["states_minimized"] == 3
+
+
+def one_line_error(main, argv, capsys) -> str:
+    from utils import run_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, argv)
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err.strip()
+    assert "\n" not in message and message.startswith("error:")
+    return message
+
+
+def test_extract_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys):
+    import extract_automata
+    from utils import save_pickle
+
+    save_pickle({"params": {}}, str(tmp_path / "other.pkl"))
+    save_pickle({"params": {}, "meta": {"kind": "tomita_rnn"}}, str(tmp_path / "rnn.pkl"))
+    out = str(tmp_path / "out" / "d.json")
+    for path in (tmp_path / "other.pkl", tmp_path / "missing.pkl"):
+        message = one_line_error(
+            extract_automata.main, ["--model_path", str(path), "--save_path", out], capsys
+        )
+        assert message.startswith("error: --model_path")
+    model = ["--model_path", str(tmp_path / "rnn.pkl"), "--save_path", out]
+    for flag, values in {
+        "--sim_threshold": ["nan", "inf", "-inf", "high"],
+        "--n_strings": ["0", "-3", "2.5", "many"],
+        "--train_length": ["0", "-1"],
+        "--method": ["dbscan"],
+        "--eval": ["both"],
+    }.items():
+        for value in values:
+            message = one_line_error(extract_automata.main, [*model, flag, value], capsys)
+            assert flag in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_refuses_bad_input_in_one_line(tmp_path, capsys):
+    import train_rnn
+
+    base = ["--language", "4", "--save_path", str(tmp_path / "run")]
+    for flag, value in (("--n_train", "0"), ("--train_length", "-2"), ("--language", "8"),
+                        ("--cell", "transformer"), ("--lr", "nan"), ("--seed", "x")):  # fmt: skip
+        message = one_line_error(train_rnn.main, [*base, flag, value], capsys)
+        assert flag.lstrip("-") in message or "random_seed" in message, message
+    assert not (tmp_path / "run").exists()
+
+
+def test_help_shows_every_default(capsys):
+    import extract_automata
+    import train_rnn
+
+    extract_flags = ["--sim_threshold", "--method", "--n_strings"]
+    for module, flags in ((train_rnn, ["--hidden", "--cell", "--random_seed"]),
+                          (extract_automata, extract_flags)):  # fmt: skip
+        with pytest.raises(SystemExit):
+            module.parse_args(["--help"])
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert flag in text
+        assert text.count("(default:") >= 8
+
+
+@pytest.mark.slow
+def test_automata_study_writes_its_report_figures_and_results(tmp_path):
+    """`make automata` in miniature (one language, small sizes): every figure, the state
+    diagram, REPORT.md with each of the abstract's claims beside a verdict, and results.json
+    that reads back with one row per extraction; a second run reuses the trained RNN."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.spec_from_file_location(
+        "automata_study",
+        os.path.join(os.path.dirname(__file__), "..", "scripts", "automata_study.py"),
+    )
+    study = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(study)
+    out = tmp_path / "study"
+    argv = ["--out", str(out), "--languages", "4", "--seeds", "2", "--epoch_seeds", "1",
+            "--sizes", "2", "20", "--training", SMALL_TRAINING.replace("8", "4")]  # fmt: skip
+    study.main(argv)
+    for name in ("automata_data", "automata_epochs", "automata_threshold", "automata_methods",
+                 "dfa_tomita4"):  # fmt: skip
+        assert (out / f"{name}.png").stat().st_size > 10_000
+    report = (out / "REPORT.md").read_text()
+    for claim in range(1, 5):
+        assert f"\n{claim}. " in report
+    assert report.count("**supported**") + report.count("**not supported**") >= 2
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["data"]) == 2 * 2 and len(results["methods"]) == 4 * 2
+    assert len(results["epochs"]) == results["rnn"]["4"]["epochs"] + 1
+    assert {r["method"] for r in results["methods"]} >= {"RPNI", "k-means, 20 clusters"}
+    again = subprocess.run([sys.executable, spec.origin, *argv, "--sizes", "2"],
+                           capture_output=True, text=True, check=True)  # fmt: skip
+    assert "Tomita 4: reusing" in again.stdout
