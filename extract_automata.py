@@ -22,7 +22,8 @@ the true Tomita DFA, with a shortest counterexample when they differ.
 
 Writes --save_path (the automaton as JSON: alphabet, states, start, accepting, transitions; a
 transition left out rejects), and beside it <stem>.png (its state diagram; the minimal DFA's
-when it has more than 40 states) and <stem>_check.json (the facts above).
+when it has more than 16 states, none when that has more too) and <stem>_check.json (the
+facts above).
 
     python extract_automata.py --model_path runs/tomita3/parameters_final.pkl --save_path dfa.json
 """
@@ -59,7 +60,7 @@ from ntk_evolution.extraction import (
 from ntk_evolution.rnn import rnn_oracle
 from utils import UserError, load_pickle, run_main, write_json
 
-MAX_DRAWN_STATES = 40
+MAX_DRAWN_STATES = 16  # a circle of more states is unreadable
 
 
 def parse_args(argv=None):

@@ -56,6 +56,7 @@ SCALE_DOWN = {
     "eigen_features.py": "--n_test 50 --pgd_steps 5",
     "robustify_dataset.py": "--steps 10 --n_test 100",
     "cka.py": "--n_images 100",
+    "train_rnn.py": "--n_train 2000 --train_length 40 --n_dev 300 --dev_length 80",
 }
 
 # Blocks (by their first line) not run here, and why.
