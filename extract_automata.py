@@ -7,9 +7,11 @@ merge the prefix-tree states whose RNN hidden states are nearly the same.
 2. The prefix tree of those strings, each node labelled by the RNN's prediction (--eval preds)
    or the true label (--eval labels) and holding the RNN's hidden state there.
 3. --method similarity (default): every pair of nodes with the same true label whose hidden
-   states have cosine similarity above --sim_threshold is merged, pair by pair in the authors'
-   order; --find_threshold picks the threshold instead on 20 validation strings of twice
-   --train_length (the best prefix accuracy over 0.925, 0.930, ..., 0.995).
+   states have cosine similarity above a threshold is merged, pair by pair in the authors'
+   order. The threshold is --sim_threshold when given (the authors' fixed default is 0.99);
+   by default it is picked as the authors' --find_threshold does, on 20 validation strings of
+   twice --train_length (the best prefix accuracy over 0.925, 0.930, ..., 0.995): on this
+   project's RNNs 0.99 keeps too many states apart (README, "Differences").
    --method kmeans: the authors' baseline, --n_clusters clusters of hidden states as states.
    --method rpni: red-blue state merging on the RNN's labels only (this project's earlier
    method, a baseline that never reads the hidden states).
@@ -69,12 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--save_path", required=True, help="The automaton's JSON file.")
     p.add_argument("--method", default="similarity", choices=METHODS,
                    help="similarity: the paper's; kmeans and rpni: baselines.")  # fmt: skip
-    p.add_argument("--sim_threshold", type=finite_float(), default=0.99,
+    p.add_argument("--sim_threshold", type=finite_float(), default=None,
                    help="Merge two states when their hidden states' cosine similarity exceeds "
-                   "this (above 1: nothing merges).")  # fmt: skip
+                   "this (the authors' default: 0.99; above 1: nothing merges). Not given: "
+                   "picked as --find_threshold does.")  # fmt: skip
     p.add_argument("--find_threshold", action="store_true",
                    help="Pick the threshold on 20 validation strings of twice --train_length "
-                   "(the authors' cross_validate) instead of --sim_threshold.")  # fmt: skip
+                   "(the authors' cross_validate); the default unless --sim_threshold is "
+                   "given.")  # fmt: skip
     p.add_argument("--eval", dest="eval_on", default="preds", choices=EVALS,
                    help="Label states by the RNN's predictions or the true labels.")  # fmt: skip
     p.add_argument("--n_strings", type=positive_int, default=100,
@@ -90,7 +94,11 @@ def parse_args(argv=None):
                    help="Test strings have random lengths 0 to this.")  # fmt: skip
     p.add_argument("--random_seed", "--seed", dest="random_seed", type=non_negative_int,
                    default=0, help="Seed of the extraction, validation, test strings.")  # fmt: skip
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.find_threshold and args.sim_threshold is not None:
+        p.error("--find_threshold picks the threshold: pass it or --sim_threshold, not both")
+    args.find_threshold = args.sim_threshold is None
+    return args
 
 
 def load_rnn(path: str) -> dict:

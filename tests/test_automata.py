@@ -27,6 +27,7 @@ from ntk_evolution.automata import (
     trim,
 )
 from ntk_evolution.extraction import (
+    THRESHOLD_GRID,
     cosine_similarities,
     cross_validate,
     gold_labels,
@@ -388,6 +389,7 @@ def test_train_and_extract_scripts_give_the_true_dfa(tomita4_run, tmp_path):
     dfa = DFA.from_json(json.loads(out.read_text()))
     assert counterexample(dfa, tomita_dfa(4)) is None and report["equivalent_to_true_dfa"]
     assert report["test_accuracy_rnn"] == 1.0 and dfa.n_states == report["states"]
+    assert np.isclose(THRESHOLD_GRID, report["threshold"]).any() and report["validation_scores"]
     check = json.loads((tmp_path / "dfa_check.json").read_text())
     assert check["states_minimized"] == 3 == check["true_states"]
     assert (tmp_path / "dfa.png").exists()
@@ -441,7 +443,21 @@ def test_extract_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys)
         for value in values:
             message = one_line_error(extract_automata.main, [*model, flag, value], capsys)
             assert flag in message, message
+    message = one_line_error(
+        extract_automata.main, [*model, "--find_threshold", "--sim_threshold", "0.9"], capsys
+    )
+    assert "--find_threshold" in message and "--sim_threshold" in message
     assert not (tmp_path / "out").exists()
+
+
+def test_the_threshold_is_cross_validated_unless_given():
+    import extract_automata
+
+    base = ["--model_path", "m.pkl", "--save_path", "d.json"]
+    assert extract_automata.parse_args(base).find_threshold
+    assert extract_automata.parse_args([*base, "--find_threshold"]).find_threshold
+    given = extract_automata.parse_args([*base, "--sim_threshold", "0.99"])
+    assert not given.find_threshold and given.sim_threshold == 0.99
 
 
 def test_train_refuses_bad_input_in_one_line(tmp_path, capsys):
