@@ -161,6 +161,8 @@ def extract(record: dict, args, log=print) -> tuple[object, dict]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if os.path.isdir(args.save_path):
+        raise UserError(f"--save_path {args.save_path} is a folder: pass the JSON file to write")
     record = load_rnn(args.model_path)
     meta = record["meta"]
     language = meta["language"]

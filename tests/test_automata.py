@@ -444,6 +444,11 @@ def test_extract_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys)
             message = one_line_error(extract_automata.main, [*model, flag, value], capsys)
             assert flag in message, message
     message = one_line_error(
+        extract_automata.main, ["--model_path", str(tmp_path / "rnn.pkl"), "--save_path",
+                                str(tmp_path)], capsys
+    )  # fmt: skip
+    assert message.startswith("error: --save_path")
+    message = one_line_error(
         extract_automata.main, [*model, "--find_threshold", "--sim_threshold", "0.9"], capsys
     )
     assert "--find_threshold" in message and "--sim_threshold" in message
