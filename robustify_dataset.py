@@ -2,15 +2,23 @@
 "Can we achieve robustness from data alone?", arXiv 2207.11727).
 
 The support set X (a class-balanced training subset, labels Y kept) is the variable. With the
-kernel-regression predictor F_X(z) = k(z, X) (k(X, X) + r I)^-1 onehot(Y) each step
+kernel-regression predictor F_X(z) = k(z, X) (k(X, X) + r I)^-1 onehot(Y), the paper's
+objective is inf_X E sup_{|delta| <= eps} L(F_X(z + delta), t), one loss L inside and outside.
+Each step
 
   1. draws a batch of target images (z, t) from the training split,
-  2. perturbs them by L-inf PGD against the current predictor (--pgd_steps steps of
-     2 eps / steps, random start; the inner maximisation),
-  3. takes an Adam step (--lr) on X down the gradient of the loss of F_X(z_adv) against t
-     (--loss mse: the squared error to onehot(t), the loss kernel regression itself fits, as
-     in kernel inducing points; or ce: the cross-entropy), through the kernel-regression
-     solution (z_adv held fixed: Danskin's theorem), and clips X to [0, 1].
+  2. perturbs them by L-inf PGD against the current predictor, ascending L itself (--pgd_steps
+     steps of 2 eps / steps, random start; the inner maximisation),
+  3. takes an Adam step (--lr) on X down the gradient of L(F_X(z_adv), t) (--loss mse: the
+     squared error to onehot(t), the loss kernel regression itself fits, as in kernel
+     inducing points; or ce: the cross-entropy), through the kernel-regression solution
+     (z_adv held fixed: Danskin's theorem, which needs the inner attack to maximise this L),
+     and projects X into [0, 1] (and, with --max_change, into the L-inf ball of that radius
+     around the original images; the paper leaves the images otherwise unconstrained and
+     keeps the labels).
+
+The history records, on each step's target batch and before its update, the clean and the
+adversarial loss (both in L) and accuracy.
 
 Kernel: the closed-form infinite-width ReLU MLP NTK (default), or the empirical NTK of
 --model at --model_path (at initialisation when empty), differentiated through explicit
@@ -18,7 +26,9 @@ per-example Jacobians (small networks). Writes into --save_dir:
   robust_<save_name>.pkl   {images: (N, C, H, W) in [0, 1], labels: (N,)}, the adv_examples
                            format (run_exp.py --train_path trains on it; ntk_attack.py
                            --support_path uses it as a support set), plus indices, original,
-                           dataset, kernel, eps, history
+                           dataset, kernel, eps, loss, max_change, change (per-image L-inf
+                           change), history {clean_loss, adversarial_loss, clean_accuracy,
+                           adversarial_accuracy: per step}
   robust_<save_name>.png   original vs optimised images, their difference, the objective
 """
 
@@ -35,7 +45,13 @@ import numpy as np
 import optax
 
 from data import class_balanced_subset
-from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255, pgd, pgd_step_size
+from ntk_evolution.attacks import (
+    VARIANT_NAMES,
+    eps_from_255,
+    pgd,
+    pgd_step_size,
+    squared_error,
+)
 from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
@@ -56,6 +72,7 @@ from utils import progress_bar, run_main, save_pickle
 
 INNER_PGD_STEPS = 10
 LOSSES = ("mse", "ce")
+HISTORY_KEYS = ("clean_loss", "adversarial_loss", "clean_accuracy", "adversarial_accuracy")
 N_SHOWN = 10
 
 
@@ -68,7 +85,11 @@ def build_parser() -> Parser:
         "--lr", type=finite_float(0.0, inclusive=False), default=0.01, help="Outer Adam step."
     )
     p.add_argument("--target_batch", type=positive_int, default=256, help="Targets per step.")
-    p.add_argument("--loss", default="mse", choices=LOSSES, help="Outer loss on the targets.")
+    p.add_argument("--loss", default="mse", choices=LOSSES,
+                   help="The min-max's loss L, in the inner attack and outer step.")  # fmt: skip
+    p.add_argument("--max_change", type=finite_float(0.0, inclusive=False), default=None,
+                   help="Bound each support pixel's change to this L-inf radius (in 1/255); "
+                   "default: unbounded within [0, 1], as the paper.")  # fmt: skip
     add_out_dir_flag(p, "./robust_data", alias="--save_dir")
     p.add_argument("--save_name", default="default", help="Outputs are robust_<save_name>.*.")
     add_shared_flags(p)
@@ -95,11 +116,10 @@ def robust_loss(
     """Mean loss of F_X(z) against labels t (mse: squared error to one-hot, summed over the
     classes; ce: cross-entropy), and the accuracy."""
     outputs = kernel_predictor(kernel_fn, support, targets, ridge)(z)
-    if loss == "mse":
-        value = jnp.sum((outputs - jax.nn.one_hot(t, outputs.shape[1])) ** 2, axis=1)
-    else:
-        value = optax.softmax_cross_entropy_with_integer_labels(outputs, t)
-    return jnp.mean(value), jnp.mean(jnp.argmax(outputs, -1) == t)
+    per_example = (
+        squared_error if loss == "mse" else optax.softmax_cross_entropy_with_integer_labels
+    )
+    return jnp.mean(per_example(outputs, t)), jnp.mean(jnp.argmax(outputs, -1) == t)
 
 
 def inner_attack(
@@ -113,18 +133,21 @@ def inner_attack(
     eps: float,
     n_steps: int,
     ridge: float,
+    loss: str = "mse",
 ) -> jax.Array:
-    """L-inf PGD on the targets against the predictor of the (fixed) support set."""
+    """L-inf PGD on the targets against the predictor of the (fixed) support set, ascending
+    the outer loss (attacks.pgd with loss = mse or ce)."""
     predictor = kernel_predictor(kernel_fn, jax.lax.stop_gradient(support), targets, ridge)
     return pgd(
-        predictor, z, t, key, eps=eps, step_size=pgd_step_size(eps, n_steps), n_steps=n_steps
-    )
+        predictor, z, t, key, eps=eps, step_size=pgd_step_size(eps, n_steps), n_steps=n_steps,
+        loss=loss,
+    )  # fmt: skip
 
 
 def adversarial_objective(kernel_fn, support, targets, z, t, key, *, eps, n_steps, ridge, loss):
     """The quantity minimised: robust_loss at the inner attack's images (loss, accuracy)."""
     z_adv = inner_attack(
-        kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge
+        kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge, loss=loss
     )
     return robust_loss(kernel_fn, support, targets, z_adv, t, ridge, loss)
 
@@ -132,18 +155,42 @@ def adversarial_objective(kernel_fn, support, targets, z, t, key, *, eps, n_step
 def make_step(
     kernel_fn: Callable, optimizer, *, eps: float, n_steps: int, ridge: float, loss: str
 ) -> Callable:
-    """Jitted step(support, opt_state, targets, z, t, key) -> (support, opt_state, loss, acc)."""
+    """Jitted step(support, opt_state, targets, z, t, key, low, high) -> (support, opt_state,
+    facts): facts holds the clean and adversarial loss and accuracy on the targets before the
+    update; the support is projected into [low, high] after it."""
 
-    def step(support, opt_state, targets, z, t, key):
+    per_example = (
+        squared_error if loss == "mse" else optax.softmax_cross_entropy_with_integer_labels
+    )
+
+    def worst_case(support, targets, z, z_adv, t):
+        """The mean over targets of the larger of L at z and at z_adv (the sup over the ball
+        includes delta = 0, so an attack that ends below the clean loss falls back to z), and
+        the facts logged; one predictor call, so the two losses are comparable exactly."""
+        outputs = kernel_predictor(kernel_fn, support, targets, ridge)(jnp.concatenate([z, z_adv]))
+        clean_out, adv_out = jnp.split(outputs, 2)
+        clean, adv = per_example(clean_out, t), per_example(adv_out, t)
+        worse = adv >= clean
+        worst_out = jnp.where(worse[:, None], adv_out, clean_out)
+        facts = {
+            "clean_loss": jnp.mean(clean),
+            "adversarial_loss": jnp.mean(jnp.where(worse, adv, clean)),
+            "clean_accuracy": jnp.mean(jnp.argmax(clean_out, -1) == t),
+            "adversarial_accuracy": jnp.mean(jnp.argmax(worst_out, -1) == t),
+        }
+        return facts["adversarial_loss"], facts
+
+    def step(support, opt_state, targets, z, t, key, low, high):
         z_adv = inner_attack(
-            kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge
-        )
-        (value, accuracy), grad = jax.value_and_grad(robust_loss, argnums=1, has_aux=True)(
-            kernel_fn, support, targets, z_adv, t, ridge, loss
+            kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge,
+            loss=loss,
+        )  # fmt: skip
+        (_, facts), grad = jax.value_and_grad(worst_case, has_aux=True)(
+            support, targets, z, z_adv, t
         )
         updates, opt_state = optimizer.update(grad, opt_state, support)
-        support = jnp.clip(optax.apply_updates(support, updates), 0.0, 1.0)
-        return support, opt_state, value, accuracy
+        support = jnp.clip(optax.apply_updates(support, updates), low, high)
+        return support, opt_state, facts
 
     return jax.jit(step)
 
@@ -164,27 +211,34 @@ def robustify(
     target_batch: int = 256,
     ridge: float = 1e-4,
     loss: str = "mse",
+    max_change: float | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, dict[str, list[float]]]:
-    """The optimised support images (same shape, in [0, 1]) and the history of the objective
-    (adversarial loss and accuracy on each step's target batch, before its update)."""
+    """The optimised support images (same shape, in [0, 1], and within max_change of the
+    originals in L-inf when given) and the history: on each step's target batch, before its
+    update, the clean and adversarial loss (both in `loss`) and accuracy."""
     optimizer = optax.adam(lr)
     step = make_step(kernel_fn, optimizer, eps=eps, n_steps=n_steps, ridge=ridge, loss=loss)
     x = jnp.asarray(support, jnp.float32)
+    low, high = jnp.zeros_like(x), jnp.ones_like(x)
+    if max_change is not None:
+        low, high = jnp.clip(x - max_change, 0.0, 1.0), jnp.clip(x + max_change, 0.0, 1.0)
     opt_state = optimizer.init(x)
     targets = jnp.asarray(one_hot(support_labels, n_classes), jnp.float32)
     key, rng = jax.random.PRNGKey(seed), np.random.default_rng(seed)
     batch = min(target_batch, len(x_target))
-    history = {"loss": [], "accuracy": []}
+    history = {k: [] for k in HISTORY_KEYS}
     bar = progress_bar(range(steps), desc="robustify", enabled=progress)
     for i in bar:
         chosen = rng.choice(len(x_target), batch, replace=False)
-        x, opt_state, loss, accuracy = step(
-            x, opt_state, targets, x_target[chosen], y_target[chosen], jax.random.fold_in(key, i)
-        )
-        history["loss"].append(float(loss))
-        history["accuracy"].append(float(accuracy))
-        bar.set_postfix(adv_loss=f"{float(loss):.4f}", adv_acc=f"{float(accuracy):.3f}")
+        x, opt_state, facts = step(
+            x, opt_state, targets, x_target[chosen], y_target[chosen], jax.random.fold_in(key, i),
+            low, high,
+        )  # fmt: skip
+        for k in HISTORY_KEYS:
+            history[k].append(float(facts[k]))
+        bar.set_postfix(clean=f"{history['clean_loss'][-1]:.4f}",
+                        adversarial=f"{history['adversarial_loss'][-1]:.4f}")  # fmt: skip
     return np.asarray(x), history
 
 
@@ -202,11 +256,20 @@ def main(argv=None) -> dict:
         choice.kernel_fn, original, labels, ds.x_train, ds.y_train, args.random_seed,
         n_classes=ds.n_classes, steps=args.steps, lr=args.lr, eps=eps, n_steps=args.pgd_steps,
         target_batch=args.target_batch, ridge=args.ridge, loss=args.loss,
+        max_change=None if args.max_change is None else args.max_change / 255,
     )  # fmt: skip
+    change = np.abs(images - original).reshape(len(images), -1).max(axis=1)
+
+    def at(key, where):  # the first step, or the mean of the last 10
+        values = history[key]
+        return values[0] if where == "start" else float(np.mean(values[-10:]))
+
     print(
         f"{choice.description}: {args.steps} steps on {len(images)} support images in "
-        f"{time.time() - start:.1f}s; adversarial loss on the targets {history['loss'][0]:.4f} "
-        f"-> {np.mean(history['loss'][-10:]):.4f} (mean of the last 10 steps)"
+        f"{time.time() - start:.1f}s; {args.loss} loss on the targets, clean / adversarial: "
+        f"{at('clean_loss', 'start'):.4f} / {at('adversarial_loss', 'start'):.4f} at the start, "
+        f"{at('clean_loss', 'end'):.4f} / {at('adversarial_loss', 'end'):.4f} at the end (mean "
+        f"of the last 10 steps); median per-image L-inf change {np.median(change) * 255:.1f}/255"
     )
 
     # kernel regression on the test images, before and after (clean, PGD-Linf on itself)
@@ -242,6 +305,8 @@ def main(argv=None) -> dict:
         "kernel": choice.description,
         "eps": args.eps,
         "loss": args.loss,
+        "max_change": args.max_change,
+        "change": change,
         "history": history,
         "test_accuracy": summary,
     }

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 
 NORMS = ("linf", "l2")
-LOSSES = ("ce", "margin")
+LOSSES = ("ce", "margin", "mse")
 
 # SPEC: training uses 20-step L-inf PGD with step 2*eps/20; evaluation 100 steps, 2*eps/100;
 # L2 evaluation eps 0.25, step 0.01, 100 steps.
@@ -138,6 +138,11 @@ def margin(logits: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.max(others, axis=1) - true
 
 
+def squared_error(outputs: jax.Array, y: jax.Array) -> jax.Array:
+    """sum_j (outputs_j - onehot(y)_j)^2 per example: the loss kernel regression fits."""
+    return jnp.sum((outputs - jax.nn.one_hot(y, outputs.shape[1])) ** 2, axis=1)
+
+
 def pgd(
     logits_fn: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -152,13 +157,18 @@ def pgd(
     random_start: bool = True,
 ) -> jax.Array:
     """Adversarial examples for images x (N, H, W, C) in [0, 1] with labels y (N,), within the
-    `norm` eps-ball around x and within [0, 1]; from a random start in the ball, or with
-    `random_start` False from x itself (key unused)."""
+    `norm` eps-ball around x and within [0, 1], by ascent on the summed `loss` (ce:
+    cross-entropy; margin; mse: squared error to the one-hot label); from a random start in
+    the ball, or with `random_start` False from x itself (key unused)."""
     if norm not in NORMS:
         raise ValueError(f"unknown norm {norm!r}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}")
-    per_example = optax.softmax_cross_entropy_with_integer_labels if loss == "ce" else margin
+    per_example = {
+        "ce": optax.softmax_cross_entropy_with_integer_labels,
+        "margin": margin,
+        "mse": squared_error,
+    }[loss]
 
     def objective(x_adv):
         return jnp.sum(per_example(logits_fn(x_adv), y))

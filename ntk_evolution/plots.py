@@ -219,8 +219,8 @@ def plot_robustified(
     labels: np.ndarray | None = None,
 ) -> None:
     """Left: original and optimised support images (captioned with their labels) and their
-    difference (grey = none, scaled to the largest change). Right: the adversarial loss and
-    accuracy on the targets per step."""
+    difference (grey = none, scaled to the largest change). Right: the clean and adversarial
+    loss on each step's targets (the loss the optimisation uses), and both accuracies."""
     delta = optimised - original
     scale = max(float(np.abs(delta).max()), 1e-12)
     rows = {"original": original, "optimised": optimised, "change": 0.5 + 0.5 * delta / scale}
@@ -230,16 +230,16 @@ def plot_robustified(
     captions = None if labels is None else {"original": [f"label {int(c)}" for c in labels]}
     _image_rows(left, rows, captions)
     left.suptitle(f"change scaled by 1/{scale:.3f}", fontsize=9, y=0.02)
-    ax = right.subplots()
-    steps = np.arange(1, len(history["loss"]) + 1)
-    ax.plot(steps, history["loss"], color="C0", lw=0.8)
-    ax.set_xlabel("step")
-    ax.set_ylabel("adversarial loss on targets", color="C0")
-    twin = ax.twinx()
-    twin.plot(steps, history["accuracy"], color="C1", lw=0.8)
-    twin.set_ylabel("adversarial accuracy on targets", color="C1")
-    twin.set_ylim(0, 1)
-    ax.grid(True, alpha=0.3)
+    ax_loss, ax_acc = right.subplots(2, 1, sharex=True)
+    steps = np.arange(1, len(history["adversarial_loss"]) + 1)
+    for kind, style in (("adversarial", "-"), ("clean", "--")):
+        ax_loss.plot(steps, history[f"{kind}_loss"], style, color="C0", lw=0.9, label=kind)
+        ax_acc.plot(steps, history[f"{kind}_accuracy"], style, color="C1", lw=0.9, label=kind)
+    ax_loss.set_ylabel("loss on the targets")
+    ax_acc.set(xlabel="step", ylabel="accuracy on the targets", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     _save(fig, path)
 

@@ -26,7 +26,13 @@ from ntk_evolution.kernel_regression import (
     regression_coefficients,
     relu_ntk,
 )
-from robustify_dataset import adversarial_objective, robust_loss, robustify
+from robustify_dataset import (
+    HISTORY_KEYS,
+    adversarial_objective,
+    inner_attack,
+    robust_loss,
+    robustify,
+)
 from utils import UserError, load_pickle
 
 EPS = 32 / 255
@@ -97,7 +103,9 @@ def test_robustify_lowers_its_objective_and_keeps_images_in_range(digits):
     assert optimised.shape == x.shape and optimised.dtype == np.float32
     assert optimised.min() >= 0 and optimised.max() <= 1
     assert np.abs(optimised - x).max() > 0.05
-    assert len(history["loss"]) == 40
+    assert all(len(history[k]) == 40 for k in HISTORY_KEYS)
+    clean, adversarial = (np.array(history[f"{k}_loss"]) for k in ("clean", "adversarial"))
+    assert np.all(adversarial >= clean) and adversarial[-1] > clean[-1]
     before, after = objective(jnp.asarray(x)), objective(jnp.asarray(optimised))
     assert after < 0.8 * before, (before, after)
 
@@ -141,12 +149,18 @@ def test_robust_data_study_writes_its_report(tmp_path):
          "--source_epochs", "1",
          "--restarts", "2", "--n_test", "40", "--out", str(out)]
     )  # fmt: skip
-    assert len(rows) == 4 and all(len(v) == 7 for v in rows.values())
+    assert len(rows) == 2 + 3 * 2 and all(len(v) == 7 for v in rows.values())
     for values in rows.values():  # the worst case is below every single attack and AutoAttack
         assert values[6] <= min(values[:6])
     assert "AutoAttack" in robust_data_study.COLUMNS
     report = (out / "REPORT.md").read_text()
     assert "| kernel regression, optimised set |" in report and "finding" in report
+    for net in ("mlp_skinny", "mlp_wide", "cnn_small"):  # the paper's variety of models
+        assert f"| {net} trained on the optimised set |" in report and f"- {net}: PGD" in report
+    record = load_pickle(str(out / "robust_optimised.pkl"))
+    assert np.all(
+        np.array(record["history"]["adversarial_loss"]) >= record["history"]["clean_loss"]
+    )
     assert (out / "robust_data_study.png").exists() and (out / "robust_optimised.png").exists()
 
     # the optimised set in the adv_examples format, with where it came from
@@ -166,3 +180,57 @@ def test_robust_data_study_writes_its_report(tmp_path):
              "--model_path", str(out / "mlp_skinny_optimised" / "parameters_final.pkl"),
              "--transfer_path", str(transfer)]
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_the_inner_attack_raises_the_outer_loss_and_the_outer_gradient_is_danskins(digits, loss):
+    """The attack ascends the loss the step descends: for each loss, the attacked targets have
+    a higher loss of that kind than the clean ones, and higher than an attack on the other
+    loss finds in it; at the attacked points the outer gradient is a finite difference of the
+    objective (z_adv held fixed), in float64."""
+    with jax.enable_x64(True):
+        kernel_fn = functools.partial(relu_ntk, depth=2)
+        x = jnp.asarray(digits.x_train[:30], jnp.float64)
+        targets = jnp.asarray(one_hot(digits.y_train[:30], 10), jnp.float64)
+        z, t = jnp.asarray(digits.x_test[:40], jnp.float64), jnp.asarray(digits.y_test[:40])
+        key = jax.random.PRNGKey(2)
+        attacked = {
+            kind: inner_attack(kernel_fn, x, targets, z, t, key, eps=EPS, n_steps=10,
+                               ridge=1e-4, loss=kind)
+            for kind in ("mse", "ce")
+        }  # fmt: skip
+        other = "ce" if loss == "mse" else "mse"
+
+        def value(support, points):
+            return robust_loss(kernel_fn, support, targets, points, t, 1e-4, loss)[0]
+
+        clean, mine, theirs = (value(x, p) for p in (z, attacked[loss], attacked[other]))
+        assert mine > clean and mine > theirs, (clean, mine, theirs)
+        assert float(jnp.abs(attacked[loss] - z).max()) <= EPS + 1e-9
+        grad = jax.grad(value)(x, attacked[loss])
+        rng = np.random.default_rng(1)
+        for _ in range(3):
+            direction = jnp.asarray(rng.normal(size=x.shape))
+            h = 1e-5
+            numeric = (
+                value(x + h * direction, attacked[loss]) - value(x - h * direction, attacked[loss])
+            ) / (2 * h)
+            np.testing.assert_allclose(
+                float(jnp.vdot(grad, direction)), float(numeric), rtol=1e-5, atol=1e-9
+            )
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_the_logged_adversarial_loss_is_at_least_the_clean_loss(digits, loss):
+    """On every step and the same targets, in the outer loss; with --max_change the support
+    stays within that L-inf radius of the original images."""
+    kernel_fn = functools.partial(relu_ntk, depth=2)
+    x, y = digits.x_train[:30], digits.y_train[:30]
+    optimised, history = robustify(
+        kernel_fn, x, y, digits.x_train[30:130], digits.y_train[30:130], 0, n_classes=10,
+        steps=6, lr=0.05, eps=EPS, n_steps=3, target_batch=50, loss=loss, max_change=0.1,
+        progress=False,
+    )  # fmt: skip
+    clean, adversarial = (np.array(history[f"{k}_loss"]) for k in ("clean", "adversarial"))
+    assert np.all(adversarial >= clean) and adversarial.mean() > 1.1 * clean.mean()
+    assert np.abs(optimised - x).max() <= 0.1 + 1e-6 and np.abs(optimised - x).max() > 0.01
