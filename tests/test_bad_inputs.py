@@ -323,6 +323,8 @@ CASES = [
     ("robustify_dataset", f"--model_path {B}/ck_list.pkl {DIGITS} --out_dir {B}/rd", "not a checkpoint"),
     ("robustify_dataset", f"--model_path {B}/ck_complex_leaves.pkl {DIGITS} --out_dir {B}/rd", "complex"),
     ("robustify_dataset", f"--model_path {CK} {DIGITS} --out_dir {B}/a_file", "--out_dir"),
+    ("robustify_dataset", f"{DIGITS} --max_change nan --out_dir {B}/rd", "--max_change"),
+    ("robustify_dataset", f"{DIGITS} --max_change 0 --out_dir {B}/rd", "--max_change"),
 ]  # fmt: skip
 
 

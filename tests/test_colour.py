@@ -286,6 +286,8 @@ def test_robust_set_reads_back_and_trains_a_network(chain):
         path(chain, "robust", "robust_colour.pkl"), chain.ds.image_shape, chain.ds.n_classes
     )
     assert images.shape == (20, *chain.ds.image_shape) and len(labels) == 20
+    history = load_pickle(path(chain, "robust", "robust_colour.pkl"))["history"]
+    assert np.all(np.array(history["adversarial_loss"]) >= history["clean_loss"])
     state = check_resume_state(load_pickle(path(chain, "from_robust", "resume_state.pkl")), "")
     assert (state["phase"], state["epoch"]) == (2, 0)  # phase 1 ran on the robust set
 
