@@ -2,7 +2,8 @@
 2207.11727) in miniature, then REPORT.md with the table, the pictures and the paper's finding
 beside the numbers.
 
-Default: digits (8x8), a 500-image support set, eps 32/255, on a CPU in about 12 minutes.
+Default: digits (8x8), a 500-image support set, eps 32/255, on a 2-core CPU in under half an
+hour.
 The support set is optimised with one loss L (squared error) in the inner PGD and the outer step,
 as the paper's min-max.
 
