@@ -37,6 +37,7 @@ import os
 import numpy as np
 
 from ntk_evolution.automata import (
+    DFA,
     TOMITA,
     counterexample,
     minimize,
@@ -112,8 +113,9 @@ def load_rnn(path: str) -> dict:
     return record
 
 
-def extract(record: dict, args, log=print) -> tuple[object, dict]:
-    """The automaton (extraction.DFA, partial) and the facts about it, from a checkpoint."""
+def extract(record: dict, args, log=print) -> tuple[DFA, DFA, dict]:
+    """The automaton (partial), its minimal DFA (trimmed) and the facts about them, from a
+    checkpoint."""
     meta = record["meta"]
     truth = tomita_dfa(meta["language"])
     oracle = rnn_oracle(record["params"], meta)
@@ -156,7 +158,7 @@ def extract(record: dict, args, log=print) -> tuple[object, dict]:
         equivalent_to_true_dfa=witness is None,
         counterexample=witness,
     )
-    return (minimal if args.minimize else dfa), facts
+    return dfa, minimal, facts
 
 
 def main(argv=None) -> dict:
@@ -166,7 +168,8 @@ def main(argv=None) -> dict:
     record = load_rnn(args.model_path)
     meta = record["meta"]
     language = meta["language"]
-    dfa, facts = extract(record, args)
+    merged, minimal, facts = extract(record, args)
+    dfa = minimal if args.minimize else merged  # the automaton written
     report = {
         "model_path": args.model_path,
         "language": language,
@@ -188,9 +191,9 @@ def main(argv=None) -> dict:
     stem = os.path.splitext(args.save_path)[0]
     write_json(dfa.to_json(), args.save_path)
     write_json(report, f"{stem}_check.json")
-    drawn = dfa if dfa.n_states <= MAX_DRAWN_STATES else trim(minimize(dfa))
+    drawn = dfa if dfa.n_states <= MAX_DRAWN_STATES else minimal
     if drawn.n_states <= MAX_DRAWN_STATES:
-        what = "Minimal DFA" if drawn is not dfa or args.minimize else "Automaton"
+        what = "Minimal DFA" if drawn is minimal else "Automaton"
         shown = (
             "" if drawn is dfa else f" (minimised for the picture: {dfa.n_states} merged states)"
         )

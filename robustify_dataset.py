@@ -46,11 +46,11 @@ import optax
 
 from data import class_balanced_subset
 from ntk_evolution.attacks import (
+    PER_EXAMPLE_LOSSES,
     VARIANT_NAMES,
     eps_from_255,
     pgd,
     pgd_step_size,
-    squared_error,
 )
 from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
@@ -116,10 +116,7 @@ def robust_loss(
     """Mean loss of F_X(z) against labels t (mse: squared error to one-hot, summed over the
     classes; ce: cross-entropy), and the accuracy."""
     outputs = kernel_predictor(kernel_fn, support, targets, ridge)(z)
-    per_example = (
-        squared_error if loss == "mse" else optax.softmax_cross_entropy_with_integer_labels
-    )
-    return jnp.mean(per_example(outputs, t)), jnp.mean(jnp.argmax(outputs, -1) == t)
+    return jnp.mean(PER_EXAMPLE_LOSSES[loss](outputs, t)), jnp.mean(jnp.argmax(outputs, -1) == t)
 
 
 def inner_attack(
@@ -144,49 +141,51 @@ def inner_attack(
     )  # fmt: skip
 
 
+def worst_case_loss(
+    kernel_fn: Callable, support, targets, z, z_adv, t, ridge: float, loss: str
+) -> tuple[jax.Array, dict]:
+    """The mean over targets of the larger of L at z and at z_adv (the sup over the ball
+    includes delta = 0, so an attack that ends below the clean loss falls back to z), and the
+    facts logged (clean and adversarial loss and accuracy); one predictor call, so the two
+    losses are comparable exactly."""
+    outputs = kernel_predictor(kernel_fn, support, targets, ridge)(jnp.concatenate([z, z_adv]))
+    clean_out, adv_out = jnp.split(outputs, 2)
+    clean, adv = PER_EXAMPLE_LOSSES[loss](clean_out, t), PER_EXAMPLE_LOSSES[loss](adv_out, t)
+    worse = adv >= clean
+    worst_out = jnp.where(worse[:, None], adv_out, clean_out)
+    facts = {
+        "clean_loss": jnp.mean(clean),
+        "adversarial_loss": jnp.mean(jnp.where(worse, adv, clean)),
+        "clean_accuracy": jnp.mean(jnp.argmax(clean_out, -1) == t),
+        "adversarial_accuracy": jnp.mean(jnp.argmax(worst_out, -1) == t),
+    }
+    return facts["adversarial_loss"], facts
+
+
 def adversarial_objective(kernel_fn, support, targets, z, t, key, *, eps, n_steps, ridge, loss):
-    """The quantity minimised: robust_loss at the inner attack's images (loss, accuracy)."""
+    """The quantity minimised (worst_case_loss at the inner attack's images), and the
+    adversarial accuracy."""
     z_adv = inner_attack(
         kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge, loss=loss
     )
-    return robust_loss(kernel_fn, support, targets, z_adv, t, ridge, loss)
+    value, facts = worst_case_loss(kernel_fn, support, targets, z, z_adv, t, ridge, loss)
+    return value, facts["adversarial_accuracy"]
 
 
 def make_step(
     kernel_fn: Callable, optimizer, *, eps: float, n_steps: int, ridge: float, loss: str
 ) -> Callable:
     """Jitted step(support, opt_state, targets, z, t, key, low, high) -> (support, opt_state,
-    facts): facts holds the clean and adversarial loss and accuracy on the targets before the
-    update; the support is projected into [low, high] after it."""
-
-    per_example = (
-        squared_error if loss == "mse" else optax.softmax_cross_entropy_with_integer_labels
-    )
-
-    def worst_case(support, targets, z, z_adv, t):
-        """The mean over targets of the larger of L at z and at z_adv (the sup over the ball
-        includes delta = 0, so an attack that ends below the clean loss falls back to z), and
-        the facts logged; one predictor call, so the two losses are comparable exactly."""
-        outputs = kernel_predictor(kernel_fn, support, targets, ridge)(jnp.concatenate([z, z_adv]))
-        clean_out, adv_out = jnp.split(outputs, 2)
-        clean, adv = per_example(clean_out, t), per_example(adv_out, t)
-        worse = adv >= clean
-        worst_out = jnp.where(worse[:, None], adv_out, clean_out)
-        facts = {
-            "clean_loss": jnp.mean(clean),
-            "adversarial_loss": jnp.mean(jnp.where(worse, adv, clean)),
-            "clean_accuracy": jnp.mean(jnp.argmax(clean_out, -1) == t),
-            "adversarial_accuracy": jnp.mean(jnp.argmax(worst_out, -1) == t),
-        }
-        return facts["adversarial_loss"], facts
+    facts): worst_case_loss's facts on the targets before the update; the support is
+    projected into [low, high] after it."""
 
     def step(support, opt_state, targets, z, t, key, low, high):
         z_adv = inner_attack(
             kernel_fn, support, targets, z, t, key, eps=eps, n_steps=n_steps, ridge=ridge,
             loss=loss,
         )  # fmt: skip
-        (_, facts), grad = jax.value_and_grad(worst_case, has_aux=True)(
-            support, targets, z, z_adv, t
+        (_, facts), grad = jax.value_and_grad(worst_case_loss, argnums=1, has_aux=True)(
+            kernel_fn, support, targets, z, z_adv, t, ridge, loss
         )
         updates, opt_state = optimizer.update(grad, opt_state, support)
         support = jnp.clip(optax.apply_updates(support, updates), low, high)

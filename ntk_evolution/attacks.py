@@ -143,6 +143,14 @@ def squared_error(outputs: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.sum((outputs - jax.nn.one_hot(y, outputs.shape[1])) ** 2, axis=1)
 
 
+# loss(outputs (N, K), labels (N,)) -> (N,): what pgd ascends, by the name in LOSSES
+PER_EXAMPLE_LOSSES = {
+    "ce": optax.softmax_cross_entropy_with_integer_labels,
+    "margin": margin,
+    "mse": squared_error,
+}
+
+
 def pgd(
     logits_fn: Callable[[jax.Array], jax.Array],
     x: jax.Array,
@@ -164,11 +172,7 @@ def pgd(
         raise ValueError(f"unknown norm {norm!r}")
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}")
-    per_example = {
-        "ce": optax.softmax_cross_entropy_with_integer_labels,
-        "margin": margin,
-        "mse": squared_error,
-    }[loss]
+    per_example = PER_EXAMPLE_LOSSES[loss]
 
     def objective(x_adv):
         return jnp.sum(per_example(logits_fn(x_adv), y))

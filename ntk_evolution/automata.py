@@ -160,18 +160,23 @@ def count_completions(dfa: DFA, max_length: int) -> np.ndarray:
     return counts
 
 
+def _reachable(dfa: DFA) -> set[int]:
+    """The states reachable from the start (breadth-first; missing transitions skipped)."""
+    reachable, queue = {dfa.start}, collections.deque([dfa.start])
+    while queue:
+        for nxt in dfa.delta[queue.popleft()]:
+            if nxt >= 0 and nxt not in reachable:
+                reachable.add(nxt)
+                queue.append(nxt)
+    return reachable
+
+
 def minimize(dfa: DFA) -> DFA:
     """The minimal total DFA of the same language (a partial one is completed first):
     reachable states only, then Moore's partition refinement; states renumbered in
     breadth-first order from the start (symbol 0 first)."""
     dfa = dfa.complete()
-    reachable, queue = {dfa.start}, collections.deque([dfa.start])
-    while queue:
-        q = queue.popleft()
-        for nxt in dfa.delta[q]:
-            if nxt not in reachable:
-                reachable.add(nxt)
-                queue.append(nxt)
+    reachable = _reachable(dfa)
     block = {q: int(q in dfa.accepting) for q in reachable}
     while True:
         signature = {q: (block[q], *(block[n] for n in dfa.delta[q])) for q in reachable}
@@ -204,12 +209,7 @@ def trim(dfa: DFA) -> DFA:
     accepting state can be reached (transitions into them become missing); the start state
     stays. trim(minimize(dfa)) counts states as the authors' pythomata minimize().trim()
     does: the minimal DFA without its dead state."""
-    reachable, queue = {dfa.start}, collections.deque([dfa.start])
-    while queue:
-        for nxt in dfa.delta[queue.popleft()]:
-            if nxt >= 0 and nxt not in reachable:
-                reachable.add(nxt)
-                queue.append(nxt)
+    reachable = _reachable(dfa)
     live = set(dfa.accepting) & reachable
     changed = True
     while changed:
@@ -299,9 +299,11 @@ def paper_test(dfa: DFA, n: int, max_length: int, rng: np.random.Generator) -> l
 
 
 def prefix_labels(dfa: DFA, string: str) -> list[bool]:
-    """Whether the DFA accepts each prefix of `string`, lengths 0..len(string)."""
+    """Whether the DFA accepts each prefix of `string`, lengths 0..len(string), in one run
+    (a missing transition rejects that prefix and every longer one)."""
     state, labels = dfa.start, [dfa.start in dfa.accepting]
     for symbol in string:
-        state = dfa.delta[state][ALPHABET.index(symbol)]
+        if state >= 0:
+            state = dfa.delta[state][ALPHABET.index(symbol)]
         labels.append(state in dfa.accepting)
     return labels

@@ -134,9 +134,9 @@ def prefix_accuracy(dfa: DFA, strings: Sequence[str], gold: Sequence[Sequence[bo
     strings that the DFA labels as `gold` does."""
     right = total = 0
     for string, labels in zip(strings, gold, strict=True):
-        for t in range(len(string) + 1):
-            right += dfa.accepts(string[:t]) == bool(labels[t])
-            total += 1
+        said = prefix_labels(dfa, string)
+        right += sum(a == bool(b) for a, b in zip(said, labels[: len(said)], strict=True))
+        total += len(said)
     return right / total
 
 
@@ -151,11 +151,12 @@ def cross_validate(
     val_strings: Sequence[str],
     val_gold: Sequence[Sequence[bool]],
     grid: Sequence[float] = THRESHOLD_GRID,
+    similarity=None,
 ) -> tuple[DFA, float, list[float]]:
     """The authors' cross_validate: similarity_merge at each threshold of the grid, scored by
     prefix_accuracy on the validation strings; (the first best DFA, its threshold, every
-    threshold's score)."""
-    sim = cosine_similarities(tree.states)
+    threshold's score). similarity: cosine_similarities(tree.states), when already computed."""
+    sim = cosine_similarities(tree.states) if similarity is None else similarity
     best, scores = None, []
     for threshold in grid:
         dfa = similarity_merge(tree, float(threshold), eval_on, sim)
