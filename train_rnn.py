@@ -118,10 +118,11 @@ def main(argv=None) -> dict:
         return {"params": params, "meta": meta, "history": dict(history)}
 
     def on_epoch(epoch, params, history):
-        if epoch == 0 and args.save_all:  # a fresh try: no epoch file of an earlier one
-            for name in os.listdir(args.save_path):
-                if name.startswith("parameters_epoch") and name.endswith(".pkl"):
-                    os.remove(os.path.join(args.save_path, name))
+        if epoch == 0:  # a fresh try: no epoch file of an earlier one may stay
+            if args.save_all:
+                for name in os.listdir(args.save_path):
+                    if name.startswith("parameters_epoch") and name.endswith(".pkl"):
+                        os.remove(os.path.join(args.save_path, name))
         else:
             print(
                 f"epoch {epoch}: loss {history['loss'][-1]:.4f}, prefix accuracy train "

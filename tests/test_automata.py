@@ -523,3 +523,22 @@ def test_automata_study_writes_its_report_figures_and_results(tmp_path):
     again = subprocess.run([sys.executable, spec.origin, *argv, "--sizes", "2"],
                            capture_output=True, text=True, check=True)  # fmt: skip
     assert "Tomita 4: reusing" in again.stdout
+
+
+def test_train_without_save_all_logs_every_epoch_and_keeps_other_files(tmp_path, capsys):
+    """Without --save_all: one checkpoint, each epoch's line printed, and epoch files of an
+    earlier --save_all run in the folder left alone."""
+    import train_rnn
+    from utils import load_pickle
+
+    (tmp_path / "parameters_epoch7.pkl").write_bytes(b"earlier run")
+    argv = ["--language", "1", "--save_path", str(tmp_path), "--n_train", "64",
+            "--train_length", "8", "--n_dev", "16", "--dev_length", "8", "--max_epochs", "2",
+            "--restarts", "0", "--hidden", "8"]  # fmt: skip
+    record = train_rnn.main(argv)
+    out = capsys.readouterr().out
+    assert "epoch 1: loss" in out and f"epoch {record['meta']['epochs']}: loss" in out
+    assert load_pickle(str(tmp_path / "parameters_final.pkl"))["meta"]["kind"] == "tomita_rnn"
+    assert sorted(p.name for p in tmp_path.glob("parameters_*.pkl")) == [
+        "parameters_epoch7.pkl", "parameters_final.pkl"
+    ]  # fmt: skip
