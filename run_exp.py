@@ -547,7 +547,14 @@ def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -
         print(format_results("phase 2 test accuracy", results["linear"]))
     if args.save_models:
         final = os.path.join(args.save_path, "parameters_final.pkl")
-        save(final, state, args.linear_epochs, args.linear_epochs * spe)
+        if args.linear_epochs == 0 and args.standard_epochs > 0:
+            # no phase 2 ran: the model is phase 1's last, and its meta says so (a kernel of it
+            # must not read as epoch 0, the initialisation's)
+            save_checkpoint(final, state.w, state.theta_t, state.net_state,
+                            checkpoint_meta(args, 1, args.standard_epochs,
+                                            args.standard_epochs * spe))  # fmt: skip
+        else:
+            save(final, state, args.linear_epochs, args.linear_epochs * spe)
     return state
 
 

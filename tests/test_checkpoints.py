@@ -8,6 +8,7 @@ import argparse
 import os
 import shlex
 
+import jax
 import numpy as np
 import pytest
 
@@ -62,6 +63,30 @@ def test_checkpoints_record_model_dataset_phase_epoch_and_flags(run_dir):
     assert (early["phase"], early["epoch"], early["step"]) == (1, 0.125, 2)
     final = load_checkpoint(os.path.join(run_dir, "parameters_final.pkl"))["meta"]
     assert (final["phase"], final["epoch"], final["step"]) == (2, 1, 11)
+
+
+def test_phase1_only_run_final_checkpoint_is_phase1_last_epoch(tmp_path):
+    """Without phase 2 the final model is phase 1's last: its meta says so, and a kernel of it
+    carries that epoch, not the initialisation's 0 (which made analyze_kernels refuse two
+    "epoch 0" kernels of one run)."""
+    run_exp.main(
+        shlex.split(
+            "--dataset digits --model mlp_skinny --standard_epochs 2 --linear_epochs 0 "
+            f"--save_models --skip_first_test --skip_second_test --save_path {tmp_path}"
+        )
+    )
+    final = load_checkpoint(str(tmp_path / "parameters_final.pkl"))
+    assert (final["meta"]["phase"], final["meta"]["epoch"], final["meta"]["step"]) == (1, 2, 22)
+    # w = theta_t: params and lin_params are the same phase-1 parameters
+    for a, b in zip(
+        jax.tree.leaves(final["params"]), jax.tree.leaves(final["lin_params"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    kernel = calculate_kernel.main(
+        shlex.split(f"--model_path {tmp_path}/parameters_final.pkl --dataset_size 10 "
+                    f"--bonus_dir {tmp_path}/k")
+    )  # fmt: skip
+    assert kernel["epoch"] == 2.0
 
 
 @pytest.mark.slow
