@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ntk_evolution.automata import ALPHABET, DFA
-from ntk_evolution.plots import _save, plt
+from ntk_evolution.plots import plt, save_figure
 
 
 def plot_rnn_training(history: dict, language: int, cell: str, path: str) -> None:
@@ -27,7 +27,7 @@ def plot_rnn_training(history: dict, language: int, cell: str, path: str) -> Non
     name = {"vanilla": "Elman RNN"}.get(cell, cell.upper())
     fig.suptitle(f"{name} tagger trained on Tomita {language}")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_dfa(dfa: DFA, title: str, path: str) -> None:
@@ -87,7 +87,7 @@ def plot_dfa(dfa: DFA, title: str, path: str) -> None:
     ax.axis("off")
     note = "" if dfa.is_total else "; a missing arrow rejects"
     ax.set_title(f"{title}\n{n} state{'s' * (n != 1)}; double ring: accepting{note}", fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _band(ax, x, values: np.ndarray, colour, label: str) -> None:
@@ -138,7 +138,7 @@ def plot_study_curves(
                bbox_to_anchor=(1.0, 0.5), fontsize=9)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _plain_log_y(ax) -> None:
@@ -179,4 +179,4 @@ def plot_method_bars(
                bbox_to_anchor=(1.0, 0.5), fontsize=9)  # fmt: skip
     fig.suptitle(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

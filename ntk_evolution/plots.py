@@ -14,7 +14,7 @@ from ntk_evolution.attacks import VARIANT_NAMES  # noqa: E402
 from utils import atomic_file, is_writer  # noqa: E402
 
 
-def _save(fig, path: str) -> None:
+def save_figure(fig, path: str) -> None:
     """Save atomically: render to a temporary file in the same folder, then rename (process 0
     only, when there are several)."""
     if not is_writer():
@@ -25,6 +25,9 @@ def _save(fig, path: str) -> None:
             fig.savefig(f, dpi=120, bbox_inches="tight", format="png")
     finally:
         plt.close(fig)
+
+
+_save = save_figure  # the name this module's figures use
 
 
 def kernel_title(record: dict) -> str:

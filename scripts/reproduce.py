@@ -1,13 +1,13 @@
-"""`make reproduce`: the NTK-evolution study and its companion analyses in one command, then
-REPORT.md with the tables, the pictures and each claim of the paper's abstract beside the number
-that supports or contradicts it at this scale.
+"""`make reproduce`: the NTK-evolution study and its companion analyses, once per seed, then
+REPORT.md with every figure's mean and 95% interval over the seeds and each claim of the
+papers' abstracts judged on the interval of the effect it rests on.
 
-Default: digits (8x8) and cnn_small on a CPU: 15-25 minutes on 2 cores before AutoAttack, which
-adds an estimated 20-30 (12 models on 360 images; not timed in full). The paper's scale
-on a GPU: --dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100
---kernel_size 500 --kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
+Default: 3 seeds of digits (8x8) and cnn_small on a CPU. The paper's scale on a GPU:
+--dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100 --kernel_size 500
+--kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
 
-Steps (every output under --out):
+Each seed s runs the whole study in OUT/seed_<s> with --random_seed s (initialisation, data
+order, kernel subsets, attacks):
   1. phase 1, benign (CC) and adversarial (AC), a checkpoint every epoch and at fractions;
   2. the empirical NTK (averaged over logits) at --kernel_epochs of both runs;
   3. kernel evolution (analyze_kernels.py);
@@ -19,19 +19,33 @@ Steps (every output under --out):
   6. NTK eigen-features of the final benign and adversarial kernels (eigen_features.py);
   7. CKA between the final benign and adversarial networks (cka.py).
 Every network, phase-2 model and the infinite-width NTK predictor is attacked by PGD (the
-original's figure) and by AutoAttack (eval_and_make_adv.py / ntk_attack.py --autoattack; the
-empirical-NTK predictors of the NTK attacks and eigen-features too with --predictor_autoattack,
-which takes hours on a CPU); the claims are judged on both, and a gradient-masking warning is
-reported where the gradient-free Square attack beats the gradient attacks together.
+original's figure) and by AutoAttack on the first --aa_n_test test images (the empirical-NTK
+predictors of the NTK attacks and eigen-features too with --predictor_autoattack, which takes
+hours on a CPU); the claims are judged on both, and a gradient-masking warning is reported
+where the gradient-free Square attack beats the gradient attacks together.
+
+A seed's figures are written last, to OUT/seed_<s>/figures.json: a seed with that file is
+finished and is not rerun, so an interrupted study continues from its last finished seed (an
+unfinished seed's folder is removed and the seed rerun). OUT/settings.json holds the flags the
+seeds were run with; an OUT run with other flags is refused. Beside REPORT.md: summary.json
+(every figure and every claim's effect with its per-seed values, mean, interval, method and
+verdict), figures.csv (one row per figure, one column per seed) and the pictures: claims.png
+(each effect with its interval against zero), kernel_evolution.png, robustness.png and
+eigen_features.png (means with 95% error bars); each seed's own pictures are in its folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import time
-
-import numpy as np
+from concurrent.futures import ThreadPoolExecutor
 
 import analyze_kernels
 import calculate_kernel
@@ -40,32 +54,66 @@ import eigen_features
 import eval_and_make_adv
 import ntk_attack
 import run_exp
+from ntk_evolution import intervals
 from ntk_evolution.checkpoints import format_epoch, load_kernel
-from ntk_evolution.cli import Parser
+from ntk_evolution.cli import Parser, check_out_dir, finite_float, non_negative_int, positive_int
 from ntk_evolution.kernel_analysis import kernel_distance
-from ntk_evolution.reports import call, open_log, table
+from ntk_evolution.reports import call, open_log
+from ntk_evolution.reproduction import (
+    KINDS,
+    aggregate,
+    draw,
+    epochs_list,
+    flatten,
+    kernel_epochs,
+    phase2_from,
+    top_ks,
+    warnings_of,
+    write_figures_table,
+    write_report,
+)
+from utils import UserError, atomic_file, run_main
 
-KINDS = (("benign", "C"), ("adversarial", "A"))
+SETTINGS_FILE = "settings.json"
+FIGURES_FILE = "figures.json"  # a seed's figures, written last: it marks a finished seed
+SUMMARY_FILE = "summary.json"
+FIGURES_TABLE = "figures.csv"
+NOT_SETTINGS = (
+    "seeds",
+    "out",
+    "parallel",
+    "only_seed",
+    "data_root",
+)  # flags a study may change on resuming
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(__doc__)
     p.add_argument("--dataset", default="digits")
+    p.add_argument("--data_root", default="./data", help="where CIFAR lives (passed to every step)")
     p.add_argument("--model", default="cnn_small")
-    p.add_argument("--eps", type=float, default=32.0, help="L-inf radius in 1/255")
-    p.add_argument("--epochs", type=int, default=20, help="phase 1")
-    p.add_argument("--phase2_epochs", type=int, default=20)
-    p.add_argument("--kernel_size", type=int, default=300)
+    p.add_argument(
+        "--eps", type=finite_float(0, inclusive=False), default=32.0, help="L-inf radius in 1/255"
+    )
+    p.add_argument("--epochs", type=positive_int, default=20, help="phase 1")
+    p.add_argument("--phase2_epochs", type=positive_int, default=20)
+    p.add_argument("--kernel_size", type=positive_int, default=300)
     p.add_argument("--kernel_epochs", default="0,0.125,0.5,1,2,5,10,20")
     p.add_argument("--phase2_from", default="0,1,5,20")
-    p.add_argument("--attack_steps", type=int, default=20, help="PGD steps on kernel predictors")
-    p.add_argument("--eigen_n_test", type=int, default=100)
     p.add_argument(
-        "--aa_n_test", type=int, default=None, help="AutoAttack on the first N test images (all)"
+        "--attack_steps", type=positive_int, default=20, help="PGD steps on kernel predictors"
+    )
+    p.add_argument("--eigen_n_test", type=positive_int, default=100)
+    p.add_argument(
+        "--aa_n_test",
+        type=positive_int,
+        default=100,
+        help="AutoAttack (and the PGD it is compared with) on the first N test images; 0 or "
+        "none is not accepted: pass the test set's size for all of it",
     )
     p.add_argument(
         "--predictor_n_test",
-        type=int,
+        type=positive_int,
         default=100,
         help="test images of the NTK attacks (PGD and AutoAttack on kernel predictors)",
     )
@@ -75,12 +123,39 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="AutoAttack on the empirical-NTK predictors too: the NTK attacks' and every "
         "eigen-feature's (hours on a CPU)",
     )
+    p.add_argument(
+        "--seeds",
+        type=positive_int,
+        default=3,
+        help="run the study for seeds 0 .. K-1 (each in OUT/seed_<s>); intervals need 2 or more",
+    )
+    p.add_argument(
+        "--parallel",
+        type=positive_int,
+        default=None,
+        help="seeds run side by side, each in its own process on its own GPU (default: the "
+        "number of GPUs when there are several, else 1: one after another)",
+    )
+    p.add_argument(
+        "--only_seed",
+        type=non_negative_int,
+        default=None,
+        help="run this one seed's study and stop, without the report (what --parallel runs)",
+    )
     p.add_argument("--out", default="reproduce_runs")
-    return p.parse_args(argv)
-
-
-def epochs_list(text: str) -> list[float]:
-    return [float(v) for v in text.split(",") if v.strip()]
+    args = p.parse_args(argv)
+    for flag in ("kernel_epochs", "phase2_from"):
+        try:
+            values = epochs_list(getattr(args, flag))
+        except ValueError:
+            p.error(f"--{flag} {getattr(args, flag)!r} is not a comma-separated list of epochs")
+        if not values or any(not math.isfinite(v) or v < 0 for v in values):
+            p.error(f"--{flag} {getattr(args, flag)!r} must list epochs >= 0")
+    if not [e for e in epochs_list(args.kernel_epochs) if e <= args.epochs]:
+        p.error(f"--kernel_epochs lists no epoch within --epochs {args.epochs}")
+    if not [e for e in epochs_list(args.phase2_from) if e <= args.epochs]:
+        p.error(f"--phase2_from lists no epoch within --epochs {args.epochs}")
+    return args
 
 
 def checkpoint(run_dir: str, epoch: float, final_epoch: int) -> str:
@@ -89,14 +164,68 @@ def checkpoint(run_dir: str, epoch: float, final_epoch: int) -> str:
     return f"{run_dir}/parameters_checkpoint_{format_epoch(epoch)}.pkl"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    start = time.time()
-    out = args.out
+def seed_dir(out: str, seed: int) -> str:
+    return os.path.join(out, f"seed_{seed}")
+
+
+def settings_of(args: argparse.Namespace) -> dict:
+    """The flags that define the study: seeds run with other values cannot be pooled."""
+    return {k: v for k, v in sorted(vars(args).items()) if k not in NOT_SETTINGS}
+
+
+def check_settings(out: str, settings: dict) -> None:
+    """Refuse, before anything is written, an output folder whose seeds were run with other
+    settings, or a non-empty folder this script did not write."""
+    path = os.path.join(out, SETTINGS_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+        if differ:
+            changes = ", ".join(
+                f"--{k} {saved.get(k)} there, {settings.get(k)} here" for k in differ
+            )
+            raise UserError(
+                f"--out {out} holds seeds run with other settings ({changes}): pass the same "
+                "flags to continue that study, or another --out"
+            )
+    elif os.path.isdir(out) and [n for n in os.listdir(out) if not n.startswith(".")]:
+        raise UserError(
+            f"--out {out} is not empty and has no {SETTINGS_FILE}: it was not written by "
+            "reproduce.py --seeds (pass another --out)"
+        )
+
+
+def write_json(path: str, value) -> None:
+    with atomic_file(path, "w") as f:
+        json.dump(value, f, indent=1)
+        f.write("\n")
+
+
+def gpu_count() -> int:
+    """GPUs this process may use, without initialising JAX (which would take their memory)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines())
+
+
+# ----------------------------------------------------------------------------- one seed
+
+
+def study(args: argparse.Namespace, seed: int, out: str) -> dict:
+    """The whole study with --random_seed `seed` in folder `out`; returns its results."""
     log = open_log(out)
-    common = f"--dataset {args.dataset} --model {args.model} --random_seed 0"
-    kernel_epochs = [e for e in epochs_list(args.kernel_epochs) if e <= args.epochs]
-    phase2_from = [e for e in epochs_list(args.phase2_from) if e <= args.epochs]
+    data = shlex.join(["--dataset", args.dataset, "--data_root", args.data_root])
+    common = f"{data} --model {args.model} --random_seed {seed}"
+    epochs, starts = kernel_epochs(vars(args)), phase2_from(vars(args))
+    aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack --n_test {args.aa_n_test}"
     timings = {}
 
     # 1. phase 1
@@ -111,15 +240,12 @@ def main(argv=None) -> None:
             log,
         )["standard"]
     timings["phase 1 (2 runs)"] = time.time() - t
-    aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack" + (
-        f" --n_test {args.aa_n_test}" if args.aa_n_test else ""
-    )
 
     # 2-3. kernels and their evolution
     t = time.time()
     kernel_paths = {kind: {} for kind, _ in KINDS}
     for kind, _ in KINDS:
-        for epoch in kernel_epochs:
+        for epoch in epochs:
             name = f"kernel_epoch_{format_epoch(epoch)}"
             call(
                 calculate_kernel,
@@ -135,19 +261,20 @@ def main(argv=None) -> None:
         log,
     )
     timings["kernels and evolution"] = time.time() - t
-    final_kernels = {
-        kind: load_kernel(kernel_paths[kind][kernel_epochs[-1]])["kernel"] for kind, _ in KINDS
+    ends = {
+        end: {kind: load_kernel(kernel_paths[kind][epochs[i]])["kernel"] for kind, _ in KINDS}
+        for end, i in (("initial", 0), ("final", -1))
     }
-    initial_kernels = {
-        kind: load_kernel(kernel_paths[kind][kernel_epochs[0]])["kernel"] for kind, _ in KINDS
+    between = {
+        end: kernel_distance(kernels["benign"], kernels["adversarial"])
+        for end, kernels in ends.items()
     }
-    between_finals = kernel_distance(final_kernels["benign"], final_kernels["adversarial"])
 
     # 4. phase 2 on frozen kernels
     t = time.time()
     phase2 = []
     for kind, _ in KINDS:
-        for epoch in phase2_from:
+        for epoch in starts:
             path = checkpoint(f"{out}/phase1_{kind}", epoch, args.epochs)
             result = call(
                 run_exp,
@@ -157,7 +284,7 @@ def main(argv=None) -> None:
                 log,
             )["linear"]
             phase2.append((kind, epoch, "benign", result))
-    for epoch in (phase2_from[0], phase2_from[-1]):
+    for epoch in sorted({starts[0], starts[-1]}):
         path = checkpoint(f"{out}/phase1_benign", epoch, args.epochs)
         result = call(
             run_exp,
@@ -189,31 +316,23 @@ def main(argv=None) -> None:
 
     # 5. NTK attack and transfer
     t = time.time()
-    attacks = {
-        "infinite-width ReLU NTK": "--kernel relu_ntk --save_name relu",
-        "empirical NTK at init": f"--model {args.model} --save_name init",
-        f"empirical NTK, benign epoch {args.epochs}": (
-            f"--model {args.model} --model_path {out}/phase1_benign/parameters_final.pkl "
-            "--save_name benign_final"
-        ),
-    }
-    transfer = []
-    for label, flags in attacks.items():
+    transfer = {}
+    for name, flags in ntk_attacks(args, out).items():
         summary = call(
             ntk_attack,
-            f"--dataset {args.dataset} --dataset_size {args.kernel_size} --eps {args.eps} "
-            f"--pgd_steps {args.attack_steps} --n_test {args.predictor_n_test} "
-            f"--save_dir {out}/ntk_attack {flags}"
-            + (" --autoattack" if "relu_ntk" in flags or args.predictor_autoattack else ""),
+            f"{data} --dataset_size {args.kernel_size} --eps {args.eps} "
+            f"--random_seed {seed} --pgd_steps {args.attack_steps} "
+            f"--n_test {args.predictor_n_test} --save_dir {out}/ntk_attack {flags} "
+            f"--save_name {name}"
+            + (" --autoattack" if name == "relu" or args.predictor_autoattack else ""),
             log,
         )
-        name = flags.split("--save_name ")[1]
-        row = [
-            label,
-            summary["accuracy_clean"],
-            summary["accuracy_linf"],
-            summary.get("accuracy_autoattack", "not run"),
-        ]
+        row = {
+            "clean": summary["accuracy_clean"],
+            "pgd": summary["accuracy_linf"],
+        }
+        if "accuracy_autoattack" in summary:
+            row["autoattack"] = summary["accuracy_autoattack"]
         for kind, _ in KINDS:
             evaluated = call(
                 eval_and_make_adv,
@@ -221,8 +340,8 @@ def main(argv=None) -> None:
                 f"--test_path {out}/ntk_attack/adv_examples_{name}.pkl --save_name ntk_{name}",
                 log,
             )
-            row.append(evaluated["acc_transfer"])
-        transfer.append(row)
+            row[f"{kind}_net"] = evaluated["acc_transfer"]
+        transfer[name] = row
     timings["NTK attacks and transfer"] = time.time() - t
 
     # 6. eigen-features
@@ -232,9 +351,9 @@ def main(argv=None) -> None:
         eigen[kind] = call(
             eigen_features,
             f"{common} --model_path {out}/phase1_{kind}/parameters_final.pkl "
-            f"--kernel_path {kernel_paths[kind][kernel_epochs[-1]]} --eps {args.eps} "
+            f"--kernel_path {kernel_paths[kind][epochs[-1]]} --eps {args.eps} "
             f"--pgd_steps {args.attack_steps} --n_test {args.eigen_n_test} --components 10 "
-            f"--top_k 1,2,5,10,20,50,100,{args.kernel_size} --save_dir {out}/eigen_features "
+            f"--top_k {top_ks(vars(args))} --save_dir {out}/eigen_features "
             + ("--autoattack " if args.predictor_autoattack else "")
             + f"--save_name {kind}",
             log,
@@ -243,398 +362,158 @@ def main(argv=None) -> None:
 
     # 7. CKA
     t = time.time()
-    pair = f"{out}/phase1_benign/parameters_final.pkl {out}/phase1_adversarial/parameters_final.pkl"
+    final = {kind: f"{out}/phase1_{kind}/parameters_final.pkl" for kind, _ in KINDS}
+    pair = f"{final['benign']} {final['adversarial']}"
     cka_results = {}
     for suffix, paths, adv in (
-        ("benign_self", f"{out}/phase1_benign/parameters_final.pkl", "0"),
-        ("adversarial_self", f"{out}/phase1_adversarial/parameters_final.pkl", "0"),
+        ("benign_self", final["benign"], "0"),
+        ("adversarial_self", final["adversarial"], "0"),
         ("benign_vs_adversarial", pair, "0 0"),
         ("benign_vs_adversarial_pgd_inputs", pair, "1 1"),
     ):
         cka_results[suffix] = call(
             cka,
-            f"--dataset {args.dataset} --model {args.model} --model_path {paths} --adv {adv} "
-            f"--eps {args.eps} --savedir {out}/cka --suffix {suffix}",
+            f"{data} --model {args.model} --model_path {paths} --adv {adv} "
+            f"--eps {args.eps} --random_seed {seed} --savedir {out}/cka --suffix {suffix}",
             log,
         )
     timings["CKA"] = time.time() - t
     log.close()
-
-    report = write_report(
-        args, phase1, evolution, between_finals, initial_kernels, phase2, transfer, eigen,
-        cka_results, timings, time.time() - start,
-    )  # fmt: skip
-    print(report)
-    print(f"\nwrote {out}/REPORT.md; wall time {time.time() - start:.0f}s")
-
-
-AA_COLUMNS = ["PGD (same images)", "AutoAttack", "before Square", "masking"]
-
-
-def aa_cells(aa: dict) -> list:
-    """The AutoAttack columns of a row, from eval_and_make_adv.py --autoattack's results."""
-    masked = "**yes**" if aa["warnings"] else "no"
-    return [aa["acc_dirty"], aa["acc_autoattack"], aa["acc_after_fab_t"], masked]
-
-
-def write_report(
-    args, phase1, evolution, between_finals, initial_kernels, phase2, transfer, eigen, cka_results,
-    timings, wall,
-) -> str:  # fmt: skip
-    out, eps = args.out, args.eps
-    benign_rows, adversarial_rows = evolution["benign"], evolution["adversarial"]
-    lines = [
-        "# Reproduction report",
-        "",
-        f"{args.dataset}, {args.model}, L-inf eps {eps:g}/255, phase 1 {args.epochs} epochs, "
-        f"phase 2 {args.phase2_epochs} epochs, kernels on {args.kernel_size} training images "
-        f"(averaged over logits). Written by `scripts/reproduce.py` in {wall / 60:.1f} min; "
-        "accuracies are fractions of the test set, PGD-Linf is 100 steps against the network "
-        f"(and {args.attack_steps} steps against kernel predictors). AutoAttack: robust to all "
-        "of APGD-CE, APGD-T, FAB-T and Square (5000 queries; in turn, each on the images still "
-        "robust, as the reference runs them), L-inf at the same eps, on "
-        + (f"the first {args.aa_n_test}" if args.aa_n_test else "all")
-        + " test images; 'PGD (same images)' is the 100-step PGD on those images, 'before "
-        "Square' the robust accuracy after APGD-CE, APGD-T and FAB-T, 'masking' whether a "
-        "check of the reference's AutoAttack warned, such as Square lowering the robust "
-        "accuracy by more than 0.2% below that (gradient masking).",
-        "",
-        "## Phase 1",
-        "",
-        table(
-            ["run", "clean", "PGD-Linf", "PGD-L2", *AA_COLUMNS],
-            [
-                [kind, r["clean"], r["linf"], r["l2"], *aa_cells(r["aa"])]
-                for kind, r in phase1.items()
-            ],
-        ),
-        "",
-        "## Kernel evolution",
-        "",
-        "![kernel evolution](kernel_analysis/kernel_evolution.png)",
-        "![spectra](kernel_analysis/kernel_spectra.png)",
-        "",
-        table(
-            [
-                "run",
-                "epoch",
-                "distance to first",
-                "distance to last",
-                "velocity",
-                "alignment",
-                "top-10 energy",
-            ],
-            [
-                [
-                    label,
-                    f"{r['epoch']:g}",
-                    r["distance_to_first"],
-                    r["distance_to_last"],
-                    "-" if r["velocity"] is None else r["velocity"],
-                    r["alignment"],
-                    r["energy_top10"],
-                ]
-                for label, rows in evolution.items()
-                for r in rows
-            ],
-        ),  # fmt: skip
-        "",
-        f"Distance between the final benign and final adversarial kernels: {between_finals:.4f} "
-        f"(each run's distance from its first kernel at the end: benign "
-        f"{benign_rows[-1]['distance_to_first']:.4f}, adversarial "
-        f"{adversarial_rows[-1]['distance_to_first']:.4f}; the two initial kernels differ by "
-        f"{kernel_distance(initial_kernels['benign'], initial_kernels['adversarial']):.4f}).",
-        "",
-        "## Phase 2 on frozen kernels (centered linearized dynamics)",
-        "",
-        table(
-            ["kernel from", "at epoch", "phase-2 data", "clean", "PGD-Linf", "PGD-L2", *AA_COLUMNS],
-            [
-                [kind, f"{e:g}", data, r["clean"], r["linf"], r["l2"], *aa_cells(r["aa"])]
-                for kind, e, data, r in phase2
-            ],
-        ),
-        "",
-        *masking_section(phase1, phase2),
-        "## Training-free NTK adversarial examples and their transfer",
-        "",
-        table(
-            [
-                "kernel",
-                "kernel regression clean",
-                "kernel regression PGD",
-                "kernel regression AutoAttack",
-                "benign net on them",
-                "adversarial net on them",
-            ],
-            transfer,
-        ),  # fmt: skip
-        "",
-        f"For reference, the networks' clean accuracy: benign {phase1['benign']['clean']:.4f}, "
-        f"adversarial {phase1['adversarial']['clean']:.4f}.",
-        "",
-        "## NTK eigen-features (final kernels)",
-        "",
-    ]
-    for kind, result in eigen.items():
-        lines += [
-            f"![eigen-features {kind}](eigen_features/eigen_features_{kind}.png)",
-            "",
-            f"{kind}: {result['kernel']} ({result['n_test']} test images)",
-            "",
-            table(
-                ["kind", "k", "eigenvalue", "clean", "PGD-Linf", "AutoAttack"],
-                [
-                    [
-                        r["kind"],
-                        r["k"],
-                        r["eigenvalue"],
-                        r["clean"],
-                        r["linf"],
-                        r.get("autoattack", "not run"),
-                    ]
-                    for r in result["rows"]
-                ],
-            ),
-            "",
-        ]
-    lines += ["## CKA", ""]
-    for suffix, result in cka_results.items():
-        diagonal = np.diag(result["linear"])
-        lines += [
-            f"![CKA {suffix}](cka/cka_{suffix}.png)",
-            "",
-            f"{suffix}: linear CKA layer i vs layer i: "
-            + ", ".join(f"{n} {v:.3f}" for n, v in zip(result["layers0"], diagonal, strict=True)),
-            "",
-        ]
-    lines += claims(args, phase1, evolution, between_finals, phase2, transfer, eigen)
-    lines += [
-        "",
-        "## Wall time",
-        "",
-        table(["step", "seconds"], [[k, f"{v:.0f}"] for k, v in timings.items()]),
-    ]
-    text = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "REPORT.md"), "w") as f:
-        f.write(text)
-    return text
-
-
-def claims(args, phase1, evolution, between_finals, phase2, transfer, eigen) -> list[str]:
-    """The abstract's claims (Loo et al. 2022, and Tsilivis & Kempe 2022), each with the number
-    from this run and whether it holds here."""
-    benign, adversarial = evolution["benign"], evolution["adversarial"]
-
-    def settle_epoch(rows, share=0.1):
-        """First epoch after which the distance to the final kernel stays below `share` of its
-        initial value."""
-        start = rows[0]["distance_to_last"]
-        for i, r in enumerate(rows):
-            if all(q["distance_to_last"] <= share * start for q in rows[i:]):
-                return r["epoch"]
-        return rows[-1]["epoch"]
-
-    def velocity_drop(rows):
-        velocities = [r["velocity"] for r in rows if r["velocity"]]
-        return velocities[0] / velocities[-1] if len(velocities) > 1 else float("nan")
-
-    p2 = {(kind, e, data): r for kind, e, data, r in phase2}
-    late = max(e for _, e, _, _ in phase2)
-    from_adv = p2[("adversarial", late, "benign")]
-    from_benign = p2[("benign", late, "benign")]
-    fixed = {e: r for (kind, e, data), r in p2.items() if data == "adversarial"}
-    lazy = velocity_drop(benign) > 10 and velocity_drop(adversarial) > 10
-    settle_b, settle_a = settle_epoch(benign), settle_epoch(adversarial)
-    robust_kernel = from_adv["linf"] > from_benign["linf"] + 0.05
-    robust_kernel_aa = aa(from_adv) > aa(from_benign) + 0.05
-    different = between_finals > 0.5 * min(
-        r[-1]["distance_to_first"] for r in (benign, adversarial)
-    )
-    best_fixed_at = max(r["linf"] for r in fixed.values())
-    best_fixed_aa = max(aa(r) for r in fixed.values())
-    benign_aa = phase1["benign"]["aa"]["acc_autoattack"]
-    lines = [
-        "## The abstract's claims at this scale",
-        "",
-        "Loo et al. (NeurIPS 2022):",
-        "",
-        "1. *Feature learning happens early (kernel learning), then the kernel stays nearly fixed "
-        f"(lazy training).* Kernel velocity falls by a factor {velocity_drop(benign):.0f} (benign) "
-        f"and {velocity_drop(adversarial):.0f} (adversarial) from the first to the last interval. "
-        + ("**Holds.**" if lazy else "**Does not hold here.**"),
-        "2. *Under adversarial training the empirical NTK rapidly converges to a different kernel "
-        "than under standard training.* The final kernels differ by "
-        f"{between_finals:.4f} (distance), against a total movement of "
-        f"{benign[-1]['distance_to_first']:.4f} (benign) and "
-        f"{adversarial[-1]['distance_to_first']:.4f} (adversarial) from the common initial "
-        "kernel; each run's kernel stays within 10% of its initial distance to its final kernel "
-        f"from epoch {settle_a:g} (adversarial) and {settle_b:g} (benign). "
-        + (
-            "**Holds** (a different kernel, reached sooner)."
-            if different and settle_a < settle_b
-            else "**Partly**: a different kernel, but not reached sooner at these checkpoints."
-            if different
-            else "**Does not hold here.**"
-        ),
-        "3. *This kernel provides robustness even when non-robust (benign) training is done on "
-        f"top of it.* Benign phase 2 on the adversarial kernel of epoch {late:g}: PGD-Linf "
-        f"{from_adv['linf']:.4f}, AutoAttack {aa(from_adv):.4f} (clean {from_adv['clean']:.4f}); "
-        f"on the benign kernel: PGD-Linf {from_benign['linf']:.4f}, AutoAttack "
-        f"{aa(from_benign):.4f} (clean {from_benign['clean']:.4f}). "
-        + verdict(robust_kernel, robust_kernel_aa)
-        + masking_note([from_adv, from_benign]),
-        "4. *Adversarial training on a fixed kernel can yield a robust classifier (76.1% PGD "
-        "accuracy at eps 4/255 on CIFAR-10).* Adversarial phase 2 on the frozen benign kernel of "
-        + ", ".join(
-            f"epoch {e:g}: PGD-Linf {r['linf']:.4f}, AutoAttack {aa(r):.4f}"
-            for e, r in fixed.items()
-        )
-        + f"; vs {phase1['adversarial']['linf']:.4f} (AutoAttack "
-        f"{phase1['adversarial']['aa']['acc_autoattack']:.4f}) for full adversarial training and "
-        f"{phase1['benign']['linf']:.4f} (AutoAttack {benign_aa:.4f}) for benign training. "
-        + verdict(best_fixed_at > phase1["benign"]["linf"] + 0.1, best_fixed_aa > benign_aa + 0.1)
-        + masking_note(list(fixed.values())),
-        "",
-        "Tsilivis & Kempe (NeurIPS 2022):",
-        "",
-    ]
-    relu_row = transfer[0]
-    fooled = relu_row[4] < phase1["benign"]["clean"] - 0.05
-    lines.append(
-        "5. *NTK adversarial examples, made without training, transfer to networks.* The "
-        f"infinite-width kernel's examples take the benign network from "
-        f"{phase1['benign']['clean']:.4f} to {relu_row[4]:.4f} and the adversarial one to "
-        f"{relu_row[5]:.4f}. " + ("**Holds.**" if fooled else "**Does not hold here.**")
-    )
-    # component 1 is the near-constant mode (one class for almost every input, so PGD cannot
-    # move it): compare components 2-5 with 6-10
-    ratios = {}
-    for kind, result in eigen.items():
-        single = {r["k"]: r for r in result["rows"] if r["kind"] == "component"}
-
-        def ratio(ks, attack, single=single):
-            values = [
-                single[k][attack] / single[k]["clean"] for k in ks if single.get(k, {}).get("clean")
-            ]
-            return float(np.mean(values)) if values else float("nan")
-
-        ratios[kind] = {
-            attack: (ratio(range(2, 6), attack), ratio(range(6, 11), attack))
-            for attack in ("linf", "autoattack")
-            if attack == "linf" or args.predictor_autoattack
-        }
-    lines.append(
-        "6. *Robust features correspond to the largest eigenvalues.* Robust/clean accuracy "
-        "ratio of single eigen-components 2-5 vs 6-10 (component 1 is the near-constant mode), "
-        "PGD and AutoAttack: "
-        + "; ".join(
-            f"{k} kernel {r['linf'][0]:.2f} vs {r['linf'][1]:.2f}"
-            + (
-                f" (AutoAttack {r['autoattack'][0]:.2f} vs {r['autoattack'][1]:.2f})"
-                if "autoattack" in r
-                else ""
-            )
-            for k, r in ratios.items()
-        )
-        + ". "
-        + verdict(
-            all(a > b for a, b in (r["linf"] for r in ratios.values())),
-            all(a > b for a, b in (r["autoattack"] for r in ratios.values()))
-            if args.predictor_autoattack
-            else None,
-        )
-    )
-    top = {
-        kind: max((r for r in result["rows"] if r["kind"] == "top_k"), key=lambda r: r["k"])
-        for kind, result in eigen.items()
+    return {
+        "phase1": phase1,
+        "evolution": evolution,
+        "between": between,
+        "phase2": phase2,
+        "transfer": transfer,
+        "eigen": eigen,
+        "cka": cka_results,
+        "timings": timings,
     }
-    sooner = settle_a < settle_b
-    more_robust = "adversarial" in top and top["adversarial"]["linf"] > top["benign"]["linf"]
-    more_robust_aa = (
-        top["adversarial"]["autoattack"] > top["benign"]["autoattack"]
-        if args.predictor_autoattack
-        else None
-    )
-    lines.append(
-        "7. *Adversarial training's NTK falls into the lazy regime much earlier and relies more "
-        "on its top eigenspaces.* Settling epoch (claim 2): adversarial "
-        f"{settle_a:g} vs benign {settle_b:g}; PGD (AutoAttack) accuracy of the full kernel "
-        "predictor: "
-        + "; ".join(
-            f"{k} kernel {r['linf']:.2f} ("
-            + (f"{r['autoattack']:.2f}, " if "autoattack" in r else "")
-            + f"clean {r['clean']:.2f})"
-            for k, r in top.items()
+
+
+def ntk_attacks(args: argparse.Namespace, out: str) -> dict[str, str]:
+    """The NTK attacks' kernel flags by save name (the infinite-width kernel first)."""
+    final = f"{out}/phase1_benign/parameters_final.pkl"
+    return {
+        "relu": "--kernel relu_ntk",
+        "init": f"--model {args.model}",
+        "benign_final": f"--model {args.model} --model_path {final}",
+    }
+
+
+def run_seed(args: argparse.Namespace, seed: int) -> dict:
+    """One seed's study; its record (figures, warnings, timings) is written last, to
+    OUT/seed_<s>/figures.json."""
+    folder = seed_dir(args.out, seed)
+    if os.path.isdir(folder):
+        print(f"seed {seed}: removing the unfinished run in {folder} and running it again")
+        shutil.rmtree(folder)
+    start = time.time()
+    print(f"seed {seed}: running the study in {folder}", flush=True)
+    results = study(args, seed, folder)
+    record = {
+        "seed": seed,
+        "figures": flatten(results),
+        "warnings": warnings_of(results),
+        "timings": results["timings"],
+        "wall_s": time.time() - start,
+    }
+    write_json(os.path.join(folder, FIGURES_FILE), record)
+    print(f"seed {seed}: done in {record['wall_s'] / 60:.1f} min", flush=True)
+    return record
+
+
+def run_side_by_side(argv: list[str], seeds: list[int], workers: int, out: str) -> None:
+    """Each seed in its own process (`--only_seed s`), `workers` at a time, each on its own GPU
+    when there are GPUs; a process's output goes to OUT/seed_<s>.log."""
+    gpus = gpu_count()
+    free = list(range(workers))
+
+    def one(seed):
+        slot = free.pop()
+        env = dict(os.environ)
+        if gpus:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = visible.split(",") if visible else [str(i) for i in range(gpus)]
+            env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)].strip()
+        log_path = os.path.join(out, f"seed_{seed}.log")
+        print(f"seed {seed}: started in its own process (output in {log_path})", flush=True)
+        try:
+            with open(log_path, "w") as log:
+                done = subprocess.run(
+                    [sys.executable, os.path.abspath(__file__), *argv, "--only_seed", str(seed)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                )
+        finally:
+            free.append(slot)
+        print(f"seed {seed}: process ended with exit code {done.returncode}", flush=True)
+        return done.returncode
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        codes = dict(zip(seeds, pool.map(one, seeds), strict=True))
+    failed = [s for s, code in codes.items() if code != 0]
+    if failed:
+        raise UserError(
+            f"seeds {failed} failed: see {', '.join(f'{out}/seed_{s}.log' for s in failed)}; "
+            "rerun to continue from the finished seeds"
         )
-        + (
-            ". **Holds.**"
-            if sooner and more_robust
-            else ". **Partly**: "
-            + ("it settles sooner" if sooner else "it does not settle sooner at these checkpoints")
-            + (
-                ", but its predictor is more robust."
-                if more_robust
-                else ", but is not more robust."
-            )
-            if sooner or more_robust
-            else ". **Does not hold here.**"
-        )
-        + (
-            " On AutoAttack the predictor of the adversarial kernel is "
-            + ("more" if more_robust_aa else "not more")
-            + " robust."
-            if more_robust_aa is not None
-            else f" {NO_EIGEN_AA}"
-        )
-    )
-    return lines
 
 
-def masking_section(phase1, phase2) -> list[str]:
-    """The gradient-masking warnings of the networks and phase-2 models, one line each."""
-    named = [(f"phase 1 {kind}", r["aa"]) for kind, r in phase1.items()]
-    named += [
-        (f"phase 2 ({data} data) on the {kind} kernel of epoch {e:g}", r["aa"])
-        for kind, e, data, r in phase2
-    ]
-    lines = [f"- {name}: {w}" for name, result in named for w in result["warnings"]]
-    if not lines:
-        return ["No gradient masking detected: no check of the reference AutoAttack warned.", ""]
-    return ["Warnings of the reference AutoAttack's checks (gradient masking):", "", *lines, ""]
+def load_record(out: str, seed: int) -> dict:
+    with open(os.path.join(seed_dir(out, seed), FIGURES_FILE)) as f:
+        return json.load(f)
 
 
-def aa(result: dict) -> float:
-    """The AutoAttack accuracy of a phase-1 or phase-2 row."""
-    return result["aa"]["acc_autoattack"]
-
-
-NO_EIGEN_AA = (
-    "Not judged on AutoAttack: the empirical-NTK predictors were attacked by PGD only (AutoAttack "
-    "on them takes hours on a CPU; rerun with --predictor_autoattack)."
-)
-
-
-def verdict(on_pgd: bool, on_autoattack: bool | None) -> str:
-    def word(holds):
-        return "**holds**" if holds else "**does not hold**"
-
-    if on_autoattack is None:
-        return f"On PGD: {word(on_pgd)}. {NO_EIGEN_AA}"
-    return f"On PGD: {word(on_pgd)}; on AutoAttack: {word(on_autoattack)}."
-
-
-def masking_note(rows: list[dict]) -> str:
-    """Names gradient masking where Square beat the gradient attacks on one of these models."""
-    masked = [r for r in rows if r["aa"]["warnings"]]
-    if not masked:
-        return ""
-    return (
-        f" Gradient masking: on {len(masked)} of these {len(rows)} models the gradient-free "
-        "Square attack found what the gradient attacks together missed (or gradients vanished), "
-        "so their PGD figures overstate robustness."
-    )
+def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    start = time.time()
+    out = check_out_dir(args.out, "--out")
+    settings = settings_of(args)
+    check_settings(out, settings)
+    if args.only_seed is not None:
+        run_seed(args, args.only_seed)
+        return
+    write_json(os.path.join(out, SETTINGS_FILE), settings)
+    seeds = list(range(args.seeds))
+    done = [s for s in seeds if os.path.exists(os.path.join(seed_dir(out, s), FIGURES_FILE))]
+    pending = [s for s in seeds if s not in done]
+    if done:
+        print(f"seeds {done} finished already (their figures are reused); running {pending}")
+    workers = min(args.parallel or max(gpu_count(), 1), max(len(pending), 1))
+    if workers > 1:
+        run_side_by_side([a for a in argv if not a.startswith("--parallel")], pending, workers, out)
+    else:
+        for seed in pending:
+            run_seed(args, seed)
+    records = [load_record(out, s) for s in seeds]
+    summary = aggregate(records, settings)
+    summary = {
+        "seeds": seeds,
+        "settings": settings,
+        "interval": {
+            "level": intervals.LEVEL,
+            "method": intervals.method_for(len(seeds)),
+            "rule": "holds if the interval's low end > 0; contradicted if its high end <= 0; "
+            "else not resolved (effects are oriented: > 0 is the claimed direction)",
+            "bootstrap_from_seeds": intervals.BOOTSTRAP_FROM,
+        },
+        "seed_wall_s": [r["wall_s"] for r in records],
+        "step_names": list(records[0]["timings"]),
+        "step_minutes": [[r["seed"], list(r["timings"].values())] for r in records],
+        "warnings": {str(r["seed"]): r["warnings"] for r in records},
+        **summary,
+    }
+    write_json(os.path.join(out, SUMMARY_FILE), summary)
+    write_figures_table(os.path.join(out, FIGURES_TABLE), seeds, summary["figures"])
+    draw(summary, settings, out)
+    report = write_report(summary, settings, out, time.time() - start)
+    print(report)
+    print(f"\nwrote {out}/REPORT.md, {SUMMARY_FILE}, {FIGURES_TABLE} and the pictures; wall time "
+          f"{(time.time() - start) / 60:.1f} min")  # fmt: skip
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)
