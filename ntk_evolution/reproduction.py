@@ -53,10 +53,10 @@ NTK_ATTACK_LABELS = {
 
 
 def top_ks(settings: dict) -> str:
-    ks = {k for k in (1, 2, 5, 10, 20, 50, 100) if k < settings["kernel_size"]} | {
-        settings["kernel_size"]
-    }
-    return ",".join(str(k) for k in sorted(ks))
+    """eigen_features.py's --top_k: 1 to 100 in rough halvings, below the kernel's size, and
+    the whole kernel."""
+    n = settings["kernel_size"]
+    return ",".join(str(k) for k in [k for k in (1, 2, 5, 10, 20, 50, 100) if k < n] + [n])
 
 
 def settle_epoch(rows: list[dict], share: float = 0.1) -> float:
@@ -517,11 +517,7 @@ def write_report(summary: dict, settings: dict, out: str, wall: float) -> str:
         "",
         table(
             ["pair", "layer", "CKA"],
-            [
-                [name.split("/")[1], name.split("/")[2], c(name)]
-                for name in figures
-                if name.startswith("cka/")
-            ],
+            [[*name.split("/", 2)[1:], c(name)] for name in figures if name.startswith("cka/")],
         ),
         "",
         "Each seed's pictures (kernel heatmaps and evolution, eigen-features, CKA heatmaps) are in "

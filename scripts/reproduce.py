@@ -2,7 +2,8 @@
 REPORT.md with every figure's mean and 95% interval over the seeds and each claim of the
 papers' abstracts judged on the interval of the effect it rests on.
 
-Default: 3 seeds of digits (8x8) and cnn_small on a CPU. The paper's scale on a GPU:
+Default: 3 seeds of digits (8x8) and cnn_small on a CPU, two seeds side by side (TIME_TODO on
+2 cores, AutoAttack on the first 60 test images). The paper's scale on a GPU:
 --dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100 --kernel_size 500
 --kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
 
@@ -107,7 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--aa_n_test",
         type=positive_int,
-        default=100,
+        default=60,
         help="AutoAttack (and the PGD it is compared with) on the first N test images; 0 or "
         "none is not accepted: pass the test set's size for all of it",
     )
@@ -133,8 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--parallel",
         type=positive_int,
         default=None,
-        help="seeds run side by side, each in its own process on its own GPU (default: the "
-        "number of GPUs when there are several, else 1: one after another)",
+        help="seeds run side by side, each in its own process (on its own GPU where there are "
+        "GPUs; default: one per GPU, or 2 on a CPU of 2 or more cores; 1: one after another)",
     )
     p.add_argument(
         "--only_seed",
@@ -222,8 +223,8 @@ def gpu_count() -> int:
 def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     """The whole study with --random_seed `seed` in folder `out`; returns its results."""
     log = open_log(out)
-    data = shlex.join(["--dataset", args.dataset, "--data_root", args.data_root])
-    common = f"{data} --model {args.model} --random_seed {seed}"
+    dataset = shlex.join(["--dataset", args.dataset, "--data_root", args.data_root])
+    common = f"{dataset} --model {args.model} --random_seed {seed}"
     epochs, starts = kernel_epochs(vars(args)), phase2_from(vars(args))
     aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack --n_test {args.aa_n_test}"
     timings = {}
@@ -320,7 +321,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     for name, flags in ntk_attacks(args, out).items():
         summary = call(
             ntk_attack,
-            f"{data} --dataset_size {args.kernel_size} --eps {args.eps} "
+            f"{dataset} --dataset_size {args.kernel_size} --eps {args.eps} "
             f"--random_seed {seed} --pgd_steps {args.attack_steps} "
             f"--n_test {args.predictor_n_test} --save_dir {out}/ntk_attack {flags} "
             f"--save_name {name}"
@@ -373,7 +374,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     ):
         cka_results[suffix] = call(
             cka,
-            f"{data} --model {args.model} --model_path {paths} --adv {adv} "
+            f"{dataset} --model {args.model} --model_path {paths} --adv {adv} "
             f"--eps {args.eps} --random_seed {seed} --savedir {out}/cka --suffix {suffix}",
             log,
         )
@@ -423,9 +424,20 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
     return record
 
 
+def default_workers() -> int:
+    """Seeds side by side by default: one per GPU where there are several, one at a time on a
+    single GPU, and two on a CPU with two or more cores (a seed's study keeps about one core
+    busy: much of it is compiling and small steps)."""
+    gpus = gpu_count()
+    if gpus:
+        return gpus
+    return min(2, os.cpu_count() or 1)
+
+
 def run_side_by_side(argv: list[str], seeds: list[int], workers: int, out: str) -> None:
     """Each seed in its own process (`--only_seed s`), `workers` at a time, each on its own GPU
-    when there are GPUs; a process's output goes to OUT/seed_<s>.log."""
+    when there are GPUs. A process's output goes to OUT/seed_<s>.log; its progress lines (the
+    steps it starts) are printed here too, prefixed with its seed."""
     gpus = gpu_count()
     free = list(range(workers))
 
@@ -438,18 +450,21 @@ def run_side_by_side(argv: list[str], seeds: list[int], workers: int, out: str) 
             env["CUDA_VISIBLE_DEVICES"] = ids[slot % len(ids)].strip()
         log_path = os.path.join(out, f"seed_{seed}.log")
         print(f"seed {seed}: started in its own process (output in {log_path})", flush=True)
+        command = [sys.executable, os.path.abspath(__file__), *argv, "--only_seed", str(seed)]
         try:
             with open(log_path, "w") as log:
-                done = subprocess.run(
-                    [sys.executable, os.path.abspath(__file__), *argv, "--only_seed", str(seed)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                )
+                pipe = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT}
+                process = subprocess.Popen(command, text=True, env=env, **pipe)
+                for line in process.stdout:
+                    log.write(line)
+                    log.flush()
+                    if line.startswith(("$ ", "seed ", "error")):
+                        print(f"[seed {seed}] {line.rstrip()}", flush=True)
+                code = process.wait()
         finally:
             free.append(slot)
-        print(f"seed {seed}: process ended with exit code {done.returncode}", flush=True)
-        return done.returncode
+        print(f"seed {seed}: process ended with exit code {code}", flush=True)
+        return code
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         codes = dict(zip(seeds, pool.map(one, seeds), strict=True))
@@ -482,9 +497,9 @@ def main(argv=None) -> None:
     pending = [s for s in seeds if s not in done]
     if done:
         print(f"seeds {done} finished already (their figures are reused); running {pending}")
-    workers = min(args.parallel or max(gpu_count(), 1), max(len(pending), 1))
+    workers = min(args.parallel or default_workers(), max(len(pending), 1))
     if workers > 1:
-        run_side_by_side([a for a in argv if not a.startswith("--parallel")], pending, workers, out)
+        run_side_by_side(argv, pending, workers, out)
     else:
         for seed in pending:
             run_seed(args, seed)
