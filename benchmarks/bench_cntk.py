@@ -14,18 +14,15 @@ import argparse
 import functools
 import os
 import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data import load_dataset  # noqa: E402
-from ntk_evolution.kernel_regression import cntk_blocked, cntk_network  # noqa: E402
-from ntk_evolution.ntk import empirical_ntk  # noqa: E402
+from data import load_dataset
+from ntk_evolution.kernel_regression import cntk_blocked, cntk_network
+from ntk_evolution.ntk import empirical_ntk
 
 
 def timed(fn, repeats: int = 2) -> float:

@@ -14,6 +14,7 @@ CKA would hold is printed beside it: one N x N float64 Gram matrix per layer.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import platform
 import subprocess
@@ -21,12 +22,20 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+
+def load_fixture_writer():
+    """tests/conftest.py's CIFAR-format fixture writer, loaded from its file."""
+    spec = importlib.util.spec_from_file_location(
+        "conftest", os.path.join(ROOT, "tests", "conftest.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.write_cifar10_fixture
+
 
 RUN = """
 import os, resource, sys, time
-sys.path.insert(0, {root!r})
 import torchvision.datasets.cifar as cifar
 cifar.check_integrity = lambda fpath, md5=None: os.path.isfile(fpath)  # a fixture, not CIFAR
 import cka
@@ -50,7 +59,8 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from conftest import write_cifar10_fixture
+
+    write_cifar10_fixture = load_fixture_writer()
 
     from ntk_evolution.torch_models import TORCH_MODELS
 
@@ -88,7 +98,7 @@ def main() -> None:
             os.path.join(folder, f"out_{n}"),
         ]
         done = subprocess.run(
-            [sys.executable, "-c", RUN.format(root=ROOT, argv=argv)],
+            [sys.executable, "-c", RUN.format(argv=argv)],
             capture_output=True,
             text=True,
             cwd=folder,

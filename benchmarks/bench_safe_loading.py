@@ -14,16 +14,13 @@ import argparse
 import os
 import pickle
 import platform
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ntk_evolution.schemas import check_checkpoint, check_kernel  # noqa: E402
-from utils import load_pickle  # noqa: E402
+from ntk_evolution.schemas import check_checkpoint, check_kernel
+from utils import load_pickle
 
 
 def files(rng: np.random.Generator) -> dict:

@@ -14,13 +14,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ntk_evolution.cli import Parser  # noqa: E402
-from ntk_evolution.plots import plot_cka_panels  # noqa: E402
-from utils import UserError, load_pickle, run_main  # noqa: E402
+from ntk_evolution.cli import Parser
+from ntk_evolution.plots import plot_cka_panels
+from utils import UserError, load_pickle, run_main
 
 FILES = ("cka.pkl", "cka_adv_model.pkl", "cka_cross_model.pkl")
 TITLES = ("NonRobust-NonRobust", "Robust-Robust", "NonRobust-Robust")

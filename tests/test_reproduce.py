@@ -1,8 +1,8 @@
 """`make reproduce` over seeds: intervals against their definitions, the claims' effects against
 the figures they rest on, verdicts against the rule, the report and pictures from synthetic
 seeds, bad input refused before anything is written, and the whole study end to end on digits
-(two seeds side by side) and on the CIFAR-format fixture (one seed, then a second one added,
-after an interrupted one)."""
+(two seeds side by side) and on the CIFAR-format fixture (one seed, after an interrupted start),
+and the seeds' bookkeeping (a finished seed is not rerun) with synthetic studies."""
 
 from __future__ import annotations
 
@@ -335,33 +335,62 @@ def load_script():
     return module
 
 
+def test_an_interrupted_study_continues_from_its_last_finished_seed(tmp_path, monkeypatch):
+    """The seeds' bookkeeping, with each seed's study replaced by synthetic results (the real
+    study is run end to end below): a finished seed is not rerun, an unfinished one is removed
+    and run again."""
+    reproduce = load_script()
+    ran = []
+
+    def study(args, seed, folder):
+        os.makedirs(folder)
+        ran.append(seed)
+        return fake_results(seed, 0.2)
+
+    monkeypatch.setattr(reproduce, "study", study)
+    flags = f"{TINY} --parallel 1 --out {tmp_path / 'runs'}".split()
+    reproduce.main(["--seeds", "1", *flags])
+    assert ran == [0]
+    seed_0 = tmp_path / "runs" / "seed_0" / "figures.json"
+    stamp = seed_0.stat().st_mtime_ns
+    # seed 1 was interrupted: its folder exists without figures.json
+    (tmp_path / "runs" / "seed_1" / "phase1_benign").mkdir(parents=True)
+    (tmp_path / "runs" / "seed_1" / "phase1_benign" / "half.pkl").write_text("")
+    reproduce.main(["--seeds", "3", *flags])
+    assert ran == [0, 1, 2] and seed_0.stat().st_mtime_ns == stamp
+    assert not (tmp_path / "runs" / "seed_1" / "phase1_benign").exists()
+    summary = check_study(tmp_path / "runs", 3)
+    assert summary["figures"]["phase1/benign/clean"]["per_seed"][0] == pytest.approx(
+        flatten(fake_results(0, 0.2))["phase1/benign/clean"]
+    )
+
+
 @pytest.mark.slow
-def test_cifar_one_seed_then_a_second_after_an_interrupted_one(tmp_path, monkeypatch, capsys):
+def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data", n_train=300, n_test=40)
     import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
 
     monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     reproduce = load_script()
-    flags = f"--dataset cifar10 --data_root data {TINY} --out runs".split()
-    reproduce.main(["--seeds", "1", *flags])
+    flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} --out runs".split()
     out = tmp_path / "runs"
-    one = check_study(out, 1)
-    assert one["interval"]["method"] is None  # one seed: no interval, nothing resolved
-    assert {c["verdict"] for c in one["claims"]} == {"not resolved"}
-    shape = json.loads((out / "seed_0" / "figures.json").read_text())
-    assert shape["figures"]["phase1/benign/clean"] >= 0.0
-    # an interrupted seed 1: its folder exists, its figures.json does not
-    (out / "seed_1" / "phase1_benign").mkdir(parents=True)
-    stamp = (out / "seed_0" / "figures.json").stat().st_mtime_ns
-    capsys.readouterr()
-    reproduce.main(["--seeds", "2", *flags])
-    printed = capsys.readouterr().out
-    assert "seeds [0] finished already" in printed and "removing the unfinished run" in printed
-    assert (out / "seed_0" / "figures.json").stat().st_mtime_ns == stamp
-    two = check_study(out, 2)
-    assert two["interval"]["method"] == "student-t"
-    assert two["figures"]["phase1/benign/clean"]["per_seed"][0] == pytest.approx(
-        one["figures"]["phase1/benign/clean"]["per_seed"][0]
+    # an earlier start with these settings was interrupted inside seed 0
+    (out / "seed_0" / "phase1_benign").mkdir(parents=True)
+    (out / "settings.json").write_text(
+        json.dumps(reproduce.settings_of(reproduce.parse_args(flags)))
     )
+    reproduce.main(flags)
+    assert "removing the unfinished run" in capsys.readouterr().out
+    summary = check_study(out, 1)
+    assert summary["interval"]["method"] is None  # one seed: no interval, nothing resolved
+    assert {c["verdict"] for c in summary["claims"]} == {"not resolved"}
+    figures = summary["figures"]
+    assert figures["phase1/benign/clean"]["per_seed"][0] >= 0.0
+    assert math.isfinite(figures["phase1/adversarial/autoattack"]["per_seed"][0])
     assert "cifar10" in (out / "REPORT.md").read_text()
+    # run again: nothing is rerun
+    stamp = (out / "seed_0" / "figures.json").stat().st_mtime_ns
+    reproduce.main(flags)
+    assert "seeds [0] finished already" in capsys.readouterr().out
+    assert (out / "seed_0" / "figures.json").stat().st_mtime_ns == stamp
