@@ -11,7 +11,7 @@ merge the prefix-tree states whose RNN hidden states are nearly the same.
    order. The threshold is --sim_threshold when given (the authors' fixed default is 0.99);
    by default it is picked as the authors' --find_threshold does, on 20 validation strings of
    twice --train_length (the best prefix accuracy over 0.925, 0.930, ..., 0.995): on this
-   project's RNNs 0.99 keeps too many states apart (README, "Differences").
+   project's RNNs 0.99 keeps too many states apart (docs/differences.md).
    --method kmeans: the authors' baseline, --n_clusters clusters of hidden states as states.
    --method rpni: red-blue state merging on the RNN's labels only (this project's earlier
    method, a baseline that never reads the hidden states).

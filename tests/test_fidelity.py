@@ -1,5 +1,5 @@
 """Behaviours matched to the original code (yolky/adversarial_ntk_evolution), one test each:
-see the README's "Differences from the original" for what is kept different and why."""
+see docs/differences.md for what is kept different and why."""
 
 from __future__ import annotations
 

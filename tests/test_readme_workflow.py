@@ -1,12 +1,12 @@
-"""Every command block of the README runs as written.
+"""Every command block of the README and of the reference pages in docs/ runs as written.
 
-The README's fenced blocks are extracted and each one is run through bash, in the state it
-assumes: after `python3 scripts/demo.py --quick` (the README's quick demo) in an empty folder.
-A `python3` on the PATH records each script call that bash makes (after its loops, globs and
-brace expansions); the calls are then run in order in this process (imports and compiled
-functions shared), with the scale-down flags the README names appended (SCALE_DOWN: later
-flags override earlier ones). Blocks that cannot run here are listed in NOT_RUN_HERE with the
-reason; any other block that is added to the README is run.
+The fenced blocks (the README's, then docs/'s in the map's order) are extracted and each one
+is run through bash, in the state it assumes: after `python3 scripts/demo.py --quick` (the
+README's quick demo) in an empty folder. A `python3` on the PATH records each script call that
+bash makes (after its loops, globs and brace expansions); the calls are then run in order in
+this process (imports and compiled functions shared), with the scale-down flags the README
+names appended (SCALE_DOWN: later flags override earlier ones). Blocks that cannot run here
+are listed in NOT_RUN_HERE with the reason; any other block that is added to a page is run.
 """
 
 from __future__ import annotations
@@ -87,9 +87,35 @@ with open(os.environ["README_CALLS"], "a") as f:
 """
 
 
+# The reference pages, in the order of the README's map: their blocks run after the README's,
+# in this order (a page's blocks may use what an earlier page's made).
+DOCS = (
+    "scripts", "kernels", "similarity", "reproduce", "robust_data", "automata", "running",
+    "formats", "differences", "benchmarks", "layout",
+)  # fmt: skip
+
+
+def doc_pages() -> list[str]:
+    return ["README.md", *(os.path.join("docs", f"{name}.md") for name in DOCS)]
+
+
 def readme_blocks() -> list[str]:
+    """The fenced blocks of the README, then of each page of docs/."""
+    blocks = []
+    for page in doc_pages():
+        with open(os.path.join(ROOT, page)) as f:
+            blocks += re.findall(r"^```\w*\n(.*?)^```", f.read(), re.S | re.M)
+    return blocks
+
+
+def test_every_page_of_docs_is_run_and_linked_from_the_readme():
+    pages = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
+    assert pages == sorted(DOCS)
     with open(os.path.join(ROOT, "README.md")) as f:
-        return re.findall(r"^```\w*\n(.*?)^```", f.read(), re.S | re.M)
+        readme = f.read()
+    for name in DOCS:
+        assert f"](docs/{name}.md)" in readme, name
+    assert len(readme.splitlines()) <= 250
 
 
 def skipped(block: str) -> str | None:

@@ -164,7 +164,7 @@ SEED_COMMANDS = [
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the README's example of a RobustBench model against a CKA-project checkpoint
+# docs/similarity.md's example of a RobustBench model against a CKA-project checkpoint
 ROBUSTBENCH_COMMAND = (
     "CUDA_VISIBLE_DEVICES=0 python cka.py --model wrn_28_4 --model_path "
     "./pretrained/cifar10_wrn_28_4_nonrobust_last.pth.tar --robustbench Ding2020MMA "
@@ -301,8 +301,8 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
     expected = cka_matrix(grams0, grams1, "debiased")
     np.testing.assert_allclose(result["debiased"], expected, rtol=1e-6, atol=1e-9)
 
-    # the README's RobustBench command, against a random WRN-28-4 as the non-robust checkpoint
-    readme = open(os.path.join(ROOT, "README.md")).read()
+    # docs/similarity.md's RobustBench command, against a random WRN-28-4 as the non-robust one
+    readme = open(os.path.join(ROOT, "docs", "similarity.md")).read()
     assert ROBUSTBENCH_COMMAND in readme
     (tmp_path / "pretrained").mkdir()
     torch.manual_seed(2)
