@@ -30,7 +30,7 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
 
 # the tests not marked slow (end-to-end runs and the costliest checks left out): under 3 minutes on 2 cores
 test-fast: $(VENV)/.installed
