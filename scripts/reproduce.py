@@ -2,8 +2,8 @@
 REPORT.md with every figure's mean and 95% interval over the seeds and each claim of the
 papers' abstracts judged on the interval of the effect it rests on.
 
-Default: 3 seeds of digits (8x8) and cnn_small on a CPU, two seeds side by side (TIME_TODO on
-2 cores, AutoAttack on the first 60 test images). The paper's scale on a GPU:
+Default: 3 seeds of digits (8x8) and cnn_small on a CPU, one after another (TIME_TODO on 2
+cores, AutoAttack on the first 60 test images). The paper's scale on a GPU:
 --dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100 --kernel_size 500
 --kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
 
@@ -134,8 +134,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--parallel",
         type=positive_int,
         default=None,
-        help="seeds run side by side, each in its own process (on its own GPU where there are "
-        "GPUs; default: one per GPU, or 2 on a CPU of 2 or more cores; 1: one after another)",
+        help="seeds run side by side, each in its own process on its own GPU (default: one per "
+        "GPU; on a CPU 1, one after another, as side by side is slower there)",
     )
     p.add_argument(
         "--only_seed",
@@ -425,13 +425,11 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
 
 
 def default_workers() -> int:
-    """Seeds side by side by default: one per GPU where there are several, one at a time on a
-    single GPU, and two on a CPU with two or more cores (a seed's study keeps about one core
-    busy: much of it is compiling and small steps)."""
-    gpus = gpu_count()
-    if gpus:
-        return gpus
-    return min(2, os.cpu_count() or 1)
+    """Seeds side by side by default only where there are several GPUs, one per GPU. On a CPU
+    one at a time: JAX already spreads one seed's study over the cores, and two seeds side by
+    side on the 2-core machine took 53.7 min for two, each step 2.4 to 3.6 times its time
+    alone (one seed alone: about 20 min)."""
+    return max(gpu_count(), 1)
 
 
 def run_side_by_side(argv: list[str], seeds: list[int], workers: int, out: str) -> None:
