@@ -321,7 +321,7 @@ def to_resolve(entry: dict) -> str:
 
 def models_of(summary: dict) -> list[tuple[str, str]]:
     """(figure prefix, label) of every network and phase-2 model, in the report's order."""
-    models = [(f"phase1/{kind}", f"phase 1 {kind}") for kind, _ in KINDS]
+    models = [(f"phase1/{kind}", f"phase 1\n{kind}") for kind, _ in KINDS]
     prefixes = sorted(
         {n.rsplit("/", 1)[0] for n in summary["figures"] if n.startswith("phase2/")},
         key=lambda p: (p.split("/")[1], p.split("/")[2], float(p.split("epoch ")[1])),

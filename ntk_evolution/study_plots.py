@@ -172,7 +172,8 @@ def plot_robustness_over_seeds(
 ) -> None:  # fmt: skip
     """Clean, PGD and AutoAttack accuracy of every network and phase-2 model (top), and the
     NTK attacks' kernel-regression accuracy and transfer to the networks (bottom)."""
-    fig, (ax_m, ax_t) = plt.subplots(2, 1, figsize=(15, 10), gridspec_kw={"hspace": 0.55})
+    width = max(15.0, 1.5 * len(models))  # room for each model's four-line label
+    fig, (ax_m, ax_t) = plt.subplots(2, 1, figsize=(width, 10), gridspec_kw={"hspace": 0.55})
     series = [
         (label, [figures.get(f"{prefix}/{key}") for prefix, _ in models])
         for label, key in (

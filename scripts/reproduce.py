@@ -2,8 +2,9 @@
 REPORT.md with every figure's mean and 95% interval over the seeds and each claim of the
 papers' abstracts judged on the interval of the effect it rests on.
 
-Default: 3 seeds of digits (8x8) and cnn_small on a CPU, one after another (TIME_TODO on 2
-cores, AutoAttack on the first 60 test images). The paper's scale on a GPU:
+Default: 3 seeds of digits (8x8) and cnn_small on a CPU, one after another (about 90 min on 2
+cores: 30.6 min a seed, AutoAttack on the first 60 test images 5.5 of them). The paper's scale
+on a GPU:
 --dataset cifar10 --model resnet18 --eps 4 --epochs 100 --phase2_epochs 100 --kernel_size 500
 --kernel_epochs 0,0.125,0.5,1,2,5,10,20,50,100 --phase2_from 0,1,5,20,100.
 
@@ -427,8 +428,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict:
 def default_workers() -> int:
     """Seeds side by side by default only where there are several GPUs, one per GPU. On a CPU
     one at a time: JAX already spreads one seed's study over the cores, and two seeds side by
-    side on the 2-core machine took 53.7 min for two, each step 2.4 to 3.6 times its time
-    alone (one seed alone: about 20 min)."""
+    side on the 2-core machine took 53.7 min for the two, each step 1.6 to 2 times its time
+    alone (one seed alone: 30.6 min; benchmarks/RESULTS.md)."""
     return max(gpu_count(), 1)
 
 
