@@ -342,16 +342,20 @@ def _epoch_axis(ax) -> None:
     ax.grid(True, which="both", alpha=0.3)
 
 
+# the kernel-evolution measures drawn against epoch: (column, title, log scale)
+EVOLUTION_PANELS = (
+    ("distance_to_first", "distance to first kernel", False),
+    ("distance_to_last", "distance to last kernel", False),
+    ("velocity", "kernel velocity (distance / epoch)", True),
+    ("alignment", "centered kernel-target alignment", False),
+    ("energy_top10", "spectral energy in top 10", False),
+)
+
+
 def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
     """Distance to first / last kernel, velocity, alignment, top-10 energy against epoch, and the
     polar view; one line per run."""
-    panels = (
-        ("distance_to_first", "distance to first kernel", False),
-        ("distance_to_last", "distance to last kernel", False),
-        ("velocity", "kernel velocity (distance / epoch)", True),
-        ("alignment", "centered kernel-target alignment", False),
-        ("energy_top10", "spectral energy in top 10", False),
-    )
+    panels = EVOLUTION_PANELS
     fig = plt.figure(figsize=(15, 9.5))
     fig.subplots_adjust(wspace=0.32, hspace=0.45, top=0.9)
     for i, (key, title, log_y) in enumerate(panels):

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 
-from ntk_evolution.plots import plt, save_figure
+from ntk_evolution.plots import EVOLUTION_PANELS, plt, save_figure
 
 VERDICT_COLOURS = {"holds": "tab:green", "contradicted": "tab:red", "not resolved": "tab:grey"}
 UNIT_LABELS = {
@@ -101,13 +101,7 @@ def plot_evolution_over_seeds(
 ) -> None:
     """Kernel distances, velocity, alignment and top-10 energy against epoch per run, and the
     settling epochs."""
-    panels = (
-        ("distance_to_first", "distance to first kernel", False),
-        ("distance_to_last", "distance to last kernel", False),
-        ("velocity", "kernel velocity (distance / epoch)", True),
-        ("alignment", "centered kernel-target alignment", False),
-        ("energy_top10", "spectral energy in top 10", False),
-    )
+    panels = EVOLUTION_PANELS
     fig, axes = plt.subplots(2, 3, figsize=(15, 9))
     for ax, (key, title, log_y) in zip(axes.flat, panels, strict=False):
         for kind in kinds:
