@@ -27,7 +27,6 @@ import os
 
 import numpy as np
 
-from ntk_evolution.checkpoints import epoch_from_name, load_kernel
 from ntk_evolution.cli import (
     Parser,
     add_out_dir_flag,
@@ -36,16 +35,17 @@ from ntk_evolution.cli import (
     expand_paths,
     positive_int,
 )
-from ntk_evolution.kernel_analysis import distance_matrix, evolution, spectrum, target_matrix
-from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import (
+from ntk_evolution.io.checkpoints import epoch_from_name, load_kernel
+from ntk_evolution.kernels.analysis import distance_matrix, evolution, spectrum, target_matrix
+from ntk_evolution.kernels.plots import (
     plot_distance_matrices,
     plot_kernel_evolution,
     plot_kernel_grid,
     plot_kernel_spectra,
     plot_polar_dynamics,
 )
-from utils import UserError, check_output, run_main, write_csv, write_json
+from ntk_evolution.parallel import initialize
+from ntk_evolution.utils import UserError, check_output, run_main, write_csv, write_json
 
 
 def build_parser() -> Parser:

@@ -24,13 +24,6 @@ import time
 
 from tqdm import tqdm
 
-from data import class_balanced_subset, load_dataset
-from ntk_evolution.checkpoints import (
-    checkpoint_epoch,
-    format_epoch,
-    load_model,
-    load_model_from_args,
-)
 from ntk_evolution.cli import (
     Parser,
     add_kernel_subset_flags,
@@ -41,10 +34,17 @@ from ntk_evolution.cli import (
     expand_paths,
     finite_float,
 )
-from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.data import class_balanced_subset, load_dataset
+from ntk_evolution.io.checkpoints import (
+    checkpoint_epoch,
+    format_epoch,
+    load_model,
+    load_model_from_args,
+)
+from ntk_evolution.kernels.ntk import empirical_ntk
+from ntk_evolution.kernels.plots import kernel_title, plot_kernel
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import kernel_title, plot_kernel
-from utils import UserError, run_main, save_pickle
+from ntk_evolution.utils import UserError, run_main, save_pickle
 
 FULL_LAYOUT = "logit-major: row k * N + i is logit k of image i (ntk.empirical_ntk)"
 

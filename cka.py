@@ -31,10 +31,8 @@ import jax
 import numpy as np
 import torch
 
-from data import DATASETS, SHAPES, load_dataset
-from models import MODELS
-from ntk_evolution.attacks import attack_settings, eps_from_255
-from ntk_evolution.checkpoints import LoadedModel, load_model
+from ntk_evolution.attacks.evaluation import attacked_batches, make_attack_fn
+from ntk_evolution.attacks.pgd import attack_settings, eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_eps_flag,
@@ -44,11 +42,12 @@ from ntk_evolution.cli import (
     finite_float,
     positive_int,
 )
+from ntk_evolution.data import DATASETS, SHAPES, load_dataset
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.evaluation import attacked_batches, make_attack_fn
+from ntk_evolution.io.checkpoints import LoadedModel, load_model
+from ntk_evolution.models import MODELS
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_cka
-from ntk_evolution.similarity import (
+from ntk_evolution.similarity.cka import (
     ESTIMATORS,
     MinibatchCKA,
     cka_matrix,
@@ -56,7 +55,8 @@ from ntk_evolution.similarity import (
     layer_grams,
     make_layer_fn,
 )
-from ntk_evolution.torch_models import (
+from ntk_evolution.similarity.plots import plot_cka
+from ntk_evolution.similarity.torch_models import (
     THREAT_MODELS,
     TORCH_MODELS,
     is_torch_checkpoint,
@@ -66,8 +66,8 @@ from ntk_evolution.torch_models import (
     pgd_examples,
     robustbench_files,
 )
-from ntk_evolution.torch_models import layer_grams as torch_layer_grams
-from utils import UserError, atomic_file, progress_bar, run_main, save_pickle, to_host
+from ntk_evolution.similarity.torch_models import layer_grams as torch_layer_grams
+from ntk_evolution.utils import UserError, atomic_file, progress_bar, run_main, save_pickle, to_host
 
 
 def build_parser() -> Parser:

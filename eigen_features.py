@@ -21,8 +21,7 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255
-from ntk_evolution.checkpoints import model_and_dataset
+from ntk_evolution.attacks.pgd import VARIANT_NAMES, eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -32,11 +31,12 @@ from ntk_evolution.cli import (
     check_out_dir,
     non_negative_int,
 )
-from ntk_evolution.kernel_regression import component_factors, eigen_decomposition, one_hot
+from ntk_evolution.io.checkpoints import model_and_dataset
+from ntk_evolution.kernels.plots import plot_component_gradients, plot_eigen_features
+from ntk_evolution.kernels.predictors import evaluate_predictor, support_kernel_from_args
+from ntk_evolution.kernels.regression import component_factors, eigen_decomposition, one_hot
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_component_gradients, plot_eigen_features
-from ntk_evolution.predictors import evaluate_predictor, support_kernel_from_args
-from utils import (
+from ntk_evolution.utils import (
     UserError,
     check_output,
     progress_bar,

@@ -35,9 +35,23 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import VARIANT_NAMES, apply_variant, attack_settings, eps_from_255
-from ntk_evolution.autoattack import AUTOATTACK
-from ntk_evolution.checkpoints import load_examples, model_and_dataset
+from ntk_evolution.attacks.autoattack import AUTOATTACK
+from ntk_evolution.attacks.evaluation import (
+    NAMES,
+    Tally,
+    after,
+    attacked_batches,
+    hits,
+    load_transfer,
+    make_attack_fn,
+    make_autoattack_fns,
+    make_components_fn,
+    masking_warnings,
+    print_warnings,
+    run_autoattack,
+    sweep_warnings,
+)
+from ntk_evolution.attacks.pgd import VARIANT_NAMES, apply_variant, attack_settings, eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_attack_variant_flag,
@@ -54,24 +68,10 @@ from ntk_evolution.cli import (
     positive_int,
 )
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.evaluation import (
-    NAMES,
-    Tally,
-    after,
-    attacked_batches,
-    hits,
-    load_transfer,
-    make_attack_fn,
-    make_autoattack_fns,
-    make_components_fn,
-    masking_warnings,
-    print_warnings,
-    run_autoattack,
-    sweep_warnings,
-)
+from ntk_evolution.io.checkpoints import load_examples, model_and_dataset
+from ntk_evolution.io.schemas import check_results
 from ntk_evolution.parallel import initialize, replicate, shard_batch
-from ntk_evolution.schemas import check_results
-from utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy
+from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy
 
 SHORT_N_TEST = 1000
 

@@ -36,19 +36,7 @@ import os
 
 import numpy as np
 
-from ntk_evolution.automata import (
-    DFA,
-    TOMITA,
-    counterexample,
-    minimize,
-    paper_balanced,
-    paper_test,
-    tomita_dfa,
-    trim,
-)
-from ntk_evolution.automata_plots import plot_dfa
-from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int
-from ntk_evolution.extraction import (
+from ntk_evolution.automata.extraction import (
     EVALS,
     METHODS,
     cross_validate,
@@ -60,8 +48,20 @@ from ntk_evolution.extraction import (
     similarity_merge,
     word_accuracy,
 )
-from ntk_evolution.rnn import rnn_oracle
-from utils import UserError, load_pickle, run_main, write_json
+from ntk_evolution.automata.languages import (
+    DFA,
+    TOMITA,
+    counterexample,
+    minimize,
+    paper_balanced,
+    paper_test,
+    tomita_dfa,
+    trim,
+)
+from ntk_evolution.automata.plots import plot_dfa
+from ntk_evolution.automata.rnn import rnn_oracle
+from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int
+from ntk_evolution.utils import UserError, load_pickle, run_main, write_json
 
 MAX_DRAWN_STATES = 16  # a circle of more states is unreadable
 

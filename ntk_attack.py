@@ -21,8 +21,8 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks import VARIANT_NAMES, eps_from_255
-from ntk_evolution.checkpoints import model_and_dataset
+from ntk_evolution.attacks.evaluation import NAMES, load_transfer, print_warnings
+from ntk_evolution.attacks.pgd import VARIANT_NAMES, eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -33,16 +33,16 @@ from ntk_evolution.cli import (
     check_attack_variant,
     check_out_dir,
 )
-from ntk_evolution.evaluation import NAMES, load_transfer, print_warnings
-from ntk_evolution.kernel_regression import one_hot, regression_coefficients
-from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_image_grid
-from ntk_evolution.predictors import (
+from ntk_evolution.figures import plot_image_grid
+from ntk_evolution.io.checkpoints import model_and_dataset
+from ntk_evolution.kernels.predictors import (
     evaluate_predictor,
     predicted_labels,
     support_kernel_from_args,
 )
-from utils import check_output, run_main, save_pickle, write_json
+from ntk_evolution.kernels.regression import one_hot, regression_coefficients
+from ntk_evolution.parallel import initialize
+from ntk_evolution.utils import check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
 

@@ -44,15 +44,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from data import class_balanced_subset
-from ntk_evolution.attacks import (
+from ntk_evolution.attacks.evaluation import print_warnings
+from ntk_evolution.attacks.pgd import (
     PER_EXAMPLE_LOSSES,
     VARIANT_NAMES,
     eps_from_255,
     pgd,
     pgd_step_size,
 )
-from ntk_evolution.checkpoints import model_and_dataset
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -63,12 +62,13 @@ from ntk_evolution.cli import (
     finite_float,
     positive_int,
 )
-from ntk_evolution.evaluation import print_warnings
-from ntk_evolution.kernel_regression import kernel_predictor, one_hot, regression_coefficients
+from ntk_evolution.data import class_balanced_subset
+from ntk_evolution.io.checkpoints import model_and_dataset
+from ntk_evolution.kernels.plots import plot_robustified
+from ntk_evolution.kernels.predictors import evaluate_predictor, kernel_from_args
+from ntk_evolution.kernels.regression import kernel_predictor, one_hot, regression_coefficients
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_robustified
-from ntk_evolution.predictors import evaluate_predictor, kernel_from_args
-from utils import progress_bar, run_main, save_pickle
+from ntk_evolution.utils import progress_bar, run_main, save_pickle
 
 INNER_PGD_STEPS = 10
 LOSSES = ("mse", "ce")

@@ -26,19 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from data import Dataset, load_dataset, num_batches
-from models import get_model, init_model
-from ntk_evolution.attacks import eps_from_255
-from ntk_evolution.checkpoints import (
-    LoadedModel,
-    check_tree_matches,
-    checkpoint_epoch,
-    checkpoint_meta,
-    checkpoint_name,
-    load_examples,
-    load_model_from_args,
-    save_checkpoint,
-)
+from ntk_evolution.attacks.evaluation import evaluate
+from ntk_evolution.attacks.pgd import eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_eps_flag,
@@ -49,12 +38,23 @@ from ntk_evolution.cli import (
     non_negative_int,
     positive_int,
 )
+from ntk_evolution.data import Dataset, load_dataset, num_batches
 from ntk_evolution.dynamics import PHASE1, Dynamics
-from ntk_evolution.evaluation import evaluate
+from ntk_evolution.figures import plot_training_curves
+from ntk_evolution.io.checkpoints import (
+    LoadedModel,
+    check_tree_matches,
+    checkpoint_epoch,
+    checkpoint_meta,
+    checkpoint_name,
+    load_examples,
+    load_model_from_args,
+    save_checkpoint,
+)
+from ntk_evolution.io.schemas import RESUME_TODO, check_results, check_resume_state
+from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_training_curves
 from ntk_evolution.run_lock import folder_lock
-from ntk_evolution.schemas import RESUME_TODO, check_results, check_resume_state
 from ntk_evolution.training import (
     TrainingLog,
     TrainState,
@@ -66,7 +66,7 @@ from ntk_evolution.training import (
     run_epoch,
     set_learning_rate,
 )
-from utils import UserError, is_writer, load_pickle, run_main, save_pickle, to_numpy
+from ntk_evolution.utils import UserError, is_writer, load_pickle, run_main, save_pickle, to_numpy
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1

@@ -28,11 +28,11 @@ import os
 import numpy as np
 
 from ntk_evolution import __version__
-from ntk_evolution.automata import TOMITA, paper_balanced, prefix_labels, tomita_dfa
-from ntk_evolution.automata_plots import plot_rnn_training
+from ntk_evolution.automata.languages import TOMITA, paper_balanced, prefix_labels, tomita_dfa
+from ntk_evolution.automata.plots import plot_rnn_training
+from ntk_evolution.automata.rnn import CELLS, train_with_restarts
 from ntk_evolution.cli import Parser, check_out_dir, finite_float, non_negative_int, positive_int
-from ntk_evolution.rnn import CELLS, train_with_restarts
-from utils import run_main, save_pickle
+from ntk_evolution.utils import run_main, save_pickle
 
 
 def parse_args(argv=None):

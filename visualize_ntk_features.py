@@ -19,13 +19,6 @@ import os
 
 import numpy as np
 
-from data import class_balanced_subset
-from ntk_evolution.checkpoints import (
-    check_kernel_record,
-    checkpoint_epoch,
-    load_kernel,
-    model_and_dataset,
-)
 from ntk_evolution.cli import (
     Parser,
     add_kernel_subset_flags,
@@ -35,16 +28,23 @@ from ntk_evolution.cli import (
     check_out_dir,
     positive_int,
 )
-from ntk_evolution.ntk import empirical_ntk
-from ntk_evolution.ntk_features import (
+from ntk_evolution.data import class_balanced_subset
+from ntk_evolution.io.checkpoints import (
+    check_kernel_record,
+    checkpoint_epoch,
+    load_kernel,
+    model_and_dataset,
+)
+from ntk_evolution.kernels.features import (
     optimise_feature_images,
     parameter_features,
     regression_weights,
     top_eigenvectors,
 )
+from ntk_evolution.kernels.ntk import empirical_ntk
+from ntk_evolution.kernels.plots import plot_eigen_feature_images
 from ntk_evolution.parallel import initialize
-from ntk_evolution.plots import plot_eigen_feature_images
-from utils import UserError, run_main, save_pickle
+from ntk_evolution.utils import UserError, run_main, save_pickle
 
 
 def build_parser() -> Parser:

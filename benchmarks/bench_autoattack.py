@@ -39,13 +39,13 @@ import optax
 import torch
 from bench_ntk import torch_model
 
-from data import load_dataset
-from models import get_model, init_model
-from ntk_evolution import autoattack
-from ntk_evolution.autoattack import AUTOATTACK, AUTOATTACK_FNS
-from ntk_evolution.checkpoints import load_model
+from ntk_evolution.attacks import autoattack
+from ntk_evolution.attacks.autoattack import AUTOATTACK, AUTOATTACK_FNS
+from ntk_evolution.attacks.evaluation import NAMES, after, autoattack_batch, run_autoattack
+from ntk_evolution.data import load_dataset
 from ntk_evolution.dynamics import Dynamics, forward
-from ntk_evolution.evaluation import NAMES, after, autoattack_batch, run_autoattack
+from ntk_evolution.io.checkpoints import load_model
+from ntk_evolution.models import get_model, init_model
 
 DEMO = {
     "adversarial": "demo_runs/phase1_adversarial/parameters_final.pkl",

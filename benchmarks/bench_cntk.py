@@ -20,9 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import load_dataset
-from ntk_evolution.kernel_regression import cntk_blocked, cntk_network
-from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.data import load_dataset
+from ntk_evolution.kernels.ntk import empirical_ntk
+from ntk_evolution.kernels.regression import cntk_blocked, cntk_network
 
 
 def timed(fn, repeats: int = 2) -> float:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from models import conv_as_matmul
+from ntk_evolution.models import conv_as_matmul
 
 # (C_in, C_out, input side, kernel, stride, count in ResNet-18)
 RESNET18_CONVS = (

@@ -68,8 +68,8 @@ def train_run(folder: str, n_checkpoints: int, cache: str) -> list[str]:
 def resnet18_checkpoints(folder: str, n_checkpoints: int) -> list[str]:
     """ResNet-18 checkpoints for CIFAR-10 (training it here would take hours): the
     initialisation scaled by 1 + 0.05 e for e = 0..n-1, named as epochs."""
-    from models import get_model, init_model
-    from ntk_evolution.checkpoints import checkpoint_name, save_checkpoint
+    from ntk_evolution.io.checkpoints import checkpoint_name, save_checkpoint
+    from ntk_evolution.models import get_model, init_model
 
     params, net_state = init_model(get_model("resnet18", 10), jax.random.PRNGKey(0), (32, 32, 3))
     paths = []

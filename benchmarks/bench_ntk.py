@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from models import get_model, init_model
-from ntk_evolution.ntk import default_memory_gb, empirical_ntk, plan_chunks, plan_kernel
-from utils import tree_size
+from ntk_evolution.kernels.ntk import default_memory_gb, empirical_ntk, plan_chunks, plan_kernel
+from ntk_evolution.models import get_model, init_model
+from ntk_evolution.utils import tree_size
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 5) -> float:

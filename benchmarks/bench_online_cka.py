@@ -62,7 +62,7 @@ def main() -> None:
 
     write_cifar10_fixture = load_fixture_writer()
 
-    from ntk_evolution.torch_models import TORCH_MODELS
+    from ntk_evolution.similarity.torch_models import TORCH_MODELS
 
     machine = platform.processor() or platform.machine()
     print(f"{machine}, {os.cpu_count()} cores, torch {torch.__version__}")

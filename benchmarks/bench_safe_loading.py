@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from ntk_evolution.schemas import check_checkpoint, check_kernel
-from utils import load_pickle
+from ntk_evolution.io.schemas import check_checkpoint, check_kernel
+from ntk_evolution.utils import load_pickle
 
 
 def files(rng: np.random.Generator) -> dict:

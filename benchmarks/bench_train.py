@@ -35,13 +35,13 @@ import torch
 import torch.nn.functional as F
 from bench_ntk import forward_flops, matmul_gflops, torch_model
 
-from models import get_model, init_model
-from ntk_evolution.attacks import (
+from ntk_evolution.attacks.evaluation import make_attack_fn
+from ntk_evolution.attacks.pgd import (
     TRAIN_PGD_STEPS,
     attack_settings,
 )
 from ntk_evolution.dynamics import PHASE1, Dynamics
-from ntk_evolution.evaluation import make_attack_fn
+from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import replicate, shard_batch
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
 

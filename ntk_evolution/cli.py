@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-from data import DATASETS
-from models import MODELS
-from ntk_evolution.attacks import ATTACK_VARIANTS, EVAL_PGD_STEPS, L2_EPS, eps_from_255
-from ntk_evolution.kernel_regression import KERNELS
-from utils import UserError, user_cache_dir
+from ntk_evolution.attacks.pgd import ATTACK_VARIANTS, EVAL_PGD_STEPS, L2_EPS, eps_from_255
+from ntk_evolution.data import DATASETS
+from ntk_evolution.kernels.regression import KERNELS
+from ntk_evolution.models import MODELS
+from ntk_evolution.utils import UserError, user_cache_dir
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "cifar10"

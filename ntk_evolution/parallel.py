@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from utils import UserError, to_host
+from ntk_evolution.utils import UserError, to_host
 
 AXIS = "batch"
 

@@ -24,7 +24,7 @@ import socket
 import sys
 from collections.abc import Iterator, Sequence
 
-from utils import UserError
+from ntk_evolution.utils import UserError
 
 LOCK_FILE = ".run_exp.lock"
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)

@@ -20,11 +20,11 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from data import iterate_batches, num_batches
-from ntk_evolution.attacks import pgd_linf_train
+from ntk_evolution.attacks.pgd import pgd_linf_train
+from ntk_evolution.data import iterate_batches, num_batches
 from ntk_evolution.dynamics import Dynamics, forward, loss_fn
 from ntk_evolution.parallel import replicate, shard_batch
-from utils import UserError, progress_bar, write_csv
+from ntk_evolution.utils import UserError, progress_bar, write_csv
 
 MOMENTUM = 0.9
 

@@ -32,18 +32,7 @@ import numpy as np
 
 import train_rnn
 from extract_automata import MAX_DRAWN_STATES
-from ntk_evolution.automata import (
-    TOMITA,
-    counterexample,
-    minimize,
-    paper_balanced,
-    paper_test,
-    tomita_dfa,
-    trim,
-)
-from ntk_evolution.automata_plots import plot_dfa, plot_method_bars, plot_study_curves
-from ntk_evolution.cli import Parser, positive_int
-from ntk_evolution.extraction import (
+from ntk_evolution.automata.extraction import (
     THRESHOLD_GRID,
     cosine_similarities,
     cross_validate,
@@ -54,9 +43,20 @@ from ntk_evolution.extraction import (
     similarity_merge,
     word_accuracy,
 )
-from ntk_evolution.reports import table
-from ntk_evolution.rnn import rnn_oracle
-from utils import atomic_file, load_pickle, run_main, write_json
+from ntk_evolution.automata.languages import (
+    TOMITA,
+    counterexample,
+    minimize,
+    paper_balanced,
+    paper_test,
+    tomita_dfa,
+    trim,
+)
+from ntk_evolution.automata.plots import plot_dfa, plot_method_bars, plot_study_curves
+from ntk_evolution.automata.rnn import rnn_oracle
+from ntk_evolution.cli import Parser, positive_int
+from ntk_evolution.study.reports import table
+from ntk_evolution.utils import atomic_file, load_pickle, run_main, write_json
 
 QUICK_TRAINING = "--n_train 3000 --train_length 50 --n_dev 500 --dev_length 100 --max_epochs 12"
 # the authors' train_rnn.py sizes

@@ -16,8 +16,8 @@ import argparse
 import os
 
 from ntk_evolution.cli import Parser
-from ntk_evolution.plots import plot_cka_panels
-from utils import UserError, load_pickle, run_main
+from ntk_evolution.similarity.plots import plot_cka_panels
+from ntk_evolution.utils import UserError, load_pickle, run_main
 
 FILES = ("cka.pkl", "cka_adv_model.pkl", "cka_cross_model.pkl")
 TITLES = ("NonRobust-NonRobust", "Robust-Robust", "NonRobust-Robust")

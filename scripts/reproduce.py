@@ -56,12 +56,12 @@ import eigen_features
 import eval_and_make_adv
 import ntk_attack
 import run_exp
-from ntk_evolution import intervals
-from ntk_evolution.checkpoints import format_epoch, load_kernel
 from ntk_evolution.cli import Parser, check_out_dir, finite_float, non_negative_int, positive_int
-from ntk_evolution.kernel_analysis import kernel_distance
-from ntk_evolution.reports import call, open_log
-from ntk_evolution.reproduction import (
+from ntk_evolution.io.checkpoints import format_epoch, load_kernel
+from ntk_evolution.kernels.analysis import kernel_distance
+from ntk_evolution.study import intervals
+from ntk_evolution.study.reports import call, open_log
+from ntk_evolution.study.reproduction import (
     KINDS,
     aggregate,
     draw,
@@ -74,7 +74,7 @@ from ntk_evolution.reproduction import (
     write_figures_table,
     write_report,
 )
-from utils import UserError, atomic_file, run_main
+from ntk_evolution.utils import UserError, atomic_file, run_main
 
 SETTINGS_FILE = "settings.json"
 FIGURES_FILE = "figures.json"  # a seed's figures, written last: it marks a finished seed

@@ -35,10 +35,10 @@ import eval_and_make_adv
 import ntk_attack
 import robustify_dataset
 import run_exp
+from ntk_evolution.attacks.plots import plot_attack_table
 from ntk_evolution.cli import Parser
-from ntk_evolution.plots import plot_attack_table
-from ntk_evolution.reports import call, open_log, table
-from utils import save_pickle
+from ntk_evolution.study.reports import call, open_log, table
+from ntk_evolution.utils import save_pickle
 
 COLUMNS = ("clean", "PGD-CE", "PGD-CE xR", "PGD-margin xR", "transfer", "AutoAttack", "worst case")
 

@@ -16,7 +16,7 @@ import ntk_attack
 import robustify_dataset
 import run_exp
 import visualize_ntk_features
-from models import get_model, init_model
+from ntk_evolution.models import get_model, init_model
 
 # the nine NTK/CKA entry scripts' main(argv), by module name
 SCRIPTS = {

@@ -11,16 +11,21 @@ import sys
 import jax
 import numpy as np
 
-from data import load_dataset
-from models import get_model, init_model
-from ntk_evolution.attacks import attack_settings
-from ntk_evolution.autoattack import AUTOATTACK
+from ntk_evolution.attacks.autoattack import AUTOATTACK
+from ntk_evolution.attacks.evaluation import (
+    evaluate,
+    make_attack_fn,
+    make_autoattack_fns,
+    make_logits_fn,
+)
+from ntk_evolution.attacks.pgd import attack_settings
+from ntk_evolution.data import load_dataset
 from ntk_evolution.dynamics import PHASE1
-from ntk_evolution.evaluation import evaluate, make_attack_fn, make_autoattack_fns, make_logits_fn
-from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.kernels.ntk import empirical_ntk
+from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import initialize, replicate, shard_batch
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
-from utils import UserError, is_writer, to_host
+from ntk_evolution.utils import UserError, is_writer, to_host
 
 EPS = 32 / 255
 

@@ -21,9 +21,9 @@ import cka
 import eigen_features
 import eval_and_make_adv
 import ntk_attack
-from data import load_dataset
-from ntk_evolution.checkpoints import load_kernel, save_checkpoint
-from ntk_evolution.kernel_analysis import (
+from ntk_evolution.data import load_dataset
+from ntk_evolution.io.checkpoints import load_kernel, save_checkpoint
+from ntk_evolution.kernels.analysis import (
     centered_alignment,
     distance_matrix,
     eigenspace_part,
@@ -34,7 +34,9 @@ from ntk_evolution.kernel_analysis import (
     squared_mass,
     target_matrix,
 )
-from ntk_evolution.kernel_regression import (
+from ntk_evolution.kernels.ntk import empirical_ntk, kernel_features, kernel_times
+from ntk_evolution.kernels.predictors import evaluate_predictor
+from ntk_evolution.kernels.regression import (
     RELU_B_STD,
     RELU_W_STD,
     component_factors,
@@ -44,9 +46,7 @@ from ntk_evolution.kernel_regression import (
     relu_ntk,
     relu_support_kernel,
 )
-from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times
-from ntk_evolution.predictors import evaluate_predictor
-from ntk_evolution.similarity import (
+from ntk_evolution.similarity.cka import (
     MinibatchCKA,
     cka_matrix,
     gram,
@@ -55,8 +55,8 @@ from ntk_evolution.similarity import (
     unbiased_hsic,
     unbiased_hsic_matrix,
 )
-from ntk_evolution.similarity import cka as cka_value
-from utils import UserError, load_pickle
+from ntk_evolution.similarity.cka import cka as cka_value
+from ntk_evolution.utils import UserError, load_pickle
 
 # ----------------------------------------------------------------------------- kernels
 
@@ -130,7 +130,7 @@ def test_eigen_components_sum_to_kernel_regression_predictor():
 
 
 def test_attack_on_kernel_predictor_stays_in_ball_and_lowers_accuracy():
-    from data import load_dataset
+    from ntk_evolution.data import load_dataset
 
     ds = load_dataset("digits")
     support = relu_support_kernel(ds.x_train[:200], ds.y_train[:200], np.arange(200), depth=2)
@@ -158,7 +158,7 @@ def test_component_input_gradients_match_finite_differences(tmp_path):
     """eigen_features.component_gradients: d F_i(z)_y / dz of a single eigen-component's
     predictor against central differences of F_i along random directions; and the script's
     --components range (the bottom 3) and its gradient outputs."""
-    from data import load_dataset
+    from ntk_evolution.data import load_dataset
 
     ds = load_dataset("digits")
     support = relu_support_kernel(ds.x_train[:40], ds.y_train[:40], np.arange(40), depth=2)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from helpers import small_model
 
-from data import load_dataset
-from ntk_evolution.attacks import attack_settings, pgd
+from ntk_evolution.attacks.evaluation import evaluate, make_attack_fn
+from ntk_evolution.attacks.pgd import attack_settings, pgd
+from ntk_evolution.data import load_dataset
 from ntk_evolution.dynamics import PHASE1, Dynamics
-from ntk_evolution.evaluation import evaluate, make_attack_fn
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
 
 EPS = 32 / 255
@@ -91,7 +91,7 @@ def test_pgd_increases_the_loss_of_a_linear_classifier():
 def test_fgsm_and_pgd_without_random_start_follow_their_definitions(norm):
     """variant_schedule: FGSM is x + eps sign(grad) (L2: x + eps grad / |grad|_2), clipped to
     [0, 1]; PGD without a random start does not depend on the key; PGD with one does."""
-    from ntk_evolution.attacks import variant_schedule
+    from ntk_evolution.attacks.pgd import variant_schedule
 
     rng = np.random.default_rng(1)
     weights = jnp.asarray(rng.normal(size=(12, 3)), jnp.float32)

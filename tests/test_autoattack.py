@@ -13,7 +13,7 @@ import pytest
 from helpers import random_images
 from scipy.optimize import linprog
 
-from ntk_evolution.autoattack import (
+from ntk_evolution.attacks.autoattack import (
     ATTACK_FNS,
     AUTOATTACK,
     AUTOATTACK_FNS,
@@ -24,7 +24,7 @@ from ntk_evolution.autoattack import (
     fab,
     min_norm_to_hyperplane,
 )
-from ntk_evolution.evaluation import (
+from ntk_evolution.attacks.evaluation import (
     Tally,
     _output_checks,
     masking_warnings,

@@ -13,7 +13,18 @@ import sys
 import numpy as np
 import pytest
 
-from ntk_evolution.automata import (
+from ntk_evolution.automata.extraction import (
+    THRESHOLD_GRID,
+    cosine_similarities,
+    cross_validate,
+    gold_labels,
+    kmeans_extract,
+    prefix_accuracy,
+    prefix_tree,
+    rpni,
+    similarity_merge,
+)
+from ntk_evolution.automata.languages import (
     DFA,
     TOMITA,
     all_strings,
@@ -25,17 +36,6 @@ from ntk_evolution.automata import (
     sample_positive,
     tomita_dfa,
     trim,
-)
-from ntk_evolution.extraction import (
-    THRESHOLD_GRID,
-    cosine_similarities,
-    cross_validate,
-    gold_labels,
-    kmeans_extract,
-    prefix_accuracy,
-    prefix_tree,
-    rpni,
-    similarity_merge,
 )
 
 SHORT = [s for n in range(13) for s in all_strings(n)]
@@ -255,7 +255,7 @@ def test_elman_tagger_is_torch_rnn_with_its_weights():
     import jax
     import torch
 
-    from ntk_evolution.rnn import BOS, make_rnn, prefix_outputs
+    from ntk_evolution.automata.rnn import BOS, make_rnn, prefix_outputs
 
     torch.manual_seed(0)
     embed, rnn = torch.nn.Embedding(3, 10), torch.nn.RNN(10, 100, batch_first=True)
@@ -285,7 +285,7 @@ def test_rnn_prefix_outputs_are_the_outputs_on_each_prefix():
     cell, with embeddings (the paper's tagger) and one-hot (earlier checkpoints)."""
     import jax
 
-    from ntk_evolution.rnn import encode, make_rnn, prefix_outputs
+    from ntk_evolution.automata.rnn import encode, make_rnn, prefix_outputs
 
     for cell in ("vanilla", "gru", "lstm"):
         for embed in (0, 4):
@@ -316,7 +316,7 @@ def small_data(language: int, n: int = 64, length: int = 12, seed: int = 0):
 def test_training_keeps_the_authors_best_epoch_and_stops_early():
     """stop_threshold 0 stops at the first epoch without a new best; the parameters returned
     are those of kept_epoch (their accuracy is the history's), and on_epoch sees epoch 0."""
-    from ntk_evolution.rnn import prefix_outputs, train
+    from ntk_evolution.automata.rnn import prefix_outputs, train
 
     data = small_data(2)
     seen = []
@@ -337,7 +337,7 @@ def test_training_keeps_the_authors_best_epoch_and_stops_early():
 def test_training_restarts_from_fresh_initialisations_until_one_converges():
     """One epoch is too few for Tomita 5: each try is logged, the next seed is seed + 100,
     and the best try comes back."""
-    from ntk_evolution.rnn import train_with_restarts
+    from ntk_evolution.automata.rnn import train_with_restarts
 
     messages = []
     _, history, seed = train_with_restarts(
@@ -373,7 +373,7 @@ def test_train_and_extract_scripts_give_the_true_dfa(tomita4_run, tmp_path):
     checkpoint extract_automata.py reads, and the default extraction written as JSON is the
     true DFA; every method and option writes an automaton that reads back."""
     import extract_automata
-    from utils import load_pickle
+    from ntk_evolution.utils import load_pickle
 
     run, record = tomita4_run
     meta = record["meta"]
@@ -410,7 +410,7 @@ def test_train_and_extract_scripts_give_the_true_dfa(tomita4_run, tmp_path):
 
 
 def one_line_error(main, argv, capsys) -> str:
-    from utils import run_main
+    from ntk_evolution.utils import run_main
 
     with pytest.raises(SystemExit) as exit_info:
         run_main(main, argv)
@@ -422,7 +422,7 @@ def one_line_error(main, argv, capsys) -> str:
 
 def test_extract_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys):
     import extract_automata
-    from utils import save_pickle
+    from ntk_evolution.utils import save_pickle
 
     save_pickle({"params": {}}, str(tmp_path / "other.pkl"))
     save_pickle({"params": {}, "meta": {"kind": "tomita_rnn"}}, str(tmp_path / "rnn.pkl"))
@@ -529,7 +529,7 @@ def test_train_without_save_all_logs_every_epoch_and_keeps_other_files(tmp_path,
     """Without --save_all: one checkpoint, each epoch's line printed, and epoch files of an
     earlier --save_all run in the folder left alone."""
     import train_rnn
-    from utils import load_pickle
+    from ntk_evolution.utils import load_pickle
 
     (tmp_path / "parameters_epoch7.pkl").write_bytes(b"earlier run")
     argv = ["--language", "1", "--save_path", str(tmp_path), "--n_train", "64",

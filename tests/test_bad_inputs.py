@@ -24,7 +24,7 @@ from helpers import SCRIPTS
 import calculate_kernel
 import eval_and_make_adv
 import run_exp
-from utils import load_pickle, run_main, save_pickle
+from ntk_evolution.utils import load_pickle, run_main, save_pickle
 
 DIGITS = "--dataset digits --model cnn_small"
 RUN_FLAGS = f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --random_seed 4"
@@ -365,7 +365,7 @@ def test_a_schema_error_names_the_file_the_problem_and_what_to_do(files, capsys)
 
 
 def test_outputs_with_nan_are_refused_before_writing(tmp_path):
-    from utils import UserError, write_json
+    from ntk_evolution.utils import UserError, write_json
 
     with pytest.raises(UserError, match=r"not writing .*\['kernel'\] has 1 NaN"):
         save_pickle({"kernel": np.array([[1.0, np.nan]])}, str(tmp_path / "k.pkl"))

@@ -22,8 +22,8 @@ import robustify_dataset
 import run_exp
 import visualize_ntk_features
 from ntk_evolution import __version__
-from ntk_evolution.checkpoints import load_checkpoint, load_model
-from utils import load_pickle, save_pickle
+from ntk_evolution.io.checkpoints import load_checkpoint, load_model
+from ntk_evolution.utils import load_pickle, save_pickle
 
 SCRIPTS = (
     run_exp,
@@ -117,7 +117,7 @@ def test_later_scripts_need_no_model_or_dataset(run_dir, tmp_path):
 
 
 def test_a_flag_that_contradicts_the_meta_is_refused(run_dir):
-    from utils import UserError
+    from ntk_evolution.utils import UserError
 
     ckpt = os.path.join(run_dir, "parameters_final.pkl")
     with pytest.raises(UserError, match="--dataset digits"):
@@ -154,7 +154,7 @@ def test_help_shows_defaults_and_every_flag_has_help(script, capsys):
 def test_eval_with_fgsm_moves_every_free_pixel_by_eps(run_dir, capsys):
     """eval_and_make_adv.py --attack_variant fgsm: one signed-gradient step of eps from each
     test image, named FGSM in the output."""
-    from data import load_dataset
+    from ntk_evolution.data import load_dataset
 
     ckpt = os.path.join(run_dir, "parameters_final.pkl")
     eval_and_make_adv.main(

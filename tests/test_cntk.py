@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from data import load_dataset
-from ntk_evolution import kernel_regression
-from ntk_evolution.kernel_regression import cntk, cntk_blocked, cntk_network
-from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.data import load_dataset
+from ntk_evolution.kernels import regression as kernel_regression
+from ntk_evolution.kernels.ntk import empirical_ntk
+from ntk_evolution.kernels.regression import cntk, cntk_blocked, cntk_network
 
 
 def test_cntk_is_the_limit_of_the_empirical_ntk_as_width_grows():

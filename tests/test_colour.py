@@ -24,10 +24,10 @@ import pytest
 from conftest import write_cifar10_fixture
 from helpers import SCRIPTS
 
-from data import Dataset, load_dataset
-from ntk_evolution.checkpoints import load_examples, load_kernel, load_model
-from ntk_evolution.schemas import check_results, check_resume_state
-from utils import load_pickle
+from ntk_evolution.data import Dataset, load_dataset
+from ntk_evolution.io.checkpoints import load_examples, load_kernel, load_model
+from ntk_evolution.io.schemas import check_results, check_resume_state
+from ntk_evolution.utils import load_pickle
 
 pytestmark = pytest.mark.slow
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import write_cifar10_fixture
 
-from data import class_balanced_subset, iterate_batches, load_dataset, padded_batches
-from models import MODELS, get_model, init_model
-from utils import UserError
+from ntk_evolution.data import class_balanced_subset, iterate_batches, load_dataset, padded_batches
+from ntk_evolution.models import MODELS, get_model, init_model
+from ntk_evolution.utils import UserError
 
 
 def test_digits_native_size_fixed_stratified_split():
@@ -26,7 +26,7 @@ def test_digits_native_size_fixed_stratified_split():
 
 
 def test_digits_split_is_kept_in_the_cache_and_matches_scikit_learn(tmp_path, monkeypatch):
-    import data
+    from ntk_evolution import data
 
     monkeypatch.setenv("NTK_CACHE_DIR", str(tmp_path))
     fresh = data._split_digits()  # scikit-learn's split, computed here
@@ -132,7 +132,7 @@ def test_inference_mode_at_initialisation_is_finite(name):
 def test_conv_as_matmul_is_the_convolution_and_keeps_hk_conv2d_parameters(kernel, stride):
     import haiku as hk
 
-    import models
+    from ntk_evolution import models
 
     def forward(x, impl):
         models.CONV_IMPL = impl

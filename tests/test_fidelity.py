@@ -16,11 +16,11 @@ from helpers import random_images, small_model
 import calculate_kernel
 import eval_and_make_adv
 import run_exp
-from data import class_balanced_subset, load_dataset
-from models import get_model, init_model
 from ntk_evolution import training
-from ntk_evolution.attacks import _random_start, pgd
+from ntk_evolution.attacks.pgd import _random_start, pgd
+from ntk_evolution.data import class_balanced_subset, load_dataset
 from ntk_evolution.dynamics import PHASE1, Dynamics
+from ntk_evolution.models import get_model, init_model
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step
 
 DIGITS = "--dataset digits --model cnn_small --eps 32 --n_test 50"

@@ -16,7 +16,7 @@ import pytest
 from array_layouts import PROTOCOLS, layouts
 from conftest import ROOT
 
-from utils import UserError, load_pickle, save_pickle
+from ntk_evolution.utils import UserError, load_pickle, save_pickle
 
 NUMPY1 = os.path.join(ROOT, "tests", "numpy1_pickles")
 LAYOUTS = layouts()

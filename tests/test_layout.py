@@ -1,10 +1,14 @@
-"""The code's layout: no file edits sys.path (the package and the root modules are installed),
-and the package's import graph has no cycle."""
+"""The code's layout: one subpackage per system, a package that imports nothing from the
+repository root, root modules that are the original's names for the package's, no file that edits
+sys.path, and an import graph with no cycle."""
 
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
+import tomllib
 
 from conftest import ROOT
 
@@ -54,8 +58,8 @@ def test_no_file_edits_sys_path():
     assert found == []
 
 
-def package_imports() -> dict[str, set[str]]:
-    """Each module of ntk_evolution and the package modules it imports."""
+def all_package_imports() -> dict[str, set[str]]:
+    """Each module of ntk_evolution and every module it imports."""
     package = os.path.join(ROOT, "ntk_evolution")
     graph = {}
     for folder, _, files in os.walk(package):
@@ -80,6 +84,12 @@ def package_imports() -> dict[str, set[str]]:
                     imported.add(base)
                     imported |= {f"{base}.{a.name}" for a in node.names}
             graph[module] = imported
+    return graph
+
+
+def package_imports() -> dict[str, set[str]]:
+    """Each module of ntk_evolution and the package modules it imports."""
+    graph = all_package_imports()
     return {m: {i for i in deps if i in graph and i != m} for m, deps in graph.items()}
 
 
@@ -111,7 +121,56 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_package_import_graph_has_no_cycle():
     graph = package_imports()
-    assert "ntk_evolution.ntk" in graph and graph["ntk_evolution.ntk"]
+    assert "ntk_evolution.kernels.ntk" in graph and graph["ntk_evolution.kernels.ntk"]
     # the package __init__ re-exports nothing that imports back into it
     graph = {m: deps - {"ntk_evolution"} for m, deps in graph.items() if m != "ntk_evolution"}
     assert cycle_in(graph) is None
+
+
+SYSTEMS = ("attacks", "kernels", "similarity", "automata", "io", "study")
+
+
+def test_each_system_is_a_subpackage_with_its_figures():
+    graph = package_imports()
+    for system in SYSTEMS:
+        assert f"ntk_evolution.{system}" in graph, system
+        members = [m for m in graph if m.startswith(f"ntk_evolution.{system}.")]
+        assert len(members) >= 2, (system, members)
+    for system in ("attacks", "kernels", "similarity", "automata", "study"):
+        assert f"ntk_evolution.{system}.plots" in graph
+        # every figure is saved through the one save_figure
+        assert "ntk_evolution.figures" in graph[f"ntk_evolution.{system}.plots"], system
+    core = [m for m in graph if m.count(".") == 1 and m.split(".")[1] not in SYSTEMS]
+    assert len(core) <= 10, core  # a small core: models, data, dynamics, training, ...
+
+
+def test_the_package_imports_nothing_from_the_root():
+    root_modules = {
+        name[:-3] for name in os.listdir(ROOT) if name.endswith(".py") and name != "setup.py"
+    }
+    assert {"models", "data", "utils", "run_exp"} <= root_modules
+    found = {
+        module: sorted(imported & root_modules)
+        for module, imported in all_package_imports().items()
+        if imported & root_modules
+    }
+    assert found == {}
+
+
+def test_no_generic_top_level_module_is_installed():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        installed = tomllib.load(f)["tool"]["setuptools"].get("py-modules", [])
+    assert not {"models", "data", "utils"} & set(installed)
+
+
+def test_the_root_modules_are_the_packages_under_the_originals_names():
+    code = (
+        "import models, data, utils\n"
+        "import ntk_evolution.models as m, ntk_evolution.data as d, ntk_evolution.utils as u\n"
+        "assert models.get_model is m.get_model and models.MODELS is m.MODELS\n"
+        "assert data.load_dataset is d.load_dataset and data.SHAPES is d.SHAPES\n"
+        "assert utils.UserError is u.UserError and utils.save_pickle is u.save_pickle\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.stdout.strip() == "ok", done.stderr

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from helpers import explicit_ntk, random_images, small_model, warm_bn_state
 
-from ntk_evolution.ntk import empirical_ntk
+from ntk_evolution.kernels.ntk import empirical_ntk
 
 
 @pytest.fixture(scope="module", params=["mlp_skinny", "cnn_small"])
@@ -80,7 +80,7 @@ def test_averaged_kernel_in_passes_over_groups_of_logits(setup):
     all 4: the averaged kernel is the weighted sum of passes over groups of logits, each keeping
     its column chunks (and, tighter still, one logit per pass with columns recomputed). Each is
     still the mean over logits of J_k J_k^T, square and cross."""
-    from ntk_evolution import ntk
+    from ntk_evolution.kernels import ntk
 
     model, params, net_state, x1, x2 = setup
     square_ref = explicit_ntk(model, params, net_state, x1, x1, -1)
@@ -126,7 +126,7 @@ def test_kernel_is_symmetric_positive_semidefinite(setup):
 
 
 def test_chunk_plan_respects_the_memory_budget():
-    from ntk_evolution.ntk import plan_chunks
+    from ntk_evolution.kernels.ntk import plan_chunks
 
     gb = 2**30
     # all 500 column Jacobians (1 MB each) fit in half of 4 GB: cached, big chunks
@@ -146,7 +146,7 @@ def test_accelerator_contraction_matches_the_cpu_blas_path(setup):
     including single-row chunks."""
     import jax
 
-    from ntk_evolution.ntk import _gram_host, contract, make_jacobian_fn
+    from ntk_evolution.kernels.ntk import _gram_host, contract, make_jacobian_fn
 
     model, params, net_state, x1, x2 = setup
     jacobian_fn = make_jacobian_fn(model, -1)
@@ -169,7 +169,7 @@ def conv_setup():
 def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, monkeypatch):
     """Every convolution through its factors (patches and output gradients), in row slices of
     the factor products (a tiny FACTOR_BLOCK) and odd chunks: still J J^T."""
-    from ntk_evolution import ntk
+    from ntk_evolution.kernels import ntk
 
     model, params, net_state, x1, x2 = conv_setup
     monkeypatch.setattr(ntk, "FACTOR_BLOCK", 200)
@@ -193,7 +193,7 @@ def test_factored_convolutions_match_explicit_jacobian(conv_setup, class_index, 
 def test_factored_convolutions_in_the_full_kernel(conv_setup, monkeypatch):
     """Every convolution through its factors, every pair of logits, row-sliced factor products
     and odd chunks: still J_k J_l^T; and the XLA contraction agrees with the host's."""
-    from ntk_evolution import ntk
+    from ntk_evolution.kernels import ntk
 
     model, params, net_state, x1, x2 = conv_setup
     monkeypatch.setattr(ntk, "FACTOR_BLOCK", 2000)
@@ -215,7 +215,7 @@ def test_factored_convolutions_in_the_full_kernel(conv_setup, monkeypatch):
 @pytest.mark.slow
 def test_factored_contraction_on_accelerators_matches_the_host(conv_setup):
     """contract_factors() (XLA, used off the CPU) agrees with _factor_gram_host() (BLAS)."""
-    from ntk_evolution import ntk
+    from ntk_evolution.kernels import ntk
 
     model, params, net_state, x1, x2 = conv_setup
     layers = ntk.conv_layers(model, params, net_state, x1.shape[1:])
@@ -233,7 +233,7 @@ def test_auto_factors_only_where_cheaper():
     """ResNet-18 on 32x32: "auto" factors the 4x4 last stage (most parameters), where S^2 (D + C)
     < D C; cnn_small on 8x8 digits: its last, 2x2 convolution only. The plan's memory per image
     follows."""
-    from ntk_evolution import ntk
+    from ntk_evolution.kernels import ntk
 
     model, params, net_state = small_model("resnet18", 10, image_shape=(32, 32, 3))
     x = random_images(2, image_shape=(32, 32, 3))

@@ -17,9 +17,9 @@ import calculate_kernel
 import eval_and_make_adv
 import run_exp
 import visualize_ntk_features
-from ntk_evolution.checkpoints import load_examples, load_kernel, load_model
-from ntk_evolution.schemas import check_results
-from utils import load_pickle
+from ntk_evolution.io.checkpoints import load_examples, load_kernel, load_model
+from ntk_evolution.io.schemas import check_results
+from ntk_evolution.utils import load_pickle
 
 SCRIPTS = {
     "run_exp.py": run_exp.main,
@@ -134,7 +134,7 @@ def _leaves(tree):
 
 @pytest.mark.slow
 def test_readme_examples_on_digits(tmp_path, monkeypatch):
-    from data import load_dataset
+    from ntk_evolution.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
     small = "--dataset digits --model cnn_small --n_test 100"
@@ -181,7 +181,7 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     """The six examples chained on colour images (3 x 32 x 32) with cnn_small, every output read
     back with the project's loaders, then example 5's examples evaluated on the phase-1 network
     with --test_path (the transfer the original's users run; its file was once unreadable)."""
-    from data import load_dataset
+    from ntk_evolution.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data", n_train=300, n_test=100)

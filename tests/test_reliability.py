@@ -24,7 +24,7 @@ import run_exp
 import visualize_ntk_features
 from ntk_evolution import run_lock
 from ntk_evolution.run_lock import LOCK_FILE
-from utils import UserError, load_pickle, run_main, save_pickle
+from ntk_evolution.utils import UserError, load_pickle, run_main, save_pickle
 
 DIGITS = "--dataset digits --model cnn_small"
 
@@ -89,7 +89,7 @@ def test_everything_we_write_loads_safely(tmp_path):
 SLOW_WRITER = """
 import os, time
 import numpy as np
-import utils
+from ntk_evolution import utils
 real_fsync = os.fsync
 def slow_fsync(fd):
     print("writing", flush=True)

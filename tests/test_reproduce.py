@@ -19,8 +19,8 @@ import pytest
 from conftest import ROOT, write_cifar10_fixture
 from scipy import stats
 
-from ntk_evolution import intervals
-from ntk_evolution.reproduction import aggregate, claim_effects, draw, flatten, write_report
+from ntk_evolution.study import intervals
+from ntk_evolution.study.reproduction import aggregate, claim_effects, draw, flatten, write_report
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce.py")
 TINY = (

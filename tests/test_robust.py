@@ -17,15 +17,16 @@ from conftest import ROOT
 from helpers import small_model
 
 import eval_and_make_adv
-from data import load_dataset
-from ntk_evolution.attacks import margin, pgd_restarts
-from ntk_evolution.kernel_regression import (
+from ntk_evolution.attacks.pgd import margin, pgd_restarts
+from ntk_evolution.data import load_dataset
+from ntk_evolution.kernels.regression import (
     jacobian_kernel_fn,
     kernel_predictor,
     one_hot,
     regression_coefficients,
     relu_ntk,
 )
+from ntk_evolution.utils import UserError, load_pickle
 from robustify_dataset import (
     HISTORY_KEYS,
     adversarial_objective,
@@ -33,7 +34,6 @@ from robustify_dataset import (
     robust_loss,
     robustify,
 )
-from utils import UserError, load_pickle
 
 EPS = 32 / 255
 

@@ -1,4 +1,4 @@
-"""PyTorch networks for CKA (ntk_evolution/torch_models.py): checkpoints in the CKA project's
+"""PyTorch networks for CKA (ntk_evolution/similarity/torch_models.py): checkpoints in the CKA project's
 format, layer features by forward hooks, and torchattacks' PGD in its eps-balls."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import load_dataset
-from ntk_evolution.torch_models import (
+from ntk_evolution.data import load_dataset
+from ntk_evolution.similarity.torch_models import (
     LAYER_TYPES,
     TORCH_MODELS,
     layer_features,
@@ -18,7 +18,7 @@ from ntk_evolution.torch_models import (
     load_torch_model,
     pgd_examples,
 )
-from utils import UserError
+from ntk_evolution.utils import UserError
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_the_cka_projects_commands_run_as_written_and_match_an_independent_cka(
     from conftest import write_cifar10_fixture
 
     import cka
-    from ntk_evolution.similarity import cka_matrix, gram
+    from ntk_evolution.similarity.cka import cka_matrix, gram
 
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data")  # the default --data_root
@@ -246,8 +246,8 @@ def test_robustbench_models_are_read_offline_by_robustbench_and_compared_by_cka(
     from conftest import write_cifar10_fixture
 
     import cka
-    from ntk_evolution.similarity import cka_matrix, gram
-    from ntk_evolution.torch_models import import_robustbench, load_robustbench_model
+    from ntk_evolution.similarity.cka import cka_matrix, gram
+    from ntk_evolution.similarity.torch_models import import_robustbench, load_robustbench_model
 
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data")

@@ -14,8 +14,9 @@ from conftest import ROOT
 
 import calculate_kernel
 import eval_and_make_adv
-import utils
-from ntk_evolution import plots
+from ntk_evolution import figures, utils
+from ntk_evolution.kernels import plots as kernel_plots
+from ntk_evolution.similarity import plots as cka_plots
 from ntk_evolution.training import METRICS_FIELDS, TrainingLog
 
 
@@ -70,7 +71,7 @@ def test_metrics_log_keeps_rows_up_to_the_resume_point(tmp_path):
     assert [r["wall_time_s"] for r in rows] == [2.0, 4.0, 6.0]  # cumulative across the resume
     with open(path) as f:
         assert f.readline().strip() == ",".join(METRICS_FIELDS)
-    plots.plot_training_curves(log.numeric(), "test run", str(tmp_path / "curves.png"))
+    figures.plot_training_curves(log.numeric(), "test run", str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
@@ -105,15 +106,15 @@ def test_kernel_title_and_class_ticks(tmp_path):
         "dataset": "digits",
         "class_index": 0,
     }
-    title = plots.kernel_title(record)
+    title = kernel_plots.kernel_title(record)
     for part in ("phase1_benign", "epoch 5", "cnn_small", "digits", "N = 6", "logit 0"):
         assert part in title
     labels = np.array([2, 0, 1, 0, 2, 1])
-    fig, ax = plots.plt.subplots()
-    plots._kernel_heatmap(ax, np.eye(6), labels)
+    fig, ax = figures.plt.subplots()
+    kernel_plots._kernel_heatmap(ax, np.eye(6), labels)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "2"]
     assert ax.get_xlabel() and ax.get_ylabel()
-    plots.plt.close(fig)
-    assert plots.short_layer_name(3, "resnet18/~/stage1_block0/~/relu_1") == (
+    figures.plt.close(fig)
+    assert cka_plots.short_layer_name(3, "resnet18/~/stage1_block0/~/relu_1") == (
         "3: stage1_block0/relu_1"
     )

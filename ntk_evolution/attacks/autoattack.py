@@ -44,8 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from models import use_conv_impl
-from ntk_evolution.attacks import _per_example_norm, margin, project
+from ntk_evolution.attacks.pgd import _per_example_norm, margin, project
+from ntk_evolution.models import use_conv_impl
 
 AUTOATTACK = ("apgd_ce", "apgd_t", "fab_t", "square")
 GRADIENT_FREE = ("square",)

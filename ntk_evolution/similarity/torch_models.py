@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils import UserError
+from ntk_evolution.utils import UserError
 
 # the module kinds whose outputs are layers for `--model0_layers all`: the CKA project's list
 # (its pooling is average pooling; a max-pooling module is named to be included)

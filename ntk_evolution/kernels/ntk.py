@@ -35,9 +35,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from models import Conv, conv_patches, use_conv_impl
+from ntk_evolution.models import Conv, conv_patches, use_conv_impl
 from ntk_evolution.parallel import AXIS, mesh, padded_size, replicate, shard_batch
-from utils import progress_bar, to_host, tree_size
+from ntk_evolution.utils import progress_bar, to_host, tree_size
 
 
 class ConvLayer(NamedTuple):

@@ -20,9 +20,9 @@ import haiku as hk
 import jax
 import numpy as np
 
-from data import padded_batches
-from models import ReLU
-from ntk_evolution.kernel_analysis import center
+from ntk_evolution.data import padded_batches
+from ntk_evolution.kernels.analysis import center
+from ntk_evolution.models import ReLU
 
 ESTIMATORS = ("linear", "debiased")
 

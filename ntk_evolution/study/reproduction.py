@@ -17,15 +17,15 @@ import os
 
 import numpy as np
 
-from ntk_evolution import intervals
-from ntk_evolution.reports import table
-from ntk_evolution.study_plots import (
+from ntk_evolution.study import intervals
+from ntk_evolution.study.plots import (
     plot_claims,
     plot_eigen_over_seeds,
     plot_evolution_over_seeds,
     plot_robustness_over_seeds,
 )
-from utils import atomic_file
+from ntk_evolution.study.reports import table
+from ntk_evolution.utils import atomic_file
 
 KINDS = (("benign", "C"), ("adversarial", "A"))
 EVOLUTION_KEYS = ("distance_to_first", "distance_to_last", "velocity", "alignment", "energy_top10")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ntk_evolution.automata import ALPHABET, DFA, prefix_labels
+from ntk_evolution.automata.languages import ALPHABET, DFA, prefix_labels
 
 Oracle = Callable[[Sequence[str]], list[tuple[np.ndarray, np.ndarray]]]
 METHODS = ("similarity", "kmeans", "rpni")

@@ -1,33 +1,15 @@
-"""Pictures written next to the pickles (PNG, no screen needed)."""
+"""Figures of the kernel work: kernels as heatmaps, their evolution and spectra, NTK
+eigen-features and their gradients, robustified support images."""
 
 from __future__ import annotations
 
 import os
 
-import matplotlib
+import matplotlib.colors
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ntk_evolution.attacks import VARIANT_NAMES  # noqa: E402
-from utils import atomic_file, is_writer  # noqa: E402
-
-
-def save_figure(fig, path: str) -> None:
-    """Save atomically: render to a temporary file in the same folder, then rename (process 0
-    only, when there are several)."""
-    if not is_writer():
-        plt.close(fig)
-        return
-    try:
-        with atomic_file(path) as f:
-            fig.savefig(f, dpi=120, bbox_inches="tight", format="png")
-    finally:
-        plt.close(fig)
-
-
-_save = save_figure  # the name this module's figures use
+from ntk_evolution.attacks.pgd import VARIANT_NAMES
+from ntk_evolution.figures import epoch_axis, image_rows, plt, save_figure, show_image
 
 
 def kernel_title(record: dict) -> str:
@@ -98,7 +80,7 @@ def plot_kernel(kernel: np.ndarray, labels: np.ndarray, title: str, path: str) -
     ax_s.set_title("eigen-spectrum", fontsize=10)
     ax_s.grid(True, which="both", alpha=0.3)
     fig.suptitle(title, fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 KERNEL_GRID_COLUMNS = 10  # at most this many epochs per run in kernel_grid.png
@@ -134,54 +116,7 @@ def plot_kernel_grid(
                 ax.set_ylabel(run, fontsize=9)
         fig.colorbar(image, ax=axes[r, :].tolist(), fraction=0.02, pad=0.01, label="K(x, x')")
     fig.suptitle(title, fontsize=11)
-    _save(fig, path)
-
-
-def _show_image(ax, image: np.ndarray, caption: str = "", colour: str = "black") -> None:
-    """An (H, W, C) image in [0, 1] without ticks, its caption above it."""
-    image = np.clip(image, 0, 1)
-    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    if caption:
-        ax.set_title(caption, fontsize=8, color=colour)
-
-
-def _image_rows(
-    fig, rows: dict[str, np.ndarray], captions: dict[str, list[str]] | None = None
-) -> None:
-    """One row of axes per entry of `rows` (label -> images (n, H, W, C) in [0, 1]) in `fig`
-    (a figure or subfigure): the row's label on the left, each image captioned by
-    `captions[label][i]` (a caption starting with '!' is drawn in red: a wrong prediction)."""
-    n_cols = max(len(images) for images in rows.values())
-    axes = fig.subplots(len(rows), n_cols, squeeze=False)
-    for r, (label, images) in enumerate(rows.items()):
-        texts = (captions or {}).get(label, [""] * len(images))
-        for c in range(n_cols):
-            ax = axes[r, c]
-            if c >= len(images):
-                ax.axis("off")
-                continue
-            text = texts[c]
-            wrong = text.startswith("!")
-            _show_image(ax, images[c], text.lstrip("!"), "red" if wrong else "black")
-            if c == 0:
-                ax.set_ylabel(label, fontsize=9)
-
-
-def plot_image_grid(
-    rows: dict[str, np.ndarray],
-    title: str,
-    path: str,
-    captions: dict[str, list[str]] | None = None,
-) -> None:
-    """One row per entry of `rows` (label -> images (n, H, W, C) in [0, 1]), each image
-    captioned from `captions` (see _image_rows)."""
-    n_cols = max(len(images) for images in rows.values())
-    fig = plt.figure(figsize=(1.45 * n_cols + 0.6, 1.75 * len(rows) + 0.8))
-    _image_rows(fig, rows, captions)
-    fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_eigen_feature_images(
@@ -204,13 +139,13 @@ def plot_eigen_feature_images(
         key = "pos" if row == 0 else "neg"
         for c in range(n):
             ax = fig.add_subplot(grid[row, c])
-            _show_image(ax, images[c], captions[key][c])
+            show_image(ax, images[c], captions[key][c])
             if c == 0:
                 ax.set_ylabel(label, fontsize=9)
     ax = fig.add_subplot(grid[:, n])
-    _show_image(ax, w, captions["w"][0])
+    show_image(ax, w, captions["w"][0])
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_robustified(
@@ -231,7 +166,7 @@ def plot_robustified(
     fig = plt.figure(figsize=(1.6 * n_cols + 5, 5.4))
     left, right = fig.subfigures(1, 2, width_ratios=[1.6 * n_cols, 5])
     captions = None if labels is None else {"original": [f"label {int(c)}" for c in labels]}
-    _image_rows(left, rows, captions)
+    image_rows(left, rows, captions)
     left.suptitle(f"change scaled by 1/{scale:.3f}", fontsize=9, y=0.02)
     ax_loss, ax_acc = right.subplots(2, 1, sharex=True)
     steps = np.arange(1, len(history["adversarial_loss"]) + 1)
@@ -244,7 +179,7 @@ def plot_robustified(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_eigen_features(result: dict, path: str) -> None:
@@ -294,7 +229,7 @@ def plot_eigen_features(result: dict, path: str) -> None:
         fontsize=11,
         wrap=True,
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 MAX_GRADIENT_ROWS = 12  # components drawn in the gradient figure, evenly spread
@@ -312,7 +247,7 @@ def plot_component_gradients(record: dict, kernel: str, path: str) -> None:
         squeeze=False,
     )  # fmt: skip
     for c in range(n_cols):
-        _show_image(axes[0, c], images[c], f"label {record['labels'][c]}")
+        show_image(axes[0, c], images[c], f"label {record['labels'][c]}")
     axes[0, 0].set_ylabel("image", fontsize=8)
     for r, g in enumerate(rows, start=1):
         for c in range(n_cols):
@@ -332,14 +267,7 @@ def plot_component_gradients(record: dict, kernel: str, path: str) -> None:
     fig.tight_layout(rect=(0, 0, 0.92, 1))
     bar = fig.add_axes((0.93, 0.1, 0.015, 0.6))
     fig.colorbar(image, cax=bar, label="|gradient| / its panel's maximum")
-    _save(fig, path)
-
-
-def _epoch_axis(ax) -> None:
-    """Epochs from 0 (and fractions) to hundreds: linear below 1, logarithmic above."""
-    ax.set_xscale("symlog", linthresh=1.0)
-    ax.set_xlabel("epoch")
-    ax.grid(True, which="both", alpha=0.3)
+    save_figure(fig, path)
 
 
 # the kernel-evolution measures drawn against epoch: (column, title, log scale)
@@ -364,7 +292,7 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
             points = [(r["epoch"], r[key]) for r in rows if r[key] is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), ".-", label=label)
-        _epoch_axis(ax)
+        epoch_axis(ax)
         if log_y:
             ax.set_yscale("log")
         ax.set_ylabel(title.split(" (")[0])
@@ -389,7 +317,7 @@ def plot_kernel_evolution(table: dict[str, list[dict]], path: str) -> None:
         transform=ax.transAxes, ha="center", va="top", fontsize=8,
     )  # fmt: skip
     fig.suptitle(f"kernel evolution of {', '.join(table)}", fontsize=12)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_polar_dynamics(table: dict[str, list[dict]], path: str) -> None:
@@ -433,7 +361,7 @@ def plot_polar_dynamics(table: dict[str, list[dict]], path: str) -> None:
         "each kernel's own)",
         fontsize=11,
     )
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_distance_matrices(distances: dict[str, dict], path: str) -> None:
@@ -458,7 +386,7 @@ def plot_distance_matrices(distances: dict[str, dict], path: str) -> None:
         ax.set_title(label, fontsize=10)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03, label="1 - cos(K_s, K_t)")
     fig.suptitle("kernel distance between every pair of epochs", fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_kernel_spectra(
@@ -482,153 +410,4 @@ def plot_kernel_spectra(
         ax.set_title(f"eigen-spectra of {label}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    _save(fig, path)
-
-
-CELL_VALUES_UP_TO = 12  # CKA heatmaps print each cell's value up to this many rows/columns
-
-
-def short_layer_name(index: int, name: str) -> str:
-    """'3: stage1_block0/relu_1' for 'resnet18/~/stage1_block0/~/relu_1' (index as in
-    --model0_layers)."""
-    parts = name.split("/~/")
-    return f"{index}: {'/'.join(parts[1:] if len(parts) > 1 else parts)}"
-
-
-def plot_cka(result: dict, sides: list[str], path: str, layer_indices=None) -> None:
-    """Heatmaps of linear and debiased CKA: rows are side 0's layers, columns side 1's; cell
-    values printed up to CELL_VALUES_UP_TO layers a side. `sides`: each side's name (run name
-    and input kind); `layer_indices`: (rows, columns) indices of the layers shown."""
-    rows, cols = layer_indices or (range(len(result["layers0"])), range(len(result["layers1"])))
-    names0 = [short_layer_name(i, n) for i, n in zip(rows, result["layers0"], strict=True)]
-    names1 = [short_layer_name(j, n) for j, n in zip(cols, result["layers1"], strict=True)]
-    size = max(len(names0), len(names1))
-    tick = 9 if size <= 12 else 7 if size <= 30 else 6
-    every = -(-size // 40)  # a tick label every `every` layers beyond 40 a side
-    estimators = [e for e in ("linear", "debiased") if result.get(e) is not None]
-    panels = len(estimators)
-    width = min(0.55 * len(names1), 0.2 * len(names1) + 4, 13)  # the figure grows, then caps
-    height = min(0.4 * len(names0), 0.15 * len(names0) + 4, 11)
-    fig, axes = plt.subplots(
-        1, panels, figsize=(4 * panels + width * panels, 3.5 + height), squeeze=False
-    )
-    fig.subplots_adjust(wspace=0.55, top=0.9)
-    for ax, estimator in zip(axes[0], estimators, strict=True):
-        values = np.asarray(result[estimator])
-        image = ax.imshow(values, origin="lower", cmap="magma", vmin=0, vmax=1, aspect="auto")
-        fig.colorbar(image, ax=ax, fraction=0.046, label=f"{estimator} CKA")
-        if size <= CELL_VALUES_UP_TO:
-            for (i, j), v in np.ndenumerate(values):
-                colour = "black" if v > 0.6 else "white"
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=colour)
-        ax.set_title(f"{estimator} CKA", fontsize=10)
-        shown0, shown1 = range(0, len(names0), every), range(0, len(names1), every)
-        ax.set_yticks(shown0, [names0[i] for i in shown0], fontsize=tick)
-        ax.set_xticks(shown1, [names1[j] for j in shown1], fontsize=tick, rotation=70, ha="right")
-        ax.set_ylabel(f"{sides[0]}: layer", fontsize=10)
-        ax.set_xlabel(f"{sides[1]}: layer", fontsize=10)
-    fig.suptitle(
-        f"CKA between the layers of {sides[0]} and {sides[1]}, {result['n_images']} test images"
-        + (
-            f" (online: {result['dataset_passes']} pass{'es' * (result['dataset_passes'] > 1)}, "
-            f"batches of {result['batch_size']})"
-            if "batch_size" in result
-            else ""
-        ),
-        fontsize=11,
-    )
-    _save(fig, path)
-
-
-def plot_cka_panels(panels: list[tuple[str, dict]], title: str, path: str) -> None:
-    """The CKA project's summary figure: one heatmap per (title, cka result) side by side on one
-    colour scale (the debiased CKA, else the linear), layer index on both axes, layers counted
-    from the input at the bottom left."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 4.0), squeeze=False)
-    image = None
-    fig.subplots_adjust(wspace=0.25)
-    for k, (ax, (name, result)) in enumerate(zip(axes[0], panels, strict=True)):
-        estimator = "debiased" if result.get("debiased") is not None else "linear"
-        values = np.asarray(result[estimator])
-        image = ax.imshow(values, origin="lower", cmap="inferno", vmin=0, vmax=1)
-        step = max(1, -(-max(values.shape) // 5))
-        ax.set_xticks(range(0, values.shape[1], step))
-        ax.set_yticks(range(0, values.shape[0], step))
-        ax.set_title(f"{name}\n({estimator} CKA, {result['n_images']} images)", fontsize=10)
-        ax.set_xlabel("layer (second network)", fontsize=9)
-        if k == 0:
-            ax.set_ylabel("layer (first network)", fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="CKA")
-    fig.suptitle(title, fontsize=11)
-    _save(fig, path)
-
-
-def plot_attack_table(
-    rows: dict[str, list[float]], columns: tuple[str, ...], title: str, path: str
-) -> None:
-    """Grouped bars: one group per column (clean, each attack, worst case), one bar per row."""
-    fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 4.4))
-    width = 0.8 / len(rows)
-    positions = np.arange(len(columns))
-    for i, (label, values) in enumerate(rows.items()):
-        bars = ax.bar(positions + (i - (len(rows) - 1) / 2) * width, values, width, label=label)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
-    ax.set_xticks(positions, columns)
-    ax.set_ylim(0, 1.08)
-    ax.set_ylabel("accuracy")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title(title, fontsize=10)
-    _save(fig, path)
-
-
-def plot_training_curves(rows: list[dict], title: str, path: str) -> None:
-    """metrics.csv of run_exp.py (TrainingLog.numeric rows): training loss, training and test
-    accuracy, and learning rate against epoch; phase 2's epochs follow phase 1's (dashed line
-    at the switch)."""
-    trained = [r for r in rows if r["loss"] is not None]
-    tests = [r for r in rows if r["test_clean"] is not None]
-    phase1_end = max((r["epoch"] for r in trained if r["phase"] == 1), default=0.0)
-
-    def x_of(r):
-        return (r["epoch"] or 0.0) + (phase1_end if r["phase"] == 2 else 0.0)
-
-    fig, (ax_l, ax_a, ax_r) = plt.subplots(1, 3, figsize=(15, 4.3))
-    fig.subplots_adjust(wspace=0.3, top=0.83)
-    for phase, style in ((1, "C0"), (2, "C1")):
-        part = [r for r in trained if r["phase"] == phase]
-        if not part:
-            continue
-        xs = [x_of(r) for r in part]
-        label = f"phase {phase}"
-        ax_l.plot(xs, [r["loss"] for r in part], ".-", color=style, ms=3, label=label)
-        ax_a.plot(
-            xs, [r["train_accuracy"] for r in part], ".-", color=style, ms=3,
-            label=f"{label} train",
-        )  # fmt: skip
-        ax_r.plot(xs, [r["lr"] for r in part], ".-", color=style, ms=3, label=label)
-    for key, marker, name in (("test_clean", "o", "clean"), ("test_linf", "s", "PGD-Linf"),
-                              ("test_l2", "^", "PGD-L2")):  # fmt: skip
-        points = [(x_of(r), r[key]) for r in tests if r[key] is not None]
-        if points:
-            ax_a.plot(*zip(*points, strict=True), marker, color="k", mfc="none",
-                      label=f"test {name}")  # fmt: skip
-    both = phase1_end > 0 and any(r["phase"] == 2 for r in trained)
-    for ax in (ax_l, ax_a, ax_r):
-        if both:
-            ax.axvline(phase1_end, color="grey", ls="--", lw=0.8)
-        ax.set_xlabel("epoch (phase 2 after phase 1)" if both else "epoch")
-        ax.grid(True, alpha=0.3)
-        if ax.has_data():
-            ax.legend(fontsize=8)
-    ax_l.set_ylabel("mean training loss")
-    ax_l.set_yscale("log")
-    ax_l.set_title("training loss", fontsize=10)
-    ax_a.set_ylabel("accuracy")
-    ax_a.set_ylim(0, 1.02)
-    ax_a.set_title("accuracy (test: after each phase)", fontsize=10)
-    ax_r.set_ylabel("learning rate")
-    ax_r.set_yscale("log")
-    ax_r.set_title("learning rate", fontsize=10)
-    fig.suptitle(title, fontsize=11)
-    _save(fig, path)
+    save_figure(fig, path)

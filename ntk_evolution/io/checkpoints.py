@@ -20,12 +20,12 @@ import haiku as hk
 import jax
 import numpy as np
 
-from data import SHAPES, Dataset, load_dataset
-from models import get_model, init_model
 from ntk_evolution import __version__
 from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL
-from ntk_evolution.schemas import check_checkpoint, check_examples, check_kernel
-from utils import UserError, load_pickle, save_pickle
+from ntk_evolution.data import SHAPES, Dataset, load_dataset
+from ntk_evolution.io.schemas import check_checkpoint, check_examples, check_kernel
+from ntk_evolution.models import get_model, init_model
+from ntk_evolution.utils import UserError, load_pickle, save_pickle
 
 # ----------------------------------------------------------------------------- names
 

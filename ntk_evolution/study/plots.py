@@ -10,7 +10,8 @@ import math
 
 import numpy as np
 
-from ntk_evolution.plots import EVOLUTION_PANELS, plt, save_figure
+from ntk_evolution.figures import plt, save_figure
+from ntk_evolution.kernels.plots import EVOLUTION_PANELS
 
 VERDICT_COLOURS = {"holds": "tab:green", "contradicted": "tab:red", "not resolved": "tab:grey"}
 UNIT_LABELS = {

@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from data import SHAPES
-from models import MODELS
-from utils import UserError, leaves
+from ntk_evolution.data import SHAPES
+from ntk_evolution.models import MODELS
+from ntk_evolution.utils import UserError, leaves
 
 
 def invalid(path: str, what: str, todo: str) -> UserError:

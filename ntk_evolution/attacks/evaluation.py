@@ -21,18 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import padded_batches
-from ntk_evolution.attacks import (
+from ntk_evolution.attacks.autoattack import AUTOATTACK, AUTOATTACK_FNS
+from ntk_evolution.attacks.pgd import (
     attack_key,
     attack_settings,
     nested_attack_key,
     pgd_restarts,
 )
-from ntk_evolution.autoattack import AUTOATTACK, AUTOATTACK_FNS
-from ntk_evolution.checkpoints import load_examples
+from ntk_evolution.data import padded_batches
 from ntk_evolution.dynamics import Dynamics, components, forward
+from ntk_evolution.io.checkpoints import load_examples
 from ntk_evolution.parallel import replicate, shard_batch
-from utils import UserError, progress_bar, to_host
+from ntk_evolution.utils import UserError, progress_bar, to_host
 
 TEST_BATCH = 100
 AUTOATTACK_CPU_BATCH = 25

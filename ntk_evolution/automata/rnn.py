@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntk_evolution.automata import ALPHABET
-from utils import progress_bar
+from ntk_evolution.automata.languages import ALPHABET
+from ntk_evolution.utils import progress_bar
 
 CELLS = ("vanilla", "gru", "lstm")
 BOS = len(ALPHABET)  # the beginning-of-string token

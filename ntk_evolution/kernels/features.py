@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_evolution.kernel_regression import regression_coefficients
-from ntk_evolution.ntk import kernel_features
+from ntk_evolution.kernels.ntk import kernel_features
+from ntk_evolution.kernels.regression import regression_coefficients
 
 FEATURE_STEPS = 600
 FEATURE_STEP_SIZE = 0.001

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntk_evolution.automata import ALPHABET, DFA
-from ntk_evolution.plots import plt, save_figure
+from ntk_evolution.automata.languages import ALPHABET, DFA
+from ntk_evolution.figures import plt, save_figure
 
 
 def plot_rnn_training(history: dict, language: int, cell: str, path: str) -> None:

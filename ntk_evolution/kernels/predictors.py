@@ -18,19 +18,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from data import Dataset, class_balanced_subset
-from models import get_model, init_model
-from ntk_evolution.attacks import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
-from ntk_evolution.autoattack import AUTOATTACK_FNS
-from ntk_evolution.checkpoints import LoadedModel, load_kernel
-from ntk_evolution.evaluation import (
+from ntk_evolution.attacks.autoattack import AUTOATTACK_FNS
+from ntk_evolution.attacks.evaluation import (
     Tally,
     attacked_batches,
     hits,
     masking_warnings,
     run_autoattack,
 )
-from ntk_evolution.kernel_regression import (
+from ntk_evolution.attacks.pgd import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
+from ntk_evolution.data import Dataset, class_balanced_subset
+from ntk_evolution.io.checkpoints import LoadedModel, load_kernel
+from ntk_evolution.io.schemas import check_examples
+from ntk_evolution.kernels.regression import (
     SupportKernel,
     cntk_blocked,
     cntk_support_kernel,
@@ -39,9 +39,9 @@ from ntk_evolution.kernel_regression import (
     relu_ntk,
     relu_support_kernel,
 )
+from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import replicate, shard_batch
-from ntk_evolution.schemas import check_examples
-from utils import UserError, load_pickle, to_host
+from ntk_evolution.utils import UserError, load_pickle, to_host
 
 
 def support_kernel_from_args(

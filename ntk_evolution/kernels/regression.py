@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_evolution.ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
+from ntk_evolution.kernels.ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
 
 KERNELS = ("empirical", "relu_ntk", "cntk")
 RELU_W_STD = math.sqrt(2.0)
