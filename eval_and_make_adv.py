@@ -67,6 +67,7 @@ from ntk_evolution.cli import (
     check_out_dir,
     positive_int,
 )
+from ntk_evolution.data import to_8_bits
 from ntk_evolution.dynamics import Dynamics
 from ntk_evolution.io.checkpoints import load_examples, model_and_dataset
 from ntk_evolution.io.schemas import check_results
@@ -112,13 +113,6 @@ def build_parser() -> Parser:
 
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
-
-
-def to_8_bits(images: np.ndarray) -> np.ndarray:
-    """floor(255 x) / 255 in float32, as the original's ToPILImage/ToTensor round trip of
-    --test_path images does (torch's float-to-byte conversion truncates)."""
-    scaled = images.astype(np.float32) * np.float32(255)
-    return scaled.astype(np.uint8).astype(np.float32) / np.float32(255)
 
 
 def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):

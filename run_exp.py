@@ -43,7 +43,6 @@ from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.figures import plot_training_curves
 from ntk_evolution.io.checkpoints import (
     LoadedModel,
-    check_tree_matches,
     checkpoint_epoch,
     checkpoint_meta,
     checkpoint_name,
@@ -51,7 +50,17 @@ from ntk_evolution.io.checkpoints import (
     load_model_from_args,
     save_checkpoint,
 )
-from ntk_evolution.io.schemas import RESUME_TODO, check_results, check_resume_state
+from ntk_evolution.io.resume import (
+    METRICS_FILE,
+    RESUME_CONFIG,
+    Position,
+    fractional_saves,
+    interrupt_message,
+    load_resume_state,
+    restore_train_state,
+    save_resume_state,
+)
+from ntk_evolution.io.schemas import check_results
 from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import initialize
 from ntk_evolution.run_lock import folder_lock
@@ -66,9 +75,8 @@ from ntk_evolution.training import (
     run_epoch,
     set_learning_rate,
 )
-from ntk_evolution.utils import UserError, is_writer, load_pickle, run_main, save_pickle, to_numpy
+from ntk_evolution.utils import UserError, is_writer, run_main, save_pickle, to_numpy
 
-FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
 PHASE1_LR = 0.1
 
 
@@ -144,130 +152,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
-    """{(epoch counted from 1, step index): [fractional epoch to save before that step]}, by the
-    original's rule: before step i of epoch e (from 0), save the next pending fraction f once
-    e + i / n_steps > f, at most one per step (so with very few steps per epoch a save can
-    move into a later epoch)."""
-    pending = list(FRACTIONAL_EPOCHS)
-    saves: dict[tuple[int, int], list[float]] = {}
-    epoch = 0
-    while pending:
-        for i in range(n_steps):
-            if pending and epoch + i / n_steps > pending[0]:
-                saves[(epoch + 1, i)] = [pending.pop(0)]
-        epoch += 1
-    return saves
-
-
-RESUME_FILE = "resume_state.pkl"
-METRICS_FILE = "metrics.csv"
-# flags that must agree between an interrupted run and its --resume
-RESUME_CONFIG = (
-    "centering", "loose_bn_second", "do_standard_second",
-    "random_seed", "base_model_path", "model", "loaders", "dataset", "second_lr", "eps",
-    "batch_size", "pure_pgd", "train_path",
-)  # fmt: skip
-
-
-class Position:
-    """Where training is (phase, epoch being run, step within it) and the last epoch whose
-    resume state is saved: what Ctrl-C reports (interrupt_message)."""
-
-    at: tuple[int, int, int] | None = None
-    saved: tuple[int, int] | None = None
-
-
-def interrupt_message(cause: str = "interrupted") -> str:
-    """The one line Ctrl-C or SIGTERM prints (run_main's on_interrupt; `cause` says which)."""
-    if Position.at is None:
-        where = f"{cause} before training started"
-    else:
-        where = f"{cause} at phase {{}} epoch {{}} step {{}}".format(*Position.at)
-    if Position.saved is None:
-        return f"{where}; no epoch is complete yet; run the same command to start again"
-    return (
-        f"{where}; the last complete epoch is saved; run the same command with --resume to continue"
-    )
-
-
-def save_resume_state(args, phase: int, epoch: int, state: TrainState, results: dict) -> None:
-    """Everything needed to continue after `epoch` epochs of `phase`: parameters, BatchNorm and
-    optimizer state, results so far. Data order and PRNG keys derive from (seed, phase, epoch)."""
-    record = {
-        "config": {name: getattr(args, name) for name in RESUME_CONFIG},
-        "phase": phase,
-        "epoch": epoch,
-        "w": state.w,
-        "theta_t": state.theta_t,
-        "net_state": state.net_state,
-        "opt_state_leaves": jax.tree.leaves(state.opt_state),
-        "results": results,
-    }
-    save_pickle(record, os.path.join(args.save_path, RESUME_FILE))
-    Position.saved = (phase, epoch)
-
-
-def load_resume_state(args, run: Run) -> dict | None:
-    path = os.path.join(args.save_path, RESUME_FILE)
-    if not os.path.exists(path):
-        print(f"--resume: no {RESUME_FILE} in {args.save_path}; starting from the beginning")
-        return None
-    record = check_resume_state(load_pickle(path, "resume state"), path)
-    parser = build_parser()
-    for name in RESUME_CONFIG:  # a flag added since the file was written: its default
-        value = record["config"].get(name, parser.get_default(name))
-        if getattr(args, name) != value:
-            raise UserError(
-                f"--resume: {path} was written with --{name} {value!r}, not "
-                f"{getattr(args, name)!r}; use the interrupted run's flags"
-            )
-    epochs = args.standard_epochs if record["phase"] == 1 else args.linear_epochs
-    if record["epoch"] > epochs:
-        raise UserError(
-            f"--resume: {path} is past phase {record['phase']} epoch {record['epoch']}, more "
-            f"than the {epochs} epochs asked for"
-        )
-    check_resume_shapes(record, path, run)
-    Position.saved = (record["phase"], record["epoch"])
-    print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
-    return record
-
-
-def check_resume_shapes(record: dict, path: str, run: Run) -> None:
-    """The resume state's trees against the network and its optimizer: the same leaves and
-    shapes (check_resume_state checked their types and values)."""
-    params, net_state = jax.eval_shape(
-        lambda: init_model(run.model, jax.random.PRNGKey(0), run.ds.image_shape)
-    )
-    where = f"--resume: {path}"
-    check_tree_matches(record["w"], params, f"{where} [w]", RESUME_TODO)
-    if record["theta_t"] is not None:
-        check_tree_matches(record["theta_t"], params, f"{where} [theta_t]", RESUME_TODO)
-    if record["phase"] == 2 and record["theta_t"] is None:
-        raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
-    check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
-    if record["opt_state_leaves"] is not None:
-        opt_state = jax.eval_shape(make_optimizer(0.0).init, params)
-        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(opt_state)]
-        got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
-        if got != wanted:
-            raise UserError(
-                f"{path}: its optimizer state has {len(got)} arrays that do not fit the network's "
-                f"{len(wanted)} ({RESUME_TODO})"
-            )
-
-
-def restore_train_state(record: dict) -> TrainState:
-    """The TrainState saved by save_resume_state (the optimizer state's tree structure does not
-    depend on the learning rate)."""
-    w = jax.tree.map(jnp.asarray, record["w"])
-    opt_state = make_optimizer(0.0).init(w)
-    if record["opt_state_leaves"] is not None:
-        leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
-        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
-    theta_t = None if record["theta_t"] is None else jax.tree.map(jnp.asarray, record["theta_t"])
-    return TrainState(w, theta_t, jax.tree.map(jnp.asarray, record["net_state"]), opt_state)
+def resume_config(args) -> dict:
+    """The flags an interrupted run and its --resume must agree on, by name."""
+    return {name: getattr(args, name) for name in RESUME_CONFIG}
 
 
 def train_phase(
@@ -306,7 +193,7 @@ def train_phase(
             description=f"phase {phase} epoch {epoch}/{epochs}",
             on_step=lambda i, s, epoch=epoch: track_step(phase, epoch, i, s, save_hook),
         )
-        save_resume_state(args, phase, epoch, state, results)
+        save_resume_state(args.save_path, resume_config(args), phase, epoch, state, results)
         run.log.epoch(phase, epoch, adversarial, lr_for_epoch(epoch), metrics, time.time() - start)
         tqdm.write(
             f"phase {phase} epoch {epoch}/{epochs} {'adv' if adversarial else 'clean'} "
@@ -470,7 +357,7 @@ def start_phase2(
     )
     if continues_phase1_optimizer(args):
         state = state._replace(opt_state=end.opt_state)
-    save_resume_state(args, 2, 0, state, results)
+    save_resume_state(args.save_path, resume_config(args), 2, 0, state, results)
     return state
 
 
@@ -570,7 +457,16 @@ def main(argv=None) -> dict:
 
 def train_and_test(args, run: Run, base: LoadedModel | None) -> dict:
     """Phase 1 (or --base_model_path, or the --resume point), phase 2, results.pkl."""
-    resume = load_resume_state(args, run) if args.resume else None
+    resume = None
+    if args.resume:
+        resume = load_resume_state(
+            args.save_path,
+            resume_config(args),
+            {name: build_parser().get_default(name) for name in RESUME_CONFIG},
+            {1: args.standard_epochs, 2: args.linear_epochs},
+            run.model,
+            run.ds.image_shape,
+        )
     resume_at = None if resume is None else (resume["phase"], resume["epoch"])
     run = run._replace(log=TrainingLog(os.path.join(args.save_path, METRICS_FILE), resume_at))
     results = (

@@ -191,3 +191,10 @@ def padded_batches(
             xb = np.concatenate([xb, np.repeat(xb[:1], pad, axis=0)])
             yb = np.concatenate([yb, np.repeat(yb[:1], pad, axis=0)])
         yield xb, yb, n_real
+
+
+def to_8_bits(images: np.ndarray) -> np.ndarray:
+    """floor(255 x) / 255 in float32, as the original's ToPILImage/ToTensor round trip of
+    --test_path images does (torch's float-to-byte conversion truncates)."""
+    scaled = images.astype(np.float32) * np.float32(255)
+    return scaled.astype(np.uint8).astype(np.float32) / np.float32(255)

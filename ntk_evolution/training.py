@@ -9,6 +9,7 @@ examples are made with BatchNorm in inference mode (running statistics), whateve
 from __future__ import annotations
 
 import csv
+import functools
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
-from ntk_evolution.attacks.pgd import pgd_linf_train
+from ntk_evolution.attacks.pgd import TRAIN_PGD_STEPS, pgd_linf_train, pgd_step_size
 from ntk_evolution.data import iterate_batches, num_batches
 from ntk_evolution.dynamics import Dynamics, forward, loss_fn
 from ntk_evolution.parallel import replicate, shard_batch
@@ -46,6 +47,7 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
+@functools.cache  # one optimizer per rate, so that its compiled steps are reused
 def make_optimizer(learning_rate: float) -> optax.GradientTransformation:
     """SGD with momentum 0.9, no weight decay; the rate can be changed between epochs."""
     return optax.inject_hyperparams(optax.sgd)(learning_rate=learning_rate, momentum=MOMENTUM)
@@ -82,9 +84,28 @@ def make_train_step(
     The update on PGD examples uses `adversarial_dynamics` (default: `dynamics`); the original
     makes it with BatchNorm in inference mode in phase 2, even with --loose_bn_second. The
     PGD examples themselves always see BatchNorm in inference mode.
+    The step is compiled once per model, optimizer, dynamics and flags (compiled_train_step),
+    eps and the PGD step size being arguments of it.
     The input state's buffers are donated: use only the returned state afterwards."""
+    compiled = compiled_train_step(
+        model, optimizer, dynamics, adversarial, pure_pgd, adversarial_dynamics or dynamics
+    )
+    eps32 = np.float32(eps)
+    step_size = np.float32(pgd_step_size(eps, TRAIN_PGD_STEPS))
+    return functools.partial(compiled, eps=eps32, step_size=step_size)
+
+
+@functools.lru_cache(maxsize=32)
+def compiled_train_step(
+    model: hk.TransformedWithState,
+    optimizer: optax.GradientTransformation,
+    dynamics: Dynamics,
+    adversarial: bool,
+    pure_pgd: bool,
+    adversarial_dynamics: Dynamics,
+) -> Callable:
+    """Jitted step(state, x, y, key, eps, step_size): see make_train_step."""
     attack_dynamics = dynamics._replace(bn_train=False)
-    adversarial_dynamics = adversarial_dynamics or dynamics
 
     def update(state: TrainState, x, y, dynamics=dynamics):
         (loss, (net_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -95,7 +116,7 @@ def make_train_step(
         metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
         return TrainState(w, state.theta_t, net_state, opt_state), metrics
 
-    def step(state: TrainState, x, y, key):
+    def step(state: TrainState, x, y, key, eps, step_size):
         if not adversarial:
             return update(state, x, y)
         if not pure_pgd:
@@ -104,7 +125,7 @@ def make_train_step(
         def logits_fn(x_in):
             return forward(model, attack_dynamics, state.w, state.theta_t, state.net_state, x_in)[0]
 
-        x_adv = pgd_linf_train(logits_fn, x, y, key, eps)
+        x_adv = pgd_linf_train(logits_fn, x, y, key, eps, step_size)
         return update(state, x_adv, y, adversarial_dynamics)
 
     return jax.jit(step, donate_argnums=0)

@@ -18,7 +18,7 @@ import eval_and_make_adv
 import run_exp
 from ntk_evolution import training
 from ntk_evolution.attacks.pgd import _random_start, pgd
-from ntk_evolution.data import class_balanced_subset, load_dataset
+from ntk_evolution.data import class_balanced_subset, load_dataset, to_8_bits
 from ntk_evolution.dynamics import PHASE1, Dynamics
 from ntk_evolution.models import get_model, init_model
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step
@@ -110,9 +110,7 @@ def test_kernel_subset_is_the_originals_draw():
 def test_test_path_images_are_truncated_to_8_bits():
     """The original passes --test_path images through ToPILImage (floor of 255 x) and back."""
     x = np.array([0.0, 1.0, 3.7 / 255, 254.99 / 255, 0.5], np.float32)
-    np.testing.assert_array_equal(
-        eval_and_make_adv.to_8_bits(x) * 255, np.float32([0, 255, 3, 254, 127])
-    )
+    np.testing.assert_array_equal(to_8_bits(x) * 255, np.float32([0, 255, 3, 254, 127]))
 
 
 @pytest.fixture(scope="module")

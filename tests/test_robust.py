@@ -26,14 +26,14 @@ from ntk_evolution.kernels.regression import (
     regression_coefficients,
     relu_ntk,
 )
-from ntk_evolution.utils import UserError, load_pickle
-from robustify_dataset import (
+from ntk_evolution.kernels.robust_data import (
     HISTORY_KEYS,
     adversarial_objective,
     inner_attack,
     robust_loss,
     robustify,
 )
+from ntk_evolution.utils import UserError, load_pickle
 
 EPS = 32 / 255
 

@@ -1,5 +1,5 @@
-"""PyTorch networks for CKA (ntk_evolution/similarity/torch_models.py): checkpoints in the CKA project's
-format, layer features by forward hooks, and torchattacks' PGD in its eps-balls."""
+"""PyTorch networks for CKA (ntk_evolution/similarity/torch_models.py): checkpoints in the CKA
+project's format, layer features by forward hooks, and torchattacks' PGD in its eps-balls."""
 
 from __future__ import annotations
 

@@ -13,6 +13,7 @@ from conftest import ROOT
 from helpers import random_images, small_model
 
 from ntk_evolution.dynamics import PHASE1
+from ntk_evolution.io.resume import FRACTIONAL_EPOCHS, fractional_saves
 from ntk_evolution.training import (
     init_train_state,
     is_adversarial_epoch,
@@ -20,7 +21,6 @@ from ntk_evolution.training import (
     make_train_step,
     phase1_learning_rate,
 )
-from run_exp import FRACTIONAL_EPOCHS, fractional_saves
 
 
 def test_phase1_learning_rate_schedule_counts_epochs_from_one():

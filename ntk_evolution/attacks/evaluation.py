@@ -297,29 +297,42 @@ def _output_checks(logits_fn: Callable, x: np.ndarray, y: np.ndarray) -> dict:
 
 
 def _jit_attack(model: hk.TransformedWithState, dynamics: Dynamics, attack: Callable) -> Callable:
-    """Jitted fn(w, theta_t, net_state, x, y, key) -> attack(logits_fn, x, y, key), the logits
-    those of the model under `dynamics` with BatchNorm in inference mode."""
+    """Jitted fn(w, theta_t, net_state, x, y, key, budget={}) -> attack(logits_fn, x, y, key,
+    **budget), the logits those of the model under `dynamics` with BatchNorm in inference mode;
+    `budget` (eps, step size) is an argument, so that other budgets reuse the compilation."""
     dynamics = dynamics._replace(bn_train=False)
 
-    def run(w, theta_t, net_state, x, y, key):
+    def run(w, theta_t, net_state, x, y, key, budget=None):
         def logits_fn(x_in):
             return forward(model, dynamics, w, theta_t, net_state, x_in)[0]
 
-        return attack(logits_fn, x, y, key)
+        return attack(logits_fn, x, y, key, **(budget or {}))
 
     return jax.jit(run)
 
 
-@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
+PGD_BUDGET = ("eps", "step_size")  # pgd's settings passed as arguments of its compiled attack
+
+
 def make_attack_fn(
     model: hk.TransformedWithState, dynamics: Dynamics, restarts: int = 1, **pgd_kwargs
 ) -> Callable:
-    """Jitted attack(w, theta_t, net_state, x, y, key) -> adversarial x (attacks.pgd_restarts)."""
+    """Jitted attack(w, theta_t, net_state, x, y, key) -> adversarial x (attacks.pgd_restarts),
+    compiled once per model, dynamics, restarts and the settings other than eps and step size."""
+    budget = {name: np.float32(pgd_kwargs.pop(name)) for name in PGD_BUDGET if name in pgd_kwargs}
+    compiled = _compiled_pgd(model, dynamics, restarts, **pgd_kwargs)
+    return functools.partial(compiled, budget=budget)
+
+
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
+def _compiled_pgd(
+    model: hk.TransformedWithState, dynamics: Dynamics, restarts: int, **pgd_kwargs
+) -> Callable:
     return _jit_attack(
         model,
         dynamics,
-        lambda logits_fn, x, y, key: pgd_restarts(
-            logits_fn, x, y, key, restarts=restarts, **pgd_kwargs
+        lambda logits_fn, x, y, key, **budget: pgd_restarts(
+            logits_fn, x, y, key, restarts=restarts, **pgd_kwargs, **budget
         ),
     )
 

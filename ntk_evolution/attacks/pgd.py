@@ -219,14 +219,22 @@ def pgd_restarts(
     return jax.lax.fori_loop(1, restarts, restart, (x_adv, fooled))[0]
 
 
-def pgd_linf_train(logits_fn: Callable, x: jax.Array, y: jax.Array, key: jax.Array, eps: float):
-    """The adversarial-training attack: L-inf PGD, 20 steps of 2*eps/20, random start."""
+def pgd_linf_train(
+    logits_fn: Callable,
+    x: jax.Array,
+    y: jax.Array,
+    key: jax.Array,
+    eps: float,
+    step_size: float | None = None,
+):
+    """The adversarial-training attack: L-inf PGD, 20 steps of 2*eps/20 (or `step_size`, that
+    step computed on the host when eps is a traced argument), random start."""
     return pgd(
         logits_fn,
         x,
         y,
         key,
         eps=eps,
-        step_size=pgd_step_size(eps, TRAIN_PGD_STEPS),
+        step_size=pgd_step_size(eps, TRAIN_PGD_STEPS) if step_size is None else step_size,
         n_steps=TRAIN_PGD_STEPS,
     )

@@ -1,0 +1,161 @@
+"""Resuming run_exp.py: the resume state saved after each epoch (resume_state.pkl), checked
+against the run that continues it; where training is, for the line Ctrl-C prints; and the
+original's fractional-epoch checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_evolution.io.checkpoints import check_tree_matches
+from ntk_evolution.io.schemas import RESUME_TODO, check_resume_state
+from ntk_evolution.models import init_model
+from ntk_evolution.training import TrainState, make_optimizer
+from ntk_evolution.utils import UserError, load_pickle, save_pickle
+
+FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
+
+
+def fractional_saves(n_steps: int) -> dict[tuple[int, int], list[float]]:
+    """{(epoch counted from 1, step index): [fractional epoch to save before that step]}, by the
+    original's rule: before step i of epoch e (from 0), save the next pending fraction f once
+    e + i / n_steps > f, at most one per step (so with very few steps per epoch a save can
+    move into a later epoch)."""
+    pending = list(FRACTIONAL_EPOCHS)
+    saves: dict[tuple[int, int], list[float]] = {}
+    epoch = 0
+    while pending:
+        for i in range(n_steps):
+            if pending and epoch + i / n_steps > pending[0]:
+                saves[(epoch + 1, i)] = [pending.pop(0)]
+        epoch += 1
+    return saves
+
+
+RESUME_FILE = "resume_state.pkl"
+METRICS_FILE = "metrics.csv"
+# flags that must agree between an interrupted run and its --resume
+RESUME_CONFIG = (
+    "centering", "loose_bn_second", "do_standard_second",
+    "random_seed", "base_model_path", "model", "loaders", "dataset", "second_lr", "eps",
+    "batch_size", "pure_pgd", "train_path",
+)  # fmt: skip
+
+
+class Position:
+    """Where training is (phase, epoch being run, step within it) and the last epoch whose
+    resume state is saved: what Ctrl-C reports (interrupt_message)."""
+
+    at: tuple[int, int, int] | None = None
+    saved: tuple[int, int] | None = None
+
+
+def interrupt_message(cause: str = "interrupted") -> str:
+    """The one line Ctrl-C or SIGTERM prints (run_main's on_interrupt; `cause` says which)."""
+    if Position.at is None:
+        where = f"{cause} before training started"
+    else:
+        where = f"{cause} at phase {{}} epoch {{}} step {{}}".format(*Position.at)
+    if Position.saved is None:
+        return f"{where}; no epoch is complete yet; run the same command to start again"
+    return (
+        f"{where}; the last complete epoch is saved; run the same command with --resume to continue"
+    )
+
+
+def save_resume_state(
+    save_path: str, config: dict, phase: int, epoch: int, state: TrainState, results: dict
+) -> None:
+    """Everything needed to continue after `epoch` epochs of `phase`: the run's `config` (the
+    RESUME_CONFIG flags), parameters, BatchNorm and optimizer state, results so far. Data order
+    and PRNG keys derive from (seed, phase, epoch)."""
+    record = {
+        "config": config,
+        "phase": phase,
+        "epoch": epoch,
+        "w": state.w,
+        "theta_t": state.theta_t,
+        "net_state": state.net_state,
+        "opt_state_leaves": jax.tree.leaves(state.opt_state),
+        "results": results,
+    }
+    save_pickle(record, os.path.join(save_path, RESUME_FILE))
+    Position.saved = (phase, epoch)
+
+
+def load_resume_state(
+    save_path: str,
+    config: dict,
+    defaults: dict,
+    epochs: dict[int, int],
+    model: hk.TransformedWithState,
+    image_shape: tuple[int, ...],
+) -> dict | None:
+    """The checked resume state in save_path (None, said, when there is none), refused when
+    it was written with another `config` (a flag missing from the file: its value in
+    `defaults`), is past the `epochs` of its phase ({phase: epochs}), or does not fit `model`
+    on images of `image_shape`."""
+    path = os.path.join(save_path, RESUME_FILE)
+    if not os.path.exists(path):
+        print(f"--resume: no {RESUME_FILE} in {save_path}; starting from the beginning")
+        return None
+    record = check_resume_state(load_pickle(path, "resume state"), path)
+    for name, wanted in config.items():  # a flag added since the file was written: its default
+        value = record["config"].get(name, defaults.get(name))
+        if wanted != value:
+            raise UserError(
+                f"--resume: {path} was written with --{name} {value!r}, not "
+                f"{wanted!r}; use the interrupted run's flags"
+            )
+    epochs = epochs[record["phase"]]
+    if record["epoch"] > epochs:
+        raise UserError(
+            f"--resume: {path} is past phase {record['phase']} epoch {record['epoch']}, more "
+            f"than the {epochs} epochs asked for"
+        )
+    check_resume_shapes(record, path, model, image_shape)
+    Position.saved = (record["phase"], record["epoch"])
+    print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
+    return record
+
+
+def check_resume_shapes(
+    record: dict, path: str, model: hk.TransformedWithState, image_shape: tuple[int, ...]
+) -> None:
+    """The resume state's trees against the network and its optimizer: the same leaves and
+    shapes (check_resume_state checked their types and values)."""
+    params, net_state = jax.eval_shape(
+        lambda: init_model(model, jax.random.PRNGKey(0), image_shape)
+    )
+    where = f"--resume: {path}"
+    check_tree_matches(record["w"], params, f"{where} [w]", RESUME_TODO)
+    if record["theta_t"] is not None:
+        check_tree_matches(record["theta_t"], params, f"{where} [theta_t]", RESUME_TODO)
+    if record["phase"] == 2 and record["theta_t"] is None:
+        raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
+    check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
+    if record["opt_state_leaves"] is not None:
+        opt_state = jax.eval_shape(make_optimizer(0.0).init, params)
+        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(opt_state)]
+        got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
+        if got != wanted:
+            raise UserError(
+                f"{path}: its optimizer state has {len(got)} arrays that do not fit the network's "
+                f"{len(wanted)} ({RESUME_TODO})"
+            )
+
+
+def restore_train_state(record: dict) -> TrainState:
+    """The TrainState saved by save_resume_state (the optimizer state's tree structure does not
+    depend on the learning rate)."""
+    w = jax.tree.map(jnp.asarray, record["w"])
+    opt_state = make_optimizer(0.0).init(w)
+    if record["opt_state_leaves"] is not None:
+        leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+    theta_t = None if record["theta_t"] is None else jax.tree.map(jnp.asarray, record["theta_t"])
+    return TrainState(w, theta_t, jax.tree.map(jnp.asarray, record["net_state"]), opt_state)
