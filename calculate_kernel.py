@@ -40,6 +40,7 @@ from ntk_evolution.io.checkpoints import (
     format_epoch,
     load_model,
     load_model_from_args,
+    run_name,
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import kernel_title, plot_kernel
@@ -190,6 +191,7 @@ def kernel_of(args, path, name, loaded, images, labels, indices, epoch) -> dict:
         "dataset": args.dataset,
         "model": args.model,
         "model_path": os.path.abspath(path),
+        "run": run_name(path, loaded.meta),
         "epoch": epoch,
         "use_linear_params": args.use_linear_params,
     }

@@ -58,6 +58,7 @@ def test_checkpoints_record_model_dataset_phase_epoch_and_flags(run_dir):
     assert (start["phase"], start["epoch"], start["step"]) == (1, 0, 0)
     assert start["flags"]["loaders"] == "CC" and start["flags"]["batch_size"] == 128
     assert start["version"] == __version__
+    assert start["run"] == os.path.basename(run_dir)  # the run's name, read by calculate_kernel
     # the first fractional save: before step 2 of 11 (1437 images, batch 128), 2/11 > 0.125
     early = load_checkpoint(os.path.join(run_dir, "parameters_checkpoint_0.125.pkl"))["meta"]
     assert (early["phase"], early["epoch"], early["step"]) == (1, 0.125, 2)

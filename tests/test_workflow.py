@@ -109,6 +109,8 @@ def test_kernel_title_and_class_ticks(tmp_path):
     title = kernel_plots.kernel_title(record)
     for part in ("phase1_benign", "epoch 5", "cnn_small", "digits", "N = 6", "logit 0"):
         assert part in title
+    # the run named in the checkpoint's meta wins over the folder's name (a moved checkpoint)
+    assert "of renamed_run," in kernel_plots.kernel_title({**record, "run": "renamed_run"})
     labels = np.array([2, 0, 1, 0, 2, 1])
     fig, ax = figures.plt.subplots()
     kernel_plots._kernel_heatmap(ax, np.eye(6), labels)

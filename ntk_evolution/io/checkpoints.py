@@ -75,8 +75,9 @@ def _interned(value: Any) -> Any:
 def checkpoint_meta(
     args: argparse.Namespace, phase: int, epoch: float, step: int | None = None
 ) -> dict:
-    """What a checkpoint of this run is: model, dataset, n_classes, image_shape, phase (1, or 2
-    for the linearized / --do_standard_second phase), epoch (fractional for the early saves),
+    """What a checkpoint of this run is: run (its --save_path folder's name), model, dataset,
+    n_classes, image_shape, phase (1, or 2 for the linearized / --do_standard_second phase),
+    epoch (fractional for the early saves),
     step (optimizer steps taken in this phase, when known), the run's flags, the version."""
     image_shape, n_classes = SHAPES[args.dataset]
     flags = {
@@ -86,6 +87,7 @@ def checkpoint_meta(
         and (value is None or isinstance(value, str | int | float | bool | list))
     }
     return {
+        "run": _interned(run_of_folder(args.save_path)),
         "model": _interned(args.model),
         "dataset": _interned(args.dataset),
         "n_classes": n_classes,
@@ -96,6 +98,18 @@ def checkpoint_meta(
         "flags": flags,
         "version": __version__,
     }
+
+
+def run_of_folder(folder: str) -> str:
+    """A run's name: its folder's name."""
+    return os.path.basename(os.path.normpath(os.path.abspath(folder)))
+
+
+def run_name(path: str, meta: dict | None = None) -> str:
+    """The run a checkpoint belongs to: meta's run, or (older checkpoints) its folder's name."""
+    if meta and isinstance(meta.get("run"), str):
+        return meta["run"]
+    return run_of_folder(os.path.dirname(os.path.abspath(path)))
 
 
 def save_checkpoint(

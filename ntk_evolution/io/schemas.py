@@ -189,6 +189,8 @@ def check_meta(meta: Any, path: str) -> dict | None:
     )
     number(meta.get("epoch"), path, "meta['epoch']", todo, low=0, optional=True)
     number(meta.get("step"), path, "meta['step']", todo, integral=True, low=0, optional=True)
+    if not isinstance(meta.get("run", ""), str):
+        raise invalid(path, "meta['run'] is not a string", todo)
     if not isinstance(meta.get("flags", {}), dict):
         raise invalid(path, "meta['flags'] is not a dict", todo)
     return meta

@@ -13,10 +13,11 @@ from ntk_evolution.figures import epoch_axis, image_rows, plt, save_figure, show
 
 
 def kernel_title(record: dict) -> str:
-    """What a kernel pickle of calculate_kernel.py is: run (its checkpoint's folder), epoch,
+    """What a kernel pickle of calculate_kernel.py is: run (its checkpoint's meta, or folder),
+    epoch,
     model, dataset, N and logit."""
     model_path = record.get("model_path") or ""
-    run = os.path.basename(os.path.dirname(model_path)) or "?"
+    run = record.get("run") or os.path.basename(os.path.dirname(model_path)) or "?"
     epoch = record.get("epoch")
     at = f"epoch {epoch:g}" if epoch is not None else os.path.basename(model_path)
     if record.get("use_linear_params"):
