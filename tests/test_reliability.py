@@ -200,6 +200,9 @@ def start_run(save_path, cwd):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C reaches it as it reaches a run started from a terminal, even when this test
+        # runs in a background job (which starts its children with SIGINT ignored)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
