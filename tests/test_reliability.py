@@ -148,16 +148,18 @@ def run_in(folder, extra=""):
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("reference")
+    # every run of these tests is in a folder named "run" (the run's name, in its checkpoints'
+    # meta), so that their files can be compared byte for byte
+    folder = tmp_path_factory.mktemp("reference") / "run"
     return folder, run_in(folder)
 
 
 @pytest.mark.slow
 def test_same_command_and_seed_give_identical_outputs(reference_run, tmp_path):
     folder, results = reference_run
-    assert run_in(tmp_path / "again") == results
-    assert digest(folder) == digest(tmp_path / "again")  # every file, byte for byte
-    assert untimed_metrics(folder) == untimed_metrics(tmp_path / "again")
+    assert run_in(tmp_path / "run") == results
+    assert digest(folder) == digest(tmp_path / "run")  # every file, byte for byte
+    assert untimed_metrics(folder) == untimed_metrics(tmp_path / "run")
 
 
 @pytest.mark.slow
@@ -177,32 +179,40 @@ def test_interrupted_run_resumes_to_identical_results(
 
     monkeypatch.setattr(run_exp, "run_epoch", interrupted)
     with pytest.raises(Interrupt):
-        run_in(tmp_path / "resumed")
+        run_in(tmp_path / "run")
     monkeypatch.setattr(run_exp, "run_epoch", real_run_epoch)
-    assert not os.path.exists(tmp_path / "resumed" / "results.pkl")
-    assert run_in(tmp_path / "resumed", "--resume") == results
+    assert not os.path.exists(tmp_path / "run" / "results.pkl")
+    assert run_in(tmp_path / "run", "--resume") == results
     for name in ("results.pkl", "parameters_final.pkl"):
         expected = open(folder / name, "rb").read()
-        assert open(tmp_path / "resumed" / name, "rb").read() == expected, name
+        assert open(tmp_path / "run" / name, "rb").read() == expected, name
     # metrics.csv: the resumed run appended to the interrupted one's rows; the same rows as
     # the uninterrupted run's but for the times
     expected = untimed_metrics(folder)
-    assert untimed_metrics(tmp_path / "resumed") == expected and len(expected) > 2
-    assert (tmp_path / "resumed" / "training_curves.png").is_file()
+    assert untimed_metrics(tmp_path / "run") == expected and len(expected) > 2
+    assert (tmp_path / "run" / "training_curves.png").is_file()
+
+
+# python, with Ctrl-C at its default as in a terminal, even when these tests run in a background
+# job (whose children start with SIGINT ignored, so that Python would not raise
+# KeyboardInterrupt): the default survives the exec
+WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])",
+]
 
 
 def start_run(save_path, cwd):
     """RUN into `save_path` in a process of its own."""
-    command = [sys.executable, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
+    command = [*WITH_CTRL_C, os.path.join(ROOT, "run_exp.py"), *shlex.split(RUN)]
     return subprocess.Popen(
         [*command, "--save_path", str(save_path)],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # Ctrl-C reaches it as it reaches a run started from a terminal, even when this test
-        # runs in a background job (which starts its children with SIGINT ignored)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
@@ -218,7 +228,7 @@ def test_ctrl_c_or_sigterm_in_a_real_process_says_how_to_resume_and_resuming_is_
     """Ctrl-C, and SIGTERM as a scheduler preempts a job: one line, the last complete epoch
     kept, and --resume gives byte-identical results to the uninterrupted run."""
     folder, results = reference_run
-    save_path = tmp_path / "interrupted"
+    save_path = tmp_path / "run"
     process = start_run(save_path, tmp_path)
     state_path = save_path / "resume_state.pkl"
     deadline = time.time() + 300
@@ -252,7 +262,7 @@ def test_a_second_run_into_a_running_runs_folder_is_refused_and_the_first_is_unt
     reference_run, tmp_path
 ):
     folder, results = reference_run
-    save_path = tmp_path / "shared"
+    save_path = tmp_path / "run"
     first = start_run(save_path, tmp_path)
     lock = save_path / LOCK_FILE
     deadline = time.time() + 300
