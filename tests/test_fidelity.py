@@ -57,7 +57,7 @@ def test_training_pgd_sees_batchnorm_in_inference_mode(monkeypatch, dynamics):
     x, y = jnp.asarray(random_images(8)), jnp.arange(8) % 10
     seen = []
 
-    def recording_pgd(logits_fn, x, y, key, eps):
+    def recording_pgd(logits_fn, x, y, key, eps, step_size=None):
         seen.append((np.asarray(logits_fn(x))[:1], np.asarray(logits_fn(x[:1]))))
         return x
 
