@@ -42,7 +42,6 @@ from ntk_evolution.attacks.evaluation import (
     after,
     attacked_batches,
     hits,
-    load_transfer,
     make_attack_fn,
     make_autoattack_fns,
     make_components_fn,
@@ -69,7 +68,7 @@ from ntk_evolution.cli import (
 )
 from ntk_evolution.data import to_8_bits
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.io.checkpoints import load_examples, model_and_dataset
+from ntk_evolution.io.checkpoints import load_examples, load_transfer, model_and_dataset
 from ntk_evolution.io.schemas import check_results
 from ntk_evolution.parallel import initialize, replicate, shard_batch
 from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy

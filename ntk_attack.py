@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks.evaluation import NAMES, load_transfer, print_warnings
+from ntk_evolution.attacks.evaluation import NAMES, print_warnings
 from ntk_evolution.attacks.pgd import VARIANT_NAMES, eps_from_255
 from ntk_evolution.cli import (
     Parser,
@@ -34,7 +34,7 @@ from ntk_evolution.cli import (
     check_out_dir,
 )
 from ntk_evolution.figures import plot_image_grid
-from ntk_evolution.io.checkpoints import model_and_dataset
+from ntk_evolution.io.checkpoints import load_transfer, model_and_dataset
 from ntk_evolution.kernels.predictors import (
     evaluate_predictor,
     predicted_labels,

@@ -19,9 +19,12 @@ import numpy as np
 
 from ntk_evolution.attacks.pgd import ATTACK_VARIANTS, EVAL_PGD_STEPS, L2_EPS, eps_from_255
 from ntk_evolution.data import DATASETS
-from ntk_evolution.kernels.regression import KERNELS
 from ntk_evolution.models import MODELS
 from ntk_evolution.utils import UserError, user_cache_dir
+
+# the kernels of the kernel predictors (kernels/predictors.py): the network's empirical NTK, the
+# closed-form ReLU NTK of an infinite-width MLP, the convolutional NTK
+KERNELS = ("empirical", "relu_ntk", "cntk")
 
 DEFAULT_MODEL = "resnet18"
 DEFAULT_DATASET = "cifar10"

@@ -30,9 +30,8 @@ from ntk_evolution.attacks.pgd import (
 )
 from ntk_evolution.data import padded_batches
 from ntk_evolution.dynamics import Dynamics, components, forward
-from ntk_evolution.io.checkpoints import load_examples
 from ntk_evolution.parallel import replicate, shard_batch
-from ntk_evolution.utils import UserError, progress_bar, to_host
+from ntk_evolution.utils import progress_bar, to_host
 
 TEST_BATCH = 100
 AUTOATTACK_CPU_BATCH = 25
@@ -154,23 +153,6 @@ def attacked_batches(
             inputs["transfer"] = shard_batch(next(transfer_batches)[0], pad=True)[0]
         yield inputs, yb, n_real
     bar.close()
-
-
-def load_transfer(
-    path: str, x: np.ndarray, y: np.ndarray, image_shape, n_classes: int, trust: bool
-) -> np.ndarray:
-    """Another model's adversarial examples of the test images x (same order and labels)."""
-    images, labels = load_examples(path, image_shape, n_classes, trust)
-    if len(images) != len(x):
-        raise UserError(
-            f"--transfer_path {path} has {len(images)} examples for {len(x)} test images; "
-            f"pass --n_test {len(images)}"
-        )
-    if not np.array_equal(labels, y):
-        raise UserError(f"--transfer_path {path} was not made from these test images (labels)")
-    distance = float(np.max(np.abs(images - x))) * 255
-    print(f"transfer examples: largest L-inf distance to the test images {distance:.2f}/255")
-    return images
 
 
 def hits(logits: jax.Array, y: np.ndarray, n_real: int) -> np.ndarray:

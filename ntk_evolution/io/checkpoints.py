@@ -281,3 +281,20 @@ def load_examples(
     H, W) in [0, 1], labels: (N,)}, as eval_and_make_adv.py, ntk_attack.py and
     robustify_dataset.py write it), checked against the dataset (schemas.check_examples)."""
     return check_examples(load_pickle(path, "examples file", trust), path, image_shape, n_classes)
+
+
+def load_transfer(
+    path: str, x: np.ndarray, y: np.ndarray, image_shape, n_classes: int, trust: bool
+) -> np.ndarray:
+    """Another model's adversarial examples of the test images x (same order and labels)."""
+    images, labels = load_examples(path, image_shape, n_classes, trust)
+    if len(images) != len(x):
+        raise UserError(
+            f"--transfer_path {path} has {len(images)} examples for {len(x)} test images; "
+            f"pass --n_test {len(images)}"
+        )
+    if not np.array_equal(labels, y):
+        raise UserError(f"--transfer_path {path} was not made from these test images (labels)")
+    distance = float(np.max(np.abs(images - x))) * 255
+    print(f"transfer examples: largest L-inf distance to the test images {distance:.2f}/255")
+    return images

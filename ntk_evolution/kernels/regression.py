@@ -31,7 +31,6 @@ import numpy as np
 
 from ntk_evolution.kernels.ntk import empirical_ntk, kernel_features, kernel_times, make_jacobian_fn
 
-KERNELS = ("empirical", "relu_ntk", "cntk")
 RELU_W_STD = math.sqrt(2.0)
 RELU_B_STD = 0.1
 
