@@ -41,6 +41,7 @@ from ntk_evolution.cli import (
     check_out_dir,
     finite_float,
     positive_int,
+    with_values,
 )
 from ntk_evolution.data import DATASETS, SHAPES, load_dataset
 from ntk_evolution.dynamics import Dynamics
@@ -175,11 +176,11 @@ def build_parser() -> Parser:
         help="Shuffled passes over the images of the online CKA; default 3 for PyTorch models "
         "(the CKA project's), else 1.",
     )
-    add_eps_flag(p)
-    p.set_defaults(eps=None)  # per kind of model
-    p._option_string_actions["--eps"].help = (
-        "L-inf radius in 1/255; default 4 for this project's checkpoints, and for PyTorch models "
-        "the CKA project's 0.031 (7.9/255)."
+    add_eps_flag(
+        p,
+        default=None,  # per kind of model
+        help="L-inf radius in 1/255; default 4 for this project's checkpoints, and for PyTorch "
+        "models the CKA project's 0.031 (7.9/255).",
     )
     add_seed_flag(p, "attacks")
     add_shared_flags(p)
@@ -196,10 +197,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("give one or two models in all, by --model_path and/or --robustbench")
     if args.reuse_adv and (args.adv * 2)[:2] != [1, 1]:
         p.error("--reuse_adv needs --adv 1 1 (both sides on PGD examples)")
-    for side in (0, 1):  # the CKA project's space-separated lists, or ours with commas
-        flag = f"model{side}_layers"
-        setattr(args, flag, ",".join(getattr(args, flag)))
-    return args
+    # the CKA project's space-separated lists, or ours with commas
+    layers = {
+        f"model{side}_layers": ",".join(getattr(args, f"model{side}_layers")) for side in (0, 1)
+    }
+    return with_values(args, **layers)
 
 
 def select_layers(spec: str, names: list[str], flag: str) -> list[int]:
@@ -243,7 +245,7 @@ def torch_cka(args, adv: list[int]) -> dict:
     if any(kind == "path" for kind, _ in sides) and not args.model:
         raise UserError(f"a PyTorch checkpoint needs --model: one of {', '.join(TORCH_MODELS)}")
     models = (args.model * 2)[:2] if args.model else [None, None]
-    args.dataset = args.dataset or "cifar10"
+    args = with_values(args, dataset=args.dataset or "cifar10")
     n_classes = SHAPES[args.dataset][1]
 
     def load(side: int):
@@ -263,17 +265,18 @@ def torch_cka(args, adv: list[int]) -> dict:
     networks = [network.to(device) for network, *_ in loaded]
     paths = [file for _, file, _, _ in loaded]
     models = [model for _, _, model, _ in loaded]
-    args.names = args.names or [label for *_, label in loaded]
+    args = with_values(args, names=args.names or [label for *_, label in loaded])
     names = [
         layer_names(networks[0], args.model0_layers, "--model0_layers"),
         layer_names(networks[1], args.model1_layers, "--model1_layers"),
     ]
-    args.n_images = args.n_images or 10000
-    args.dataset_passes = args.dataset_passes or 3
+    args = with_values(
+        args, n_images=args.n_images or 10000, dataset_passes=args.dataset_passes or 3
+    )
     ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
     requested_batch = args.batch_size or 1024  # the CKA project's; fewer images: one batch
-    args.batch_size = min(requested_batch, len(x))
+    args = with_values(args, batch_size=min(requested_batch, len(x)))
     # the CKA project's L-inf radius is 0.031 (7.9/255); --eps (in 1/255) replaces it
     linf_eps = eps_from_255(args.eps) if args.eps is not None else 0.031
     eps = linf_eps if args.attack == "linf" else args.eps_l2
@@ -375,9 +378,12 @@ def main(argv=None) -> dict:
     if kinds == {True}:
         return torch_cka(args, (args.adv * 2)[:2])
     paths = args.model_path * (3 - len(args.model_path))  # one checkpoint: compare with itself
-    args.eps = 4.0 if args.eps is None else args.eps  # this project's default (cli.add_eps_flag)
-    args.n_images = args.n_images or 500
-    args.dataset_passes = args.dataset_passes or 1
+    args = with_values(  # this project's defaults
+        args,
+        eps=4.0 if args.eps is None else args.eps,
+        n_images=args.n_images or 500,
+        dataset_passes=args.dataset_passes or 1,
+    )
     if any(model not in MODELS for model in args.model or []):
         raise UserError(
             f"--model {' '.join(args.model)}: this project's checkpoints (.pkl) take "
@@ -386,10 +392,10 @@ def main(argv=None) -> dict:
     models = (args.model * 2)[:2] if args.model else [None, None]
     adv = (args.adv * 2)[:2]
     loaded0 = load_model(paths[0], models[0], args.dataset, args.trust_pickle)
-    args.dataset = loaded0.dataset
+    args = with_values(args, dataset=loaded0.dataset)
     same = paths[1] == paths[0] and models[1] == models[0]
     loaded1 = loaded0 if same else load_model(paths[1], models[1], args.dataset, args.trust_pickle)
-    args.model = [loaded0.model_name, loaded1.model_name]
+    args = with_values(args, model=[loaded0.model_name, loaded1.model_name])
     ds = load_dataset(args.dataset, args.data_root)
     x, y = ds.x_test[: args.n_images], ds.y_test[: args.n_images]
     if len(x) < 4:

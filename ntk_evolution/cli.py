@@ -175,13 +175,18 @@ def add_seed_flag(
     p.add_argument("--random_seed", type=int, default=0, help=f"Seed of the {what}.")
 
 
-def add_eps_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--eps",
-        type=finite_float(0.0),
-        default=4.0,
-        help="L-inf radius in 1/255 (attacks.eps_from_255).",
-    )
+def add_eps_flag(
+    p: argparse.ArgumentParser,
+    default: float | None = 4.0,
+    help: str = "L-inf radius in 1/255 (attacks.eps_from_255).",
+) -> None:
+    p.add_argument("--eps", type=finite_float(0.0), default=default, help=help)
+
+
+def with_values(args: argparse.Namespace, **values) -> argparse.Namespace:
+    """A copy of the parsed flags with `values` filled in (defaults that depend on the inputs):
+    the caller's namespace is left as parsed."""
+    return argparse.Namespace(**{**vars(args), **values})
 
 
 def add_kernel_subset_flags(
