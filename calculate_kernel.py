@@ -124,7 +124,7 @@ def main(argv=None) -> dict | list[dict]:
         check_out_dir(
             os.path.join(os.path.dirname(os.path.abspath(path)), args.bonus_dir), "--bonus_dir"
         )
-    first = load_model_from_args(args, paths[0])  # fills in --model and --dataset
+    args, first = load_model_from_args(args, paths[0])  # --model and --dataset filled in
     ds = load_dataset(args.dataset, args.data_root)
     if args.full and args.class_index != -1:
         raise UserError("--full computes every pair of logits: drop --class_index")

@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
-    loaded, ds = model_and_dataset(args)
+    args, loaded, ds = model_and_dataset(args)
     classes = sorted(set(args.classes)) if args.classes else list(range(ds.n_classes))
     if min(classes) < 0 or max(classes) >= ds.n_classes or len(classes) < 2:
         raise UserError(f"--classes needs at least two of 0..{ds.n_classes - 1}")

@@ -65,6 +65,7 @@ from ntk_evolution.cli import (
     check_attack_variant,
     check_out_dir,
     positive_int,
+    with_values,
 )
 from ntk_evolution.data import to_8_bits
 from ntk_evolution.dynamics import Dynamics
@@ -141,8 +142,8 @@ def main(argv=None) -> dict:
             "evaluates on its images, --transfer_path adds them as an attack on the test set)"
         )
     check_attack_variant(args)
-    args.save_name = args.save_name or default_save_name(args.test_path)
-    loaded, ds = model_and_dataset(args)
+    args = with_values(args, save_name=args.save_name or default_save_name(args.test_path))
+    args, loaded, ds = model_and_dataset(args)
     model = loaded.model
     # As in the original: the linearized model is around params (theta_t) with weights
     # lin_params (w); without --linear the network is params, centered on lin_params.

@@ -60,7 +60,7 @@ from ntk_evolution.automata.languages import (
 )
 from ntk_evolution.automata.plots import plot_dfa
 from ntk_evolution.automata.rnn import rnn_oracle
-from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int
+from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int, with_values
 from ntk_evolution.utils import UserError, load_pickle, run_main, write_json
 
 MAX_DRAWN_STATES = 16  # a circle of more states is unreadable
@@ -98,8 +98,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.find_threshold and args.sim_threshold is not None:
         p.error("--find_threshold picks the threshold: pass it or --sim_threshold, not both")
-    args.find_threshold = args.sim_threshold is None
-    return args
+    return with_values(args, find_threshold=args.sim_threshold is None)
 
 
 def load_rnn(path: str) -> dict:

@@ -65,7 +65,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
-    loaded, ds = model_and_dataset(args)
+    args, loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]
     check_attack_variant(args)

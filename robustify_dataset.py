@@ -100,7 +100,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
     initialize(args)
-    loaded, ds = model_and_dataset(args)
+    args, loaded, ds = model_and_dataset(args)
     choice = kernel_from_args(args, ds, loaded)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     original, labels = ds.x_train[indices], ds.y_train[indices]

@@ -240,11 +240,11 @@ class Run(NamedTuple):
     log: TrainingLog | None = None  # metrics.csv
 
 
-def setup(args) -> tuple[Run, LoadedModel | None]:
+def setup(args) -> tuple[argparse.Namespace, Run, LoadedModel | None]:
     """Data (--train_path replacing the training split), the network (--model, or the one of
     --base_model_path's checkpoint), the keys, the writable --save_path; and the
     --base_model_path checkpoint when given."""
-    loaded = load_model_from_args(args, args.base_model_path)
+    args, loaded = load_model_from_args(args, args.base_model_path)
     ds = load_dataset(args.dataset, args.data_root)
     if args.train_path:
         x_train, y_train = load_examples(
@@ -274,7 +274,7 @@ def setup(args) -> tuple[Run, LoadedModel | None]:
         eval_key,
         num_batches(len(ds.x_train), args.batch_size),
     )
-    return run, loaded
+    return args, run, loaded
 
 
 def phase1(args, run: Run, resume: dict | None, results: dict) -> TrainState:
@@ -449,7 +449,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     Position.at = Position.saved = None
     initialize(args)
-    run, base = setup(args)
+    args, run, base = setup(args)
     # one run at a time per folder: a second one is refused, naming the first
     with folder_lock(args.save_path, "--save_path", argv, enabled=is_writer()):
         return train_and_test(args, run, base)

@@ -27,6 +27,7 @@ from ntk_evolution.cli import (
     add_shared_flags,
     check_out_dir,
     positive_int,
+    with_values,
 )
 from ntk_evolution.data import class_balanced_subset
 from ntk_evolution.io.checkpoints import (
@@ -99,7 +100,6 @@ def load_class_kernel(args, ds, record: dict) -> tuple[np.ndarray, np.ndarray, i
         raise UserError(f"{args.kernel_path} does not match the {args.dataset} training set")
     if len(indices) != args.dataset_size:
         print(f"note: the kernel has {len(indices)} images; using that as --dataset_size")
-        args.dataset_size = len(indices)
     return kernel, indices, class_index
 
 
@@ -108,13 +108,14 @@ def main(argv=None) -> dict:
     initialize(args)
     check_out_dir(os.path.dirname(os.path.abspath(args.model_path)), "--model_path's folder")
     record = read_class_kernel(args) if args.kernel_path else None
-    loaded, ds = model_and_dataset(args)
+    args, loaded, ds = model_and_dataset(args)
     model = loaded.model
     params = loaded.lin_params if args.use_linear_params else loaded.params
     net_state = loaded.net_state
 
     if record is not None:
         kernel, indices, class_index = load_class_kernel(args, ds, record)
+        args = with_values(args, dataset_size=len(indices))  # the kernel's, when it differs
     else:
         class_index = args.class_index
         if not 0 <= class_index < ds.n_classes:

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from ntk_evolution import __version__
-from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL
+from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL, with_values
 from ntk_evolution.data import SHAPES, Dataset, load_dataset
 from ntk_evolution.io.schemas import check_checkpoint, check_examples, check_kernel
 from ntk_evolution.models import get_model, init_model
@@ -212,24 +212,28 @@ def load_model(
     )
 
 
-def load_model_from_args(args: argparse.Namespace, path: str | None = None) -> LoadedModel | None:
+def load_model_from_args(
+    args: argparse.Namespace, path: str | None = None
+) -> tuple[argparse.Namespace, LoadedModel | None]:
     """load_model(`path`, default --model_path) with the script's --model, --dataset and
-    --trust_pickle, filling in args.model and args.dataset with what the checkpoint is. Without
-    a path: None, and the two flags get their defaults where not given."""
+    --trust_pickle; and a copy of the flags whose --model and --dataset are what the checkpoint
+    is (the parsed flags are left as they are). Without a path: None, and the two flags get
+    their defaults where not given."""
     path = getattr(args, "model_path", "") if path is None else path
     if not path:
-        args.model, args.dataset = resolve_model_flags(args.model, args.dataset, None, "")
-        return None
+        model, dataset = resolve_model_flags(args.model, args.dataset, None, "")
+        return with_values(args, model=model, dataset=dataset), None
     loaded = load_model(path, args.model, args.dataset, args.trust_pickle)
-    args.model, args.dataset = loaded.model_name, loaded.dataset
-    return loaded
+    return with_values(args, model=loaded.model_name, dataset=loaded.dataset), loaded
 
 
-def model_and_dataset(args: argparse.Namespace) -> tuple[LoadedModel | None, Dataset]:
-    """The --model_path checkpoint (load_model_from_args: fills in --model and --dataset) and
-    then the dataset it was trained on."""
-    loaded = load_model_from_args(args)
-    return loaded, load_dataset(args.dataset, args.data_root)
+def model_and_dataset(
+    args: argparse.Namespace,
+) -> tuple[argparse.Namespace, LoadedModel | None, Dataset]:
+    """The flags with --model and --dataset filled in, the --model_path checkpoint
+    (load_model_from_args) and the dataset it was trained on."""
+    args, loaded = load_model_from_args(args)
+    return args, loaded, load_dataset(args.dataset, args.data_root)
 
 
 def checkpoint_epoch(meta: dict | None, path: str) -> float | None:
