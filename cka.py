@@ -221,7 +221,7 @@ def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
     `adversarial` on L-inf PGD examples of x made against it (attacked_batches' keys)."""
     model, params, net_state = loaded.model, loaded.params, loaded.net_state
     if adversarial:
-        settings = attack_settings(eps_from_255(args.eps))["linf"]
+        settings = attack_settings(args.eps_linf)["linf"]
         attack = make_attack_fn(model, Dynamics(), **settings)
         batches = attacked_batches(
             x,
@@ -278,7 +278,7 @@ def torch_cka(args, adv: list[int]) -> dict:
     requested_batch = args.batch_size or 1024  # the CKA project's; fewer images: one batch
     args = with_values(args, batch_size=min(requested_batch, len(x)))
     # the CKA project's L-inf radius is 0.031 (7.9/255); --eps (in 1/255) replaces it
-    linf_eps = eps_from_255(args.eps) if args.eps is not None else 0.031
+    linf_eps = args.eps_linf if args.eps is not None else 0.031
     eps = linf_eps if args.attack == "linf" else args.eps_l2
     step = args.pgd_step_size or {"linf": 0.0078, "l2": 0.1}[args.attack]
     print(f"{len(names[0])} x {len(names[1])} layers on {device}")
@@ -381,6 +381,7 @@ def main(argv=None) -> dict:
     args = with_values(  # this project's defaults
         args,
         eps=4.0 if args.eps is None else args.eps,
+        eps_linf=eps_from_255(4.0) if args.eps is None else args.eps_linf,
         n_images=args.n_images or 500,
         dataset_passes=args.dataset_passes or 1,
     )
@@ -504,7 +505,7 @@ def side_batch_fn(loaded: LoadedModel, adversarial: bool, args):
     model, params, net_state = loaded.model, loaded.params, loaded.net_state
     attack = None
     if adversarial:
-        settings = attack_settings(eps_from_255(args.eps))["linf"]
+        settings = attack_settings(args.eps_linf)["linf"]
         attack = make_attack_fn(model, Dynamics(), **settings)
 
     def features(x, y, key):

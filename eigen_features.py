@@ -21,7 +21,7 @@ import os
 import jax
 import numpy as np
 
-from ntk_evolution.attacks.pgd import VARIANT_NAMES, eps_from_255
+from ntk_evolution.attacks.pgd import VARIANT_NAMES
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
                 x,
                 y,
                 jax.random.fold_in(key, len(rows)),
-                eps_linf=eps_from_255(args.eps),
+                eps_linf=args.eps_linf,
                 n_steps=args.pgd_steps,
                 variant=args.attack_variant,
                 description=f"{kind} {k}",

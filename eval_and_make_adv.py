@@ -209,7 +209,7 @@ def main(argv=None) -> dict:
         tally.add(flags)
         return checks
 
-    fns = {} if args.no_adv else attack_fns(eps_from_255(args.eps))
+    fns = {} if args.no_adv else attack_fns(args.eps_linf)
     outputs = {"clean": [], "dirty": []}
     adv_images = []
     tally = Tally()
@@ -224,7 +224,7 @@ def main(argv=None) -> dict:
         tally.add(correct)
     checks = None
     if args.autoattack and not args.no_adv:
-        checks = add_autoattack(tally, eps_from_255(args.eps))
+        checks = add_autoattack(tally, args.eps_linf)
 
     accuracies = tally.accuracies()
     results = {}

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from ntk_evolution.attacks.evaluation import NAMES, print_warnings
-from ntk_evolution.attacks.pgd import VARIANT_NAMES, eps_from_255
+from ntk_evolution.attacks.pgd import VARIANT_NAMES
 from ntk_evolution.cli import (
     Parser,
     add_kernel_flags,
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
         x,
         y,
         jax.random.PRNGKey(args.random_seed),
-        eps_linf=eps_from_255(args.eps),
+        eps_linf=args.eps_linf,
         n_steps=args.pgd_steps,
         attacks=("linf", "margin") if args.margin else ("linf",),
         restarts=args.restarts,

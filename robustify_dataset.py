@@ -44,7 +44,6 @@ import numpy as np
 from ntk_evolution.attacks.evaluation import print_warnings
 from ntk_evolution.attacks.pgd import (
     VARIANT_NAMES,
-    eps_from_255,
 )
 from ntk_evolution.cli import (
     Parser,
@@ -104,7 +103,7 @@ def main(argv=None) -> dict:
     choice = kernel_from_args(args, ds, loaded)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     original, labels = ds.x_train[indices], ds.y_train[indices]
-    eps = eps_from_255(args.eps)
+    eps = args.eps_linf
     start = time.time()
     images, history = robustify(
         choice.kernel_fn, original, labels, ds.x_train, ds.y_train, args.random_seed,

@@ -27,7 +27,6 @@ import numpy as np
 from tqdm import tqdm
 
 from ntk_evolution.attacks.evaluation import evaluate
-from ntk_evolution.attacks.pgd import eps_from_255
 from ntk_evolution.cli import (
     Parser,
     add_eps_flag,
@@ -164,7 +163,7 @@ def train_phase(
     """Train epochs start_epoch + 1 .. epochs of `phase` from the TrainState `state` with
     loader letter `loader`, saving the resume state after each."""
     optimizer = make_optimizer(lr_for_epoch(1))
-    eps = eps_from_255(args.eps)
+    eps = args.eps_linf
     steps = {}
     for epoch in range(start_epoch + 1, epochs + 1):
         adversarial = is_adversarial_epoch(loader, epoch)
@@ -347,7 +346,7 @@ def start_phase2(
     if not args.skip_first_test:
         results["standard"] = evaluate(
             run.model, PHASE1, params, None, net_state, run.x_test, run.y_test, run.eval_key,
-            eps_linf=eps_from_255(args.eps), description="evaluate phase 1",
+            eps_linf=args.eps_linf, description="evaluate phase 1",
         )  # fmt: skip
         run.log.test(1, end_epoch, results["standard"])
     theta_t = jax.tree.map(jnp.asarray, params)
@@ -427,7 +426,7 @@ def phase2(args, run: Run, state: TrainState, start_epoch: int, results: dict) -
         else:
             results["linear"] = evaluate(
                 run.model, dynamics, state.w, state.theta_t, state.net_state, run.x_test,
-                run.y_test, run.eval_key, eps_linf=eps_from_255(args.eps),
+                run.y_test, run.eval_key, eps_linf=args.eps_linf,
                 description="evaluate phase 2",
             )  # fmt: skip
         run.log.test(2, args.linear_epochs, results["linear"])

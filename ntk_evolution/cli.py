@@ -45,6 +45,14 @@ class Parser(argparse.ArgumentParser):
         print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(2)
 
+    def parse_args(self, args=None, namespace=None):
+        """The flags, with --eps (in 1/255, as the original's flag and as recorded) also as
+        `eps_linf` in image units: converted here, once."""
+        parsed = super().parse_args(args, namespace)
+        if getattr(parsed, "eps", None) is not None:
+            parsed.eps_linf = eps_from_255(parsed.eps)
+        return parsed
+
 
 # ----------------------------------------------------------------------------- output folders
 
@@ -292,7 +300,7 @@ def eps_list(text: str) -> list[float]:
 
 def autoattack_eps(args) -> float:
     """The radius of --autoattack in image units."""
-    return eps_from_255(args.eps) if args.autoattack_norm == "linf" else args.eps_l2
+    return args.eps_linf if args.autoattack_norm == "linf" else args.eps_l2
 
 
 def autoattack_threat(args) -> tuple[str, float] | None:

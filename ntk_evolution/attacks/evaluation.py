@@ -25,6 +25,7 @@ from ntk_evolution.attacks.autoattack import AUTOATTACK, AUTOATTACK_FNS
 from ntk_evolution.attacks.pgd import (
     attack_key,
     attack_settings,
+    eps_from_255,
     nested_attack_key,
     pgd_restarts,
 )
@@ -98,6 +99,9 @@ def masking_warnings(accuracies: dict[str, float], checks: dict | None = None) -
     return warnings
 
 
+GREY_RADIUS = 0.5  # the L-inf radius whose ball around any image in [0, 1] holds the grey one
+
+
 def sweep_warnings(sweep: dict[float, float], grey_bound: float | None) -> list[str]:
     """Warnings naming gradient masking where robust accuracy does not fall towards zero as the
     L-inf radius grows: it rises with eps (more than one point), or at eps >= 0.5 (where the
@@ -111,7 +115,7 @@ def sweep_warnings(sweep: dict[float, float], grey_bound: float | None) -> list[
                 f"possible gradient masking: robust accuracy rises from {sweep[small]:.4f} at "
                 f"eps {small:g}/255 to {sweep[large]:.4f} at eps {large:g}/255"
             )
-    if grey_bound is not None and radii and radii[-1] >= 127.5:
+    if grey_bound is not None and radii and eps_from_255(radii[-1]) >= GREY_RADIUS:
         if sweep[radii[-1]] > grey_bound + 0.01:
             warnings.append(
                 f"possible gradient masking: at eps {radii[-1]:g}/255 the all-grey image is in "

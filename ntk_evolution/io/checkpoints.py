@@ -55,10 +55,11 @@ def epoch_from_name(path: str) -> float | None:
 
 
 # where a run writes and how it was launched, not what it is: left out of meta, so that the same
-# run gives the same bytes wherever it is saved and whether or not it was resumed
+# run gives the same bytes wherever it is saved and whether or not it was resumed (eps_linf is
+# --eps converted, recorded as --eps)
 NOT_RECORDED = frozenset(
     {"save_path", "resume", "data_root", "trust_pickle", "coordinator_address",
-     "num_processes", "process_id"}
+     "num_processes", "process_id", "eps_linf"}
 )  # fmt: skip
 
 
