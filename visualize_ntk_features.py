@@ -37,6 +37,8 @@ from ntk_evolution.io.checkpoints import (
     model_and_dataset,
 )
 from ntk_evolution.kernels.features import (
+    FEATURE_STEP_SIZE,
+    FEATURE_STEPS,
     optimise_feature_images,
     parameter_features,
     regression_weights,
@@ -55,6 +57,13 @@ def build_parser() -> Parser:
     p.add_argument("--save_name", default="ntk_eig_images", help="Prefix of the output files.")
     p.add_argument("--kernel_path", default="", help="Class kernel from calculate_kernel.py.")
     p.add_argument("--n_images", type=positive_int, default=3, help="Eigen-feature images to draw.")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=FEATURE_STEPS,
+        help=f"Signed-gradient steps of {FEATURE_STEP_SIZE} from grey for each image (the "
+        f"original's {FEATURE_STEPS}; fewer for a quick look).",
+    )
     # added
     add_model_flags(p)
     add_shared_flags(p)
@@ -136,7 +145,7 @@ def main(argv=None) -> dict:
     signs = np.array([1.0] * args.n_images + [-1.0] * args.n_images + [1.0])
     features = parameter_features(model, params, net_state, images, class_index, coefficients)
     optimised, cosines_start, cosines = optimise_feature_images(
-        model, params, net_state, ds.image_shape, class_index, features, signs
+        model, params, net_state, ds.image_shape, class_index, features, signs, args.steps
     )
     n = args.n_images
     result = {

@@ -11,9 +11,21 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# The scripts' cache folder (compiled functions, the digits split: utils.user_cache_dir) is a
-# folder of this test session, not the user's; subprocesses started by the tests share it.
-os.environ["NTK_CACHE_DIR"] = tempfile.mkdtemp(prefix="ntk_test_cache_")
+
+def session_cache_dir() -> str:
+    """The scripts' cache folder (compiled functions, the digits split: utils.user_cache_dir)
+    for this test session, not the user's: one folder for all of pytest-xdist's workers (named
+    by the run's id, which every worker shares), so that a function compiled by one worker is
+    loaded by the others; subprocesses started by the tests share it too."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        return tempfile.mkdtemp(prefix="ntk_test_cache_")
+    folder = os.path.join(tempfile.gettempdir(), f"ntk_test_{run[:12]}")  # short: --help
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
+os.environ["NTK_CACHE_DIR"] = session_cache_dir()
 
 
 def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed: int = 0):

@@ -101,7 +101,7 @@ def test_later_scripts_need_no_model_or_dataset(run_dir, tmp_path):
     results = eval_and_make_adv.main(shlex.split(f"--model_path {ckpt} --n_test 20 --no_adv"))
     assert 0.0 <= results["acc_clean"] <= 1.0 and len(results["predictions_clean"]) == 20
     features = visualize_ntk_features.main(
-        shlex.split(f"--model_path {ckpt} --dataset_size 20 --class_index 1 --n_images 1")
+        shlex.split(f"--model_path {ckpt} --dataset_size 20 --class_index 1 --n_images 1 --steps 5")
     )
     assert features["pos_images"].shape[1:] == (8, 8, 1)
     similarity = cka.main(

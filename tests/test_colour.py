@@ -93,7 +93,7 @@ def chain_steps(data: str) -> dict[str, tuple[str, str]]:
         "features": (
             "visualize_ntk_features",
             f"{data} --model_path {CKPT} --kernel_path run/kernels/saved_kernel_class_0_20.pkl "
-            "--n_images 1",
+            "--n_images 1 --steps 40",
         ),
         "analysis": (
             "analyze_kernels",
@@ -140,7 +140,7 @@ def chain(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         if request.param == "cifar10":
-            write_cifar10_fixture("data", n_train=300, n_test=40)
+            write_cifar10_fixture("data", n_train=160, n_test=20)
             import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
 
             patch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))

@@ -184,8 +184,8 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     from ntk_evolution.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=300, n_test=100)
-    small = "--model cnn_small --n_test 50"
+    write_cifar10_fixture("data", n_train=300, n_test=20)
+    small = "--model cnn_small --n_test 10"
     skip = "--skip_first_test --skip_second_test"
     extras = [
         f"{small} --standard_epochs 21 {skip}",
@@ -198,7 +198,7 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     for command, extra in zip(readme_examples(), extras, strict=True):
         run_command(command, extra)
     data = load_dataset("cifar10", "data")
-    check_outputs(data, 50, kernel_size=50)
+    check_outputs(data, 10, kernel_size=50)
     transfer = eval_and_make_adv.main(
         shlex.split(
             "--model_path saved_model_path_phase_1/parameters_checkpoint_20.pkl --test_path "
@@ -206,6 +206,6 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
         )
     )
     assert transfer["acc_clean"] is None and 0 <= transfer["acc_transfer"] <= 1
-    assert transfer["predictions_clean"].shape == (50,) and transfer["acc_dirty"] is not None
+    assert transfer["predictions_clean"].shape == (10,) and transfer["acc_dirty"] is not None
     stored = load("saved_model_path_phase_1/test_results_transfer_test_results.pkl")
     assert stored["acc_transfer"] == transfer["acc_transfer"]

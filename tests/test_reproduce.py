@@ -370,12 +370,14 @@ def test_an_interrupted_study_continues_from_its_last_finished_seed(tmp_path, mo
 @pytest.mark.slow
 def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=300, n_test=40)
+    write_cifar10_fixture("data", n_train=150, n_test=16)
     import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
 
     monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     reproduce = load_script()
-    flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} --out runs".split()
+    # AutoAttack and the predictors' attacks on fewer images: most of this study's time
+    small = "--aa_n_test 2 --eigen_n_test 4 --predictor_n_test 4"
+    flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} {small} --out runs".split()
     out = tmp_path / "runs"
     # an earlier start with these settings was interrupted inside seed 0
     (out / "seed_0" / "phase1_benign").mkdir(parents=True)
