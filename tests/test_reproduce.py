@@ -1,8 +1,9 @@
 """`make reproduce` over seeds: intervals against their definitions, the claims' effects against
 the figures they rest on, verdicts against the rule, the report and pictures from synthetic
-seeds, bad input refused before anything is written, and the whole study end to end on digits
-(two seeds side by side) and on the CIFAR-format fixture (one seed, after an interrupted start),
-and the seeds' bookkeeping (a finished seed is not rerun) with synthetic studies."""
+seeds, bad input refused before anything is written, the whole study end to end on digits (two
+seeds side by side; the study on the CIFAR-format fixture is in test_reproduce_cifar.py, a file
+of its own so that pytest-xdist runs the two studies side by side), and the seeds' bookkeeping
+(a finished seed is not rerun) with synthetic studies."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import sys
 import matplotlib.image
 import numpy as np
 import pytest
-from conftest import ROOT, write_cifar10_fixture
+from conftest import ROOT
 from scipy import stats
 
 from ntk_evolution.study import intervals
@@ -27,6 +28,9 @@ TINY = (
     "--epochs 2 --phase2_epochs 1 --kernel_size 30 --kernel_epochs 0,1,2 --phase2_from 2 "
     "--attack_steps 2 --eigen_n_test 10 --aa_n_test 8 --predictor_n_test 10"
 )
+# the end-to-end studies: AutoAttack and the predictors' attacks on fewer images (most of a
+# study's time; the images are not what is under test)
+SMALL = "--aa_n_test 2 --eigen_n_test 4 --predictor_n_test 4"
 SETTINGS = {
     "aa_n_test": 8, "attack_steps": 2, "dataset": "digits", "eigen_n_test": 10, "epochs": 2,
     "eps": 32.0, "kernel_epochs": "0,1,2", "kernel_size": 30, "model": "cnn_small",
@@ -313,7 +317,8 @@ def test_two_seeds_side_by_side_on_digits(tmp_path):
     """Seeds in processes of their own, on the small MLP (the seeds' bookkeeping is under test
     here; the study of cnn_small, on colour images, is run below)."""
     out = tmp_path / "runs"
-    done = run_script(f"--seeds 2 --parallel 2 {TINY} --model mlp_skinny --out {out}", tmp_path)
+    flags = f"{TINY} {SMALL} --model mlp_skinny --out {out}"
+    done = run_script(f"--seeds 2 --parallel 2 {flags}", tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "seed 1: started in its own process" in done.stdout
     summary = check_study(out, 2)
@@ -324,7 +329,7 @@ def test_two_seeds_side_by_side_on_digits(tmp_path):
     assert len(summary["figures"]["phase1/benign/autoattack"]["per_seed"]) == 2
     # run again: nothing is rerun, the seeds' files are untouched
     stamps = [(out / f"seed_{s}" / "figures.json").stat().st_mtime_ns for s in (0, 1)]
-    again = run_script(f"--seeds 2 {TINY} --model mlp_skinny --out {out}", tmp_path)
+    again = run_script(f"--seeds 2 {flags}", tmp_path)
     assert again.returncode == 0 and "finished already" in again.stdout
     assert "run_exp.py" not in again.stdout
     assert [(out / f"seed_{s}" / "figures.json").stat().st_mtime_ns for s in (0, 1)] == stamps
@@ -365,36 +370,3 @@ def test_an_interrupted_study_continues_from_its_last_finished_seed(tmp_path, mo
     assert summary["figures"]["phase1/benign/clean"]["per_seed"][0] == pytest.approx(
         flatten(fake_results(0, 0.2))["phase1/benign/clean"]
     )
-
-
-@pytest.mark.slow
-def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=150, n_test=16)
-    import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
-
-    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
-    reproduce = load_script()
-    # AutoAttack and the predictors' attacks on fewer images: most of this study's time
-    small = "--aa_n_test 2 --eigen_n_test 4 --predictor_n_test 4"
-    flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} {small} --out runs".split()
-    out = tmp_path / "runs"
-    # an earlier start with these settings was interrupted inside seed 0
-    (out / "seed_0" / "phase1_benign").mkdir(parents=True)
-    (out / "settings.json").write_text(
-        json.dumps(reproduce.settings_of(reproduce.parse_args(flags)))
-    )
-    reproduce.main(flags)
-    assert "removing the unfinished run" in capsys.readouterr().out
-    summary = check_study(out, 1)
-    assert summary["interval"]["method"] is None  # one seed: no interval, nothing resolved
-    assert {c["verdict"] for c in summary["claims"]} == {"not resolved"}
-    figures = summary["figures"]
-    assert figures["phase1/benign/clean"]["per_seed"][0] >= 0.0
-    assert math.isfinite(figures["phase1/adversarial/autoattack"]["per_seed"][0])
-    assert "cifar10" in (out / "REPORT.md").read_text()
-    # run again: nothing is rerun
-    stamp = (out / "seed_0" / "figures.json").stat().st_mtime_ns
-    reproduce.main(flags)
-    assert "seeds [0] finished already" in capsys.readouterr().out
-    assert (out / "seed_0" / "figures.json").stat().st_mtime_ns == stamp
