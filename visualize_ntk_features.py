@@ -57,6 +57,7 @@ def build_parser() -> Parser:
     p.add_argument("--save_name", default="ntk_eig_images", help="Prefix of the output files.")
     p.add_argument("--kernel_path", default="", help="Class kernel from calculate_kernel.py.")
     p.add_argument("--n_images", type=positive_int, default=3, help="Eigen-feature images to draw.")
+    # added
     p.add_argument(
         "--steps",
         type=positive_int,
@@ -64,7 +65,6 @@ def build_parser() -> Parser:
         help=f"Signed-gradient steps of {FEATURE_STEP_SIZE} from grey for each image (the "
         f"original's {FEATURE_STEPS}; fewer for a quick look).",
     )
-    # added
     add_model_flags(p)
     add_shared_flags(p)
     add_seed_flag(p, "class-balanced subset (without --kernel_path)")
