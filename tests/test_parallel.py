@@ -18,7 +18,8 @@ SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sharded_run.p
 
 
 def start(path, devices: int, *distributed: str) -> subprocess.Popen:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())  # keeps conftest's one thread per worker
     env["JAX_PLATFORMS"] = "cpu"
     return subprocess.Popen(
         [sys.executable, SCRIPT, str(path), *distributed],
