@@ -323,18 +323,28 @@ def _compiled_pgd(
     )
 
 
-@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
 def make_autoattack_fns(
     model: hk.TransformedWithState, dynamics: Dynamics, *, eps: float, norm: str, n_classes: int
 ) -> dict[str, Callable]:
     """{name: jitted attack(w, theta_t, net_state, x, y, key)} for AutoAttack's four attacks
-    (autoattack.py) in the `norm` ball of radius eps, and its 'zero_gradient' check."""
+    (autoattack.py) in the `norm` ball of radius eps, and its 'zero_gradient' check; eps is an
+    argument of the compiled attacks, so that another radius (--eps_sweep) reuses them."""
+    budget = {"eps": np.float32(eps)}
     return {
-        name: _jit_attack(
-            model, dynamics, functools.partial(fn, eps=eps, norm=norm, n_classes=n_classes)
+        name: functools.partial(
+            _compiled_autoattack(model, dynamics, name, norm, n_classes), budget=budget
         )
-        for name, fn in AUTOATTACK_FNS.items()
+        for name in AUTOATTACK_FNS
     }
+
+
+@functools.lru_cache(maxsize=32)  # one compilation per model, dynamics, attack and threat model
+def _compiled_autoattack(
+    model: hk.TransformedWithState, dynamics: Dynamics, name: str, norm: str, n_classes: int
+) -> Callable:
+    return _jit_attack(
+        model, dynamics, functools.partial(AUTOATTACK_FNS[name], norm=norm, n_classes=n_classes)
+    )
 
 
 @functools.lru_cache(maxsize=32)  # one compilation per model, dynamics and setting
