@@ -315,7 +315,7 @@ def check_study(out, n_seeds: int) -> dict:
 @pytest.mark.slow
 def test_two_seeds_side_by_side_on_digits(tmp_path):
     """Seeds in processes of their own, on the small MLP (the seeds' bookkeeping is under test
-    here; the study of cnn_small, on colour images, is run below)."""
+    here; the study of cnn_small, on colour images, is in test_reproduce_cifar.py)."""
     out = tmp_path / "runs"
     flags = f"{TINY} {SMALL} --model mlp_skinny --out {out}"
     done = run_script(f"--seeds 2 --parallel 2 {flags}", tmp_path)

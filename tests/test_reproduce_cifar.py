@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import pytest
 from conftest import write_cifar10_fixture
@@ -14,12 +13,9 @@ from test_reproduce import SMALL, TINY, check_study, load_script
 
 
 @pytest.mark.slow
-def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys):
+def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys, skip_cifar_md5):
     monkeypatch.chdir(tmp_path)
     write_cifar10_fixture("data", n_train=150, n_test=16)
-    import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
-
-    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
     reproduce = load_script()
     flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} {SMALL} --out runs".split()
     out = tmp_path / "runs"
