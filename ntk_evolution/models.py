@@ -206,11 +206,24 @@ def init_model(
     """Initial (params, net_state) for images of `image_shape` (H, W, C). BatchNorm's running
     variance starts at 1 as in PyTorch (Haiku's starts at 0, which makes inference mode divide by
     sqrt(1e-5) per layer and overflow in ResNet-18 at initialisation)."""
-    params, net_state = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), True)
-    net_state = {
-        name: {**state, "average": jnp.ones_like(state["average"])}
-        if name.endswith("var_ema")
-        else state
-        for name, state in net_state.items()
-    }
-    return params, net_state
+    return _compiled_init(model, tuple(image_shape))(key)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_init(model: hk.TransformedWithState, image_shape: tuple[int, ...]) -> Callable:
+    """init_model as one compiled program per model and image shape: run op by op, Haiku's
+    initialisers compile dozens of small programs (one per shape of each random draw). The
+    values are bit-identical to the op-by-op ones (every model, both image sizes, checked on
+    the 2-core machine; tests/test_data_models.py checks it)."""
+
+    def init(key):
+        params, net_state = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), True)
+        net_state = {
+            name: {**state, "average": jnp.ones_like(state["average"])}
+            if name.endswith("var_ema")
+            else state
+            for name, state in net_state.items()
+        }
+        return params, net_state
+
+    return jax.jit(init)

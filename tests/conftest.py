@@ -4,28 +4,52 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
+import shutil
 
 import numpy as np
 import pytest
 
+from ntk_evolution.cli import default_compile_cache
+from ntk_evolution.parallel import enable_compile_cache
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def session_cache_dir() -> str:
-    """The scripts' cache folder (compiled functions, the digits split: utils.user_cache_dir)
-    for this test session, not the user's: one folder for all of pytest-xdist's workers (named
-    by the run's id, which every worker shares), so that a function compiled by one worker is
-    loaded by the others; subprocesses started by the tests share it too."""
-    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-    if not run:
-        return tempfile.mkdtemp(prefix="ntk_test_cache_")
-    folder = os.path.join(tempfile.gettempdir(), f"ntk_test_{run[:12]}")  # short: --help
-    os.makedirs(folder, exist_ok=True)
+# a kept test cache is emptied when it grows past this (a full run of the suite writes ~0.5 GB)
+TEST_CACHE_LIMIT = 2 * 1024**3
+
+
+def test_cache_dir() -> str:
+    """The scripts' cache folder in the tests (utils.user_cache_dir: compiled functions, the
+    digits split), not the user's: $NTK_TEST_CACHE_DIR, else ntk_evolution_tests beside the
+    user's cache folder. It is kept from one run of the suite to the next and shared by
+    pytest-xdist's workers and the tests' subprocesses, so that a program compiled once is loaded,
+    not compiled again (a third of the suite's time is compiling: docs/benchmarks.md). Safe to
+    keep: JAX keys each entry by the program itself, its shapes, devices, flags and JAX's
+    version, so an entry is only reused for the very same program. The tests of the cache itself
+    (test_workflow.py) use folders of their own."""
+    if os.environ.get("NTK_TEST_CACHE_DIR"):
+        return os.environ["NTK_TEST_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ntk_evolution_tests")
+
+
+def bounded(folder: str, limit: int = TEST_CACHE_LIMIT) -> str:
+    """`folder`, emptied first when it holds more than `limit` bytes (by the pytest process
+    that starts the run, before any worker: never while one reads it)."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or not os.path.isdir(folder):
+        return folder
+    size = sum(
+        os.path.getsize(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    )
+    if size > limit:
+        shutil.rmtree(folder, ignore_errors=True)
     return folder
 
 
-os.environ["NTK_CACHE_DIR"] = session_cache_dir()
+os.environ["NTK_CACHE_DIR"] = bounded(test_cache_dir())
 
 
 def one_thread_per_worker() -> None:
@@ -42,6 +66,8 @@ def one_thread_per_worker() -> None:
 
 
 one_thread_per_worker()
+# every test's compiled functions, not only the scripts' (which turn it on themselves)
+enable_compile_cache(default_compile_cache())
 
 
 def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed: int = 0):

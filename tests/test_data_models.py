@@ -106,6 +106,25 @@ def test_models_take_both_image_sizes(name, shape, n_classes):
     assert np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.parametrize("name", ["cnn_small", "mlp_skinny"])
+@pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
+def test_compiled_init_is_haikus_init_op_by_op(name, shape):
+    """init_model runs Haiku's init as one compiled program: the same values as Haiku's init
+    run op by op (then BatchNorm's running variance set to 1), to the last bit on this CPU."""
+    model = get_model(name, 10)
+    key = jax.random.PRNGKey(3)
+    params, state = init_model(model, key, shape)
+    ref_params, ref_state = model.init(key, jnp.zeros((1, *shape)), True)
+    for ours, ref in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
+    for name_, values in ref_state.items():
+        for field, ref in values.items():
+            expected = (
+                np.ones_like(ref) if name_.endswith("var_ema") and field == "average" else ref
+            )
+            np.testing.assert_array_equal(np.asarray(state[name_][field]), np.asarray(expected))
+
+
 @pytest.mark.slow
 def test_resnet18_is_the_cifar_variant():
     model = get_model("resnet18", 10)
