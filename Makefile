@@ -27,17 +27,18 @@ automata: $(VENV)/.installed
 bench: $(VENV)/.installed
 	NTK_CONV_IMPL=$${NTK_CONV_IMPL:-matmul} $(PY) benchmarks/bench_train.py
 
-# every core (pytest-xdist), each test file on one worker so that its module fixtures run once
+# every core (pytest-xdist), each test file on one worker so that its module fixtures run once,
+# the longest files first (tests/conftest.py: LONGEST_FIRST)
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n auto --dist loadfile --durations=25 tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=25 tests
 
 # the tests not marked slow (end-to-end runs and the costliest checks left out): under 3 minutes on 2 cores
 test-fast: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow" tests
+	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -19,6 +19,7 @@ from ntk_evolution.attacks.evaluation import (
     make_logits_fn,
 )
 from ntk_evolution.attacks.pgd import attack_settings
+from ntk_evolution.cli import default_compile_cache
 from ntk_evolution.data import load_dataset
 from ntk_evolution.dynamics import PHASE1
 from ntk_evolution.kernels.ntk import empirical_ntk
@@ -28,6 +29,7 @@ from ntk_evolution.training import init_train_state, make_optimizer, make_train_
 from ntk_evolution.utils import UserError, is_writer, to_host
 
 EPS = 32 / 255
+AUTOATTACK_IMAGES = 48  # 12 per device on 4
 
 
 def main(path: str, coordinator: str = "", processes: str = "1", process_id: str = "0") -> None:
@@ -37,6 +39,8 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
             coordinator_address=coordinator,
             num_processes=int(processes),
             process_id=int(process_id),
+            compile_cache=default_compile_cache(),  # the tests' (conftest.test_cache_dir)
+            no_compile_cache=False,
         )
     )
     ds = load_dataset("digits")
@@ -60,13 +64,14 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
     xb, yb = shard_batch(ds.x_test[:100], ds.y_test[:100])
     w, net = replicate((state.w, state.net_state))
     adversarial_images = to_host(attack(w, None, net, xb, yb, jax.random.PRNGKey(3)))
-    # AutoAttack's four on the same sharded batch: each one's accuracy
+    # AutoAttack's four on the first 48 of them, sharded: each one's accuracy
     autoattack = make_autoattack_fns(model, PHASE1, eps=EPS, norm="linf", n_classes=10)
     logits = make_logits_fn(model, PHASE1)
+    xa, ya = shard_batch(ds.x_test[:AUTOATTACK_IMAGES], ds.y_test[:AUTOATTACK_IMAGES])
     autoattack_accuracy = []
     for name in AUTOATTACK:  # not its zero-gradient check
-        x_aa = autoattack[name](w, None, net, xb, yb, jax.random.PRNGKey(4))
-        correct = jax.numpy.argmax(logits(w, None, net, x_aa), -1) == yb
+        x_aa = autoattack[name](w, None, net, xa, ya, jax.random.PRNGKey(4))
+        correct = jax.numpy.argmax(logits(w, None, net, x_aa), -1) == ya
         autoattack_accuracy.append(float(np.mean(to_host(correct))))
     kernel = empirical_ntk(model, state.w, state.net_state, ds.x_train[:30], chunk_size=10)
     flat = np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(state.w)])

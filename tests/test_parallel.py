@@ -69,9 +69,9 @@ def test_four_devices_and_two_hosts_match_one_device(tmp_path):
     assert agree.mean() > 0.99, agree.mean()
     assert np.abs(four["adversarial"] - one["adversarial"]).max() <= 2 * 32 / 255 + 1e-6
     np.testing.assert_allclose(four["accuracy"], one["accuracy"], atol=2 / 150)
-    # AutoAttack's four attacks, sharded: the same accuracies within two of the 100 examples
-    np.testing.assert_allclose(four["autoattack"], one["autoattack"], atol=2 / 100)
-    np.testing.assert_allclose(hosts["autoattack"], four["autoattack"], atol=2 / 100)
+    # AutoAttack's four attacks, sharded: the same accuracies within two of the 48 examples
+    np.testing.assert_allclose(four["autoattack"], one["autoattack"], atol=2 / 48)
+    np.testing.assert_allclose(hosts["autoattack"], four["autoattack"], atol=2 / 48)
     np.testing.assert_allclose(four["kernel"], one["kernel"], rtol=5e-4, atol=1e-6)
     # a training batch that does not divide over the devices is a clear error
     assert str(one["error"]) == ""
