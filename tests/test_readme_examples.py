@@ -184,7 +184,7 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     from ntk_evolution.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=300, n_test=20)
+    write_cifar10_fixture("data", n_train=150, n_test=20)
     small = "--model cnn_small --n_test 10"
     skip = "--skip_first_test --skip_second_test"
     extras = [

@@ -15,7 +15,7 @@ from test_reproduce import SMALL, TINY, check_study, load_script
 @pytest.mark.slow
 def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys, skip_cifar_md5):
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=150, n_test=16)
+    write_cifar10_fixture("data", n_train=130, n_test=8)
     reproduce = load_script()
     flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} {SMALL} --out runs".split()
     out = tmp_path / "runs"
