@@ -134,7 +134,7 @@ def test_failed_save_raises_a_clear_error_and_keeps_the_previous_file(tmp_path, 
 
 RUN = (
     f"{DIGITS} --loaders AC --standard_epochs 2 --linear_epochs 2 --centering --eps 32 "
-    "--n_test 100 --save_models --random_seed 3"
+    "--n_test 30 --save_models --random_seed 3"
 )
 
 

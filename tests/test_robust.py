@@ -147,7 +147,7 @@ def test_robust_data_study_writes_its_report(tmp_path):
     rows = robust_data_study.main(
         ["--support_size", "50", "--steps", "3", "--epochs", "2", "--batch_size", "25",
          "--source_epochs", "1",
-         "--restarts", "2", "--n_test", "16", "--out", str(out)]
+         "--restarts", "2", "--n_test", "8", "--out", str(out)]
     )  # fmt: skip
     assert len(rows) == 2 + 3 * 2 and all(len(v) == 7 for v in rows.values())
     for values in rows.values():  # the worst case is below every single attack and AutoAttack
@@ -174,7 +174,7 @@ def test_robust_data_study_writes_its_report(tmp_path):
 
     # transfer examples must be of the very test images evaluated
     transfer = out / "source_cnn_small" / "adv_examples_source.pkl"
-    with pytest.raises(UserError, match="--n_test 16"):
+    with pytest.raises(UserError, match="--n_test 8"):
         eval_and_make_adv.main(
             ["--dataset", "digits", "--model", "mlp_skinny", "--n_test", "30",
              "--model_path", str(out / "mlp_skinny_optimised" / "parameters_final.pkl"),
