@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -31,7 +32,12 @@ def test_cache_dir() -> str:
     if os.environ.get("NTK_TEST_CACHE_DIR"):
         return os.environ["NTK_TEST_CACHE_DIR"]
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ntk_evolution_tests")
+    folder = os.path.join(base, "ntk_evolution_tests")
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError:  # no writable cache folder (a read-only home): a fresh one for this run
+        folder = tempfile.mkdtemp(prefix="ntk_test_cache_")
+    return folder
 
 
 def bounded(folder: str, limit: int = TEST_CACHE_LIMIT) -> str:
