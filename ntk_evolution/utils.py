@@ -32,8 +32,12 @@ def user_cache_dir() -> str:
     $XDG_CACHE_HOME/ntk_evolution, else ~/.cache/ntk_evolution."""
     if os.environ.get("NTK_CACHE_DIR"):
         return os.environ["NTK_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ntk_evolution")
+    return os.path.join(cache_home(), "ntk_evolution")
+
+
+def cache_home() -> str:
+    """The user's cache folders' parent: $XDG_CACHE_HOME, else ~/.cache."""
+    return os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
 
 
 class UserError(Exception):

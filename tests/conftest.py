@@ -12,6 +12,7 @@ import pytest
 
 from ntk_evolution.cli import default_compile_cache
 from ntk_evolution.parallel import enable_compile_cache
+from ntk_evolution.utils import cache_home
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEST_CACHE_LIMIT = 2 * 1024**3
 
 
-def test_cache_dir() -> str:
+def tests_cache_dir() -> str:
     """The scripts' cache folder in the tests (utils.user_cache_dir: compiled functions, the
     digits split), not the user's: $NTK_TEST_CACHE_DIR, else ntk_evolution_tests beside the
     user's cache folder. It is kept from one run of the suite to the next and shared by
@@ -31,8 +32,7 @@ def test_cache_dir() -> str:
     (test_workflow.py) use folders of their own."""
     if os.environ.get("NTK_TEST_CACHE_DIR"):
         return os.environ["NTK_TEST_CACHE_DIR"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    folder = os.path.join(base, "ntk_evolution_tests")
+    folder = os.path.join(cache_home(), "ntk_evolution_tests")
     try:
         os.makedirs(folder, exist_ok=True)
     except OSError:  # no writable cache folder (a read-only home): a fresh one for this run
@@ -55,7 +55,7 @@ def bounded(folder: str, limit: int = TEST_CACHE_LIMIT) -> str:
     return folder
 
 
-os.environ["NTK_CACHE_DIR"] = bounded(test_cache_dir())
+os.environ["NTK_CACHE_DIR"] = bounded(tests_cache_dir())
 
 
 def one_thread_per_worker() -> None:

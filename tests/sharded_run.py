@@ -39,7 +39,7 @@ def main(path: str, coordinator: str = "", processes: str = "1", process_id: str
             coordinator_address=coordinator,
             num_processes=int(processes),
             process_id=int(process_id),
-            compile_cache=default_compile_cache(),  # the tests' (conftest.test_cache_dir)
+            compile_cache=default_compile_cache(),  # the tests' (conftest.tests_cache_dir)
             no_compile_cache=False,
         )
     )
