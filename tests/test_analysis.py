@@ -112,6 +112,36 @@ def test_kernel_times_is_cross_kernel_times_coefficients():
         assert np.abs(np.asarray(got) - expected).max() < 1e-5 * np.abs(expected).max()
 
 
+def test_kept_jacobians_give_the_same_features_without_a_second_pass(monkeypatch):
+    """kernel_features with a `kept` list: the first call stores the support set's Jacobians,
+    later calls (other coefficients) reuse them and give bit for bit what a fresh pass gives;
+    over KEPT_JACOBIAN_BYTES nothing is kept."""
+    import ntk_evolution.kernels.ntk as ntk
+
+    model, params, net_state = small_model("mlp_skinny", n_classes=4, image_shape=(32, 32, 3))
+    x = random_images(6, (32, 32, 3), seed=3)
+    rng = np.random.default_rng(1)
+    first, second = rng.normal(size=(6, 1)), rng.normal(size=(6, 3))
+    kept = []
+    kernel_features(model, params, net_state, x, first, -1, kept)
+    assert len(kept) == 1
+    passes = []
+    make = ntk.make_jacobian_fn
+    monkeypatch.setattr(
+        ntk, "make_jacobian_fn", lambda *a: lambda *b: passes.append(b) or make(*a)(*b)
+    )
+    reused = kernel_features(model, params, net_state, x, second, -1, kept)
+    assert passes == []
+    monkeypatch.undo()
+    fresh = kernel_features(model, params, net_state, x, second, -1)
+    for a, b in zip(jax.tree.leaves(reused), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    monkeypatch.setattr(ntk, "KEPT_JACOBIAN_BYTES", 1000)
+    too_big = []
+    kernel_features(model, params, net_state, x, first, -1, too_big)
+    assert too_big == []
+
+
 def test_eigen_components_sum_to_kernel_regression_predictor():
     x, z = random_images(30, seed=4), random_images(7, seed=5)
     labels = np.arange(30) % 3

@@ -66,6 +66,7 @@ def test_cntk_in_the_kernel_scripts(tmp_path):
     assert result["kernel"].startswith("infinite-width convolutional NTK")
     summary = robustify_dataset.main(
         ["--dataset", "digits", "--kernel", "cntk", "--dataset_size", "20", "--steps", "1",
-         "--pgd_steps", "1", "--n_test", "10", "--out_dir", str(tmp_path / "rd")]
+         "--pgd_steps", "1", "--target_batch", "8", "--n_test", "4",
+         "--out_dir", str(tmp_path / "rd")]
     )  # fmt: skip
     assert 0 <= summary["test_accuracy"]["optimised"]["clean"] <= 1

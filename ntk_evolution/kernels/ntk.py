@@ -592,6 +592,7 @@ def kernel_features(
     x: np.ndarray,
     coefficients: np.ndarray,
     class_index: int = -1,
+    kept: list | None = None,
 ) -> hk.Params:
     """Parameter-space features of the kernel on images x (N, ...) with coefficients A (N, M):
 
@@ -599,17 +600,31 @@ def kernel_features(
 
     for each traced logit k (K = 1 for class_index c, K = C for -1). Leaves are shaped
     (M, K, *param_shape). Computed from per-example Jacobians in memory-bounded chunks of
-    images; K(z, x) A = kernel_times(T, z) then never needs the Jacobians of x again."""
+    images; K(z, x) A = kernel_times(T, z) then never needs the Jacobians of x again.
+
+    `kept`: a list shared by the calls on the same x and parameters (a support set's predictors:
+    eigen_features.py computes 16 and more). When all of x's Jacobians fit in one chunk and in
+    KEPT_JACOBIAN_BYTES, the first call stores them there and later calls reuse them: the same
+    numbers, without a Jacobian pass per predictor."""
     n_traced = 1 if class_index >= 0 else _n_logits(model, params, net_state, x[:1])
     bytes_per_image = 4 * tree_size(params) * n_traced
     chunk = plan_chunks(len(x), 0, bytes_per_image, default_memory_gb()).chunk_size
+    keep = kept is not None and chunk >= len(x) and bytes_per_image * len(x) <= KEPT_JACOBIAN_BYTES
     jacobian_fn = make_jacobian_fn(model, class_index)
     total = None
     for start in range(0, len(x), chunk):
-        jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
+        if keep and kept:
+            jac = kept[0]
+        else:
+            jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
+            if keep:
+                kept.append(jac)
         part = _contract_coefficients(jac, jnp.asarray(coefficients[start : start + chunk]))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return total
+
+
+KEPT_JACOBIAN_BYTES = 2**30  # kernel_features keeps a support set's Jacobians up to this size
 
 
 @jax.jit

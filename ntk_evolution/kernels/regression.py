@@ -328,8 +328,12 @@ def empirical_support_kernel(
     def apply(z, operand):
         return kernel_times(model, *operand, z, class_index=class_index)
 
+    jacobians = []  # the support set's, kept between predictors when they fit (kernel_features)
+
     def operator(coefficients):
-        features = kernel_features(model, params, net_state, images, coefficients, class_index)
+        features = kernel_features(
+            model, params, net_state, images, coefficients, class_index, jacobians
+        )
         return apply, (params, net_state, features)
 
     def cross(z):
