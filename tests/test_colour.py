@@ -34,8 +34,10 @@ pytestmark = pytest.mark.slow
 EPS = 16  # in 1/255
 RUN = (
     "--model cnn_small --loaders AC --standard_epochs 2 --centering --constant_save "
-    f"--constant_save_linear --save_models --n_test 16 --batch_size 64 --eps {EPS} --save_path run"
+    f"--constant_save_linear --save_models --n_test 16 --eps {EPS} --save_path run"
 )
+# training batches: digits' 1437 training images in 23 steps per epoch, the CIFAR fixture's 60 in 2
+BATCH = {"digits": 64, "cifar10": 30}
 CKPT = "run/parameters_checkpoint_1.pkl"  # phase 1, the start of epoch 2
 EXAMPLES = "run/eval/adv_examples_test_results.pkl"
 
@@ -46,17 +48,19 @@ class Chain(NamedTuple):
     returned: dict  # what each step's main() returned, by step name
 
 
-def chain_steps(data: str) -> dict[str, tuple[str, str]]:
-    """{step: (script, flags)}, in order; `data` is the dataset's flags."""
+def chain_steps(data: str, batch: int) -> dict[str, tuple[str, str]]:
+    """{step: (script, flags)}, in order; `data` is the dataset's flags, `batch` the training
+    batch size of the first run."""
+    run = f"{RUN} --batch_size {batch}"
     return {
         # phase 1 (adversarial) and one epoch of centered linearized phase 2, then --resume for
         # a second: the resume state and metrics.csv consumed
         # (tests skipped: the resumed run tests phase 2, PGD-Linf and PGD-L2)
         "train": (
             "run_exp",
-            f"{data} {RUN} --linear_epochs 1 --skip_first_test --skip_second_test",
+            f"{data} {run} --linear_epochs 1 --skip_first_test --skip_second_test",
         ),
-        "resume": ("run_exp", f"{data} {RUN} --linear_epochs 2 --resume"),
+        "resume": ("run_exp", f"{data} {run} --linear_epochs 2 --resume"),
         "eval": (
             "eval_and_make_adv",
             f"{data} --model_path run/parameters_final.pkl --linear --centering --save_examples "
@@ -140,7 +144,7 @@ def chain(request, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(folder)
         if request.param == "cifar10":
-            write_cifar10_fixture("data", n_train=160, n_test=20)
+            write_cifar10_fixture("data", n_train=60, n_test=20)
             import torchvision.datasets.cifar as cifar  # only the md5 check is bypassed
 
             patch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
@@ -149,7 +153,7 @@ def chain(request, tmp_path_factory):
             data, ds = "--dataset digits", load_dataset("digits")
         returned = {
             step: SCRIPTS[script](shlex.split(flags))
-            for step, (script, flags) in chain_steps(data).items()
+            for step, (script, flags) in chain_steps(data, BATCH[request.param]).items()
         }
         yield Chain(folder, ds, returned)
 

@@ -184,14 +184,16 @@ def test_readme_examples_on_cifar10_fixture_and_the_transfer_of_example_5(
     from ntk_evolution.data import load_dataset
 
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=150, n_test=20)
+    # 5 training images per class (--dataset_size 50 takes them all), in 2 batches of 25
+    write_cifar10_fixture("data", n_train=50, n_test=20)
     small = "--model cnn_small --n_test 10"
+    train = f"{small} --batch_size 25"
     skip = "--skip_first_test --skip_second_test"
     extras = [
-        f"{small} --standard_epochs 21 {skip}",
-        f"{small} --standard_epochs 1 {skip}",
-        f"{small} --linear_epochs 1 {skip}",
-        f"{small} --linear_epochs 1 --skip_first_test",  # the last to write results.pkl
+        f"{train} --standard_epochs 21 {skip}",
+        f"{train} --standard_epochs 1 {skip}",
+        f"{train} --linear_epochs 1 {skip}",
+        f"{train} --linear_epochs 1 --skip_first_test",  # the last to write results.pkl
         small,
         "--model cnn_small --dataset_size 50",
     ]
