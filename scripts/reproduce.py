@@ -77,6 +77,9 @@ from ntk_evolution.study.reproduction import (
 from ntk_evolution.utils import UserError, atomic_file, run_main
 
 SETTINGS_FILE = "settings.json"
+# settings added after studies were started, with the value those studies ran with: their
+# settings.json lacks them and they continue
+LATER_SETTINGS = {"batch_size": 128}
 FIGURES_FILE = "figures.json"  # a seed's figures, written last: it marks a finished seed
 SUMMARY_FILE = "summary.json"
 FIGURES_TABLE = "figures.csv"
@@ -98,6 +101,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--eps", type=finite_float(0, inclusive=False), default=32.0, help="L-inf radius in 1/255"
     )
     p.add_argument("--epochs", type=positive_int, default=20, help="phase 1")
+    p.add_argument(
+        "--batch_size", type=positive_int, default=128, help="training batch, phases 1 and 2"
+    )
     p.add_argument("--phase2_epochs", type=positive_int, default=20)
     p.add_argument("--kernel_size", type=positive_int, default=300)
     p.add_argument("--kernel_epochs", default="0,0.125,0.5,1,2,5,10,20")
@@ -181,7 +187,7 @@ def check_settings(out: str, settings: dict) -> None:
     path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(path):
         with open(path) as f:
-            saved = json.load(f)
+            saved = {**LATER_SETTINGS, **json.load(f)}
         differ = [k for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
         if differ:
             changes = ", ".join(
@@ -226,6 +232,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     log = open_log(out)
     dataset = shlex.join(["--dataset", args.dataset, "--data_root", args.data_root])
     common = f"{dataset} --model {args.model} --random_seed {seed}"
+    training = f"{common} --batch_size {args.batch_size}"  # run_exp.py's
     epochs, starts = kernel_epochs(vars(args)), phase2_from(vars(args))
     aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack --n_test {args.aa_n_test}"
     timings = {}
@@ -236,7 +243,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     for kind, letter in KINDS:
         phase1[kind] = call(
             run_exp,
-            f"{common} --eps {args.eps} --loaders {letter}C --standard_epochs {args.epochs} "
+            f"{training} --eps {args.eps} --loaders {letter}C --standard_epochs {args.epochs} "
             f"--linear_epochs 0 --save_models --constant_save --skip_second_test "
             f"--save_path {out}/phase1_{kind}",
             log,
@@ -280,7 +287,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
             path = checkpoint(f"{out}/phase1_{kind}", epoch, args.epochs)
             result = call(
                 run_exp,
-                f"{common} --eps {args.eps} --loaders CC --linear_epochs {args.phase2_epochs} "
+                f"{training} --eps {args.eps} --loaders CC --linear_epochs {args.phase2_epochs} "
                 f"--base_model_path {path} --centering --second_lr 0.01 --skip_first_test "
                 f"--save_models --save_path {out}/phase2_benign_from_{kind}_{format_epoch(epoch)}",
                 log,
@@ -290,7 +297,7 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
         path = checkpoint(f"{out}/phase1_benign", epoch, args.epochs)
         result = call(
             run_exp,
-            f"{common} --eps {args.eps} --loaders CA --linear_epochs {args.phase2_epochs} "
+            f"{training} --eps {args.eps} --loaders CA --linear_epochs {args.phase2_epochs} "
             f"--base_model_path {path} --centering --second_lr 0.01 --skip_first_test "
             f"--save_models --save_path {out}/phase2_adversarial_from_benign_{format_epoch(epoch)}",
             log,

@@ -22,6 +22,7 @@ from scipy import stats
 
 from ntk_evolution.study import intervals
 from ntk_evolution.study.reproduction import aggregate, claim_effects, draw, flatten, write_report
+from ntk_evolution.utils import UserError
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce.py")
 TINY = (
@@ -340,6 +341,20 @@ def load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_a_study_begun_before_a_setting_existed_continues_with_that_settings_old_value(tmp_path):
+    """A settings.json written before --batch_size existed lacks it: the study continues with
+    the value its seeds ran with (128), and is refused with another."""
+    reproduce = load_script()
+    settings = reproduce.settings_of(reproduce.parse_args(TINY.split()))
+    older = {k: v for k, v in settings.items() if k not in reproduce.LATER_SETTINGS}
+    assert settings["batch_size"] == 128 and "batch_size" not in older
+    (tmp_path / "settings.json").write_text(json.dumps(older))
+    reproduce.check_settings(str(tmp_path), settings)  # no error: the same study
+    other = reproduce.settings_of(reproduce.parse_args([*TINY.split(), "--batch_size", "32"]))
+    with pytest.raises(UserError, match="--batch_size 128 there, 32 here"):
+        reproduce.check_settings(str(tmp_path), other)
 
 
 def test_an_interrupted_study_continues_from_its_last_finished_seed(tmp_path, monkeypatch):

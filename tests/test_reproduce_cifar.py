@@ -15,9 +15,11 @@ from test_reproduce import SMALL, TINY, check_study, load_script
 @pytest.mark.slow
 def test_cifar_study_after_an_interrupted_start(tmp_path, monkeypatch, capsys, skip_cifar_md5):
     monkeypatch.chdir(tmp_path)
-    write_cifar10_fixture("data", n_train=130, n_test=8)
+    write_cifar10_fixture("data", n_train=50, n_test=8)  # 5 per class, in 2 batches of 25
     reproduce = load_script()
-    flags = f"--seeds 1 --dataset cifar10 --data_root data {TINY} {SMALL} --out runs".split()
+    flags = (
+        f"--seeds 1 --dataset cifar10 --data_root data {TINY} {SMALL} --batch_size 25 --out runs"
+    ).split()
     out = tmp_path / "runs"
     # an earlier start with these settings was interrupted inside seed 0
     (out / "seed_0" / "phase1_benign").mkdir(parents=True)
