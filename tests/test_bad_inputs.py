@@ -103,7 +103,9 @@ def files(tmp_path_factory):
     """A real run (checkpoint, resume state, kernel) and the bad files made from it."""
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
-    run_exp.main(shlex.split(f"{RUN_FLAGS} --save_models --skip_first_test --save_path {run}"))
+    run_exp.main(
+        shlex.split(f"{RUN_FLAGS} --save_models --skip_first_test --n_test 30 --save_path {run}")
+    )
     ckpt_path = str(run / "parameters_final.pkl")
     calculate_kernel.main(
         shlex.split(f"--model_path {ckpt_path} {DIGITS} --dataset_size 20 --class_index 1")
