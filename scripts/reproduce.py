@@ -79,7 +79,7 @@ from ntk_evolution.utils import UserError, atomic_file, run_main
 SETTINGS_FILE = "settings.json"
 # settings added after studies were started, with the value those studies ran with: their
 # settings.json lacks them and they continue
-LATER_SETTINGS = {"batch_size": 128}
+LATER_SETTINGS = {"batch_size": 128, "n_test": None}
 FIGURES_FILE = "figures.json"  # a seed's figures, written last: it marks a finished seed
 SUMMARY_FILE = "summary.json"
 FIGURES_TABLE = "figures.csv"
@@ -110,6 +110,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phase2_from", default="0,1,5,20")
     p.add_argument(
         "--attack_steps", type=positive_int, default=20, help="PGD steps on kernel predictors"
+    )
+    p.add_argument(
+        "--n_test",
+        type=positive_int,
+        default=None,
+        help="the networks' clean and PGD test figures on the first N test images (default: all)",
     )
     p.add_argument("--eigen_n_test", type=positive_int, default=100)
     p.add_argument(
@@ -233,6 +239,8 @@ def study(args: argparse.Namespace, seed: int, out: str) -> dict:
     dataset = shlex.join(["--dataset", args.dataset, "--data_root", args.data_root])
     common = f"{dataset} --model {args.model} --random_seed {seed}"
     training = f"{common} --batch_size {args.batch_size}"  # run_exp.py's
+    if args.n_test is not None:
+        training += f" --n_test {args.n_test}"
     epochs, starts = kernel_epochs(vars(args)), phase2_from(vars(args))
     aa_flags = f"--eps {args.eps} --autoattack --save_name autoattack --n_test {args.aa_n_test}"
     timings = {}

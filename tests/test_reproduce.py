@@ -318,7 +318,7 @@ def test_two_seeds_side_by_side_on_digits(tmp_path):
     """Seeds in processes of their own, on the small MLP (the seeds' bookkeeping is under test
     here; the study of cnn_small, on colour images, is in test_reproduce_cifar.py)."""
     out = tmp_path / "runs"
-    flags = f"{TINY} {SMALL} --model mlp_skinny --out {out}"
+    flags = f"{TINY} {SMALL} --model mlp_skinny --n_test 100 --out {out}"
     done = run_script(f"--seeds 2 --parallel 2 {flags}", tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "seed 1: started in its own process" in done.stdout
@@ -328,6 +328,7 @@ def test_two_seeds_side_by_side_on_digits(tmp_path):
     benign = summary["figures"]["phase1/benign/pgd_linf"]["per_seed"]
     assert benign[0] != benign[1]
     assert len(summary["figures"]["phase1/benign/autoattack"]["per_seed"]) == 2
+    assert "fractions of the first 100 test images" in (out / "REPORT.md").read_text()
     # run again: nothing is rerun, the seeds' files are untouched
     stamps = [(out / f"seed_{s}" / "figures.json").stat().st_mtime_ns for s in (0, 1)]
     again = run_script(f"--seeds 2 {flags}", tmp_path)
