@@ -125,6 +125,12 @@ def build_parser() -> Parser:
     p.add_argument(
         "--n_test", type=positive_int, default=None, help="Evaluate on the first N test images."
     )
+    p.add_argument(
+        "--n_train",
+        type=positive_int,
+        default=None,
+        help="Train on the first N training images (of --train_path's when given); for quick runs.",
+    )
     p.add_argument("--batch_size", type=positive_int, default=128, help="Training batch size.")
     p.add_argument(
         "--resume", action="store_true", help=f"Continue from --save_path/{'resume_state.pkl'}."
@@ -251,6 +257,10 @@ def setup(args) -> tuple[argparse.Namespace, Run, LoadedModel | None]:
         )
         ds = dataclasses.replace(ds, x_train=x_train, y_train=y_train)
         print(f"training on the {len(x_train)} images of {args.train_path}")
+    if args.n_train is not None:
+        ds = dataclasses.replace(
+            ds, x_train=ds.x_train[: args.n_train], y_train=ds.y_train[: args.n_train]
+        )
     if len(ds.x_train) < args.batch_size:
         raise UserError(
             f"--batch_size {args.batch_size} exceeds the {len(ds.x_train)} training images"

@@ -132,9 +132,11 @@ def test_failed_save_raises_a_clear_error_and_keeps_the_previous_file(tmp_path, 
 
 # ----------------------------------------------------------------------------- resume, determinism
 
+# on the first 512 training images (4 steps per epoch): what is under test is the run's files,
+# not how much it learns
 RUN = (
     f"{DIGITS} --loaders AC --standard_epochs 2 --linear_epochs 2 --centering --eps 32 "
-    "--n_test 30 --save_models --random_seed 3"
+    "--n_test 30 --n_train 512 --save_models --random_seed 3"
 )
 
 
@@ -392,6 +394,9 @@ def test_bad_inputs_get_one_line_and_exit_code_2(digits_run, tmp_path, capsys):
         (run_exp.main, f"{DIGITS} --second_lr -0.1", "--second_lr"),
         (run_exp.main, f"{DIGITS} --standard_epochs -3", "--standard_epochs"),
         (run_exp.main, f"{DIGITS} --linear_epochs 2.5", "--linear_epochs"),
+        (run_exp.main, f"{DIGITS} --n_train 0", "--n_train"),
+        # --n_train takes the first N: fewer than a batch is refused before anything is written
+        (run_exp.main, f"{DIGITS} --n_train 100", "exceeds the 100 training images"),
         (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --dataset_size 105", "multiple"),
         (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --dataset_size 5000", "largest"),
         (calculate_kernel.main, f"--model_path {ckpt} {DIGITS} --class_index 10", "--class_index"),

@@ -42,7 +42,7 @@ METRICS_FILE = "metrics.csv"
 RESUME_CONFIG = (
     "centering", "loose_bn_second", "do_standard_second",
     "random_seed", "base_model_path", "model", "loaders", "dataset", "second_lr", "eps",
-    "batch_size", "pure_pgd", "train_path",
+    "batch_size", "pure_pgd", "train_path", "n_train",
 )  # fmt: skip
 
 
