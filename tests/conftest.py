@@ -117,24 +117,25 @@ def write_cifar10_fixture(root: str, n_train: int = 600, n_test: int = 200, seed
 
 
 # The test files that take longest, longest first (seconds of one worker on the 2-core machine,
-# 2026-12-05, compile cache kept / empty). pytest-xdist hands out whole files (--dist loadfile)
-# in collection order (make test turns off its reordering by test count, which put these last
-# and left one worker running them alone): longest first keeps both workers busy to the end.
-# The files not named follow, in their usual order.
+# compile cache kept, 2026-12-06). pytest-xdist hands out whole files (--dist loadfile) in
+# collection order (make test turns off its reordering by test count, which put these last and
+# left one worker running them alone): longest first keeps both workers busy to the end. The
+# files not named follow, in their usual order.
 LONGEST_FIRST = [
-    "test_readme_examples.py",  # 155 / 195
-    "test_reproduce_cifar.py",  # 139 / 145
-    "test_parallel.py",  # 120 / 126
-    "test_readme_workflow.py",  # 102 / 106
-    "test_robust.py",  # 100 / 200
-    "test_reproduce.py",  # 97 / 158
-    "test_reliability.py",  # 95 / 109
-    "test_colour.py",  # 80 / 155
-    "test_autoattack.py",  # 56 / 170
-    "test_cntk.py",  # 55 / 94
-    "test_torch_models.py",  # 43 / 49
-    "test_automata.py",  # 28 / 59
-    "test_ntk.py",  # 25 / 80
+    "test_readme_workflow.py",  # 90
+    "test_reproduce_cifar.py",  # 83
+    "test_robust.py",  # 83
+    "test_reproduce.py",  # 79
+    "test_parallel.py",  # 69
+    "test_colour.py",  # 68
+    "test_autoattack.py",  # 58
+    "test_reliability.py",  # 50
+    "test_readme_examples.py",  # 46
+    "test_torch_models.py",  # 39
+    "test_automata.py",  # 35
+    "test_cntk.py",  # 34
+    "test_ntk.py",  # 32
+    "test_training.py",  # 25
 ]
 
 
