@@ -205,7 +205,8 @@ def train_phase(
             f"lr {lr_for_epoch(epoch):g} loss {metrics['loss']:.4f} "
             f"train acc {metrics['accuracy']:.4f} ({time.time() - start:.1f}s)"
         )
-    draw_curves(args, run)
+    if epochs > start_epoch:  # the phase's curves while the next phase runs; none trained: same
+        draw_curves(args, run)
     return state
 
 
