@@ -222,7 +222,7 @@ def last_kernel_epoch(settings: dict) -> float:
     return kernel_epochs(settings)[-1]
 
 
-def test_set(settings: dict) -> str:
+def networks_test_images(settings: dict) -> str:
     """The networks' test images in the report's words (--n_test; absent before it existed)."""
     n = settings.get("n_test")
     return "the test set" if n is None else f"the first {n} test images"
@@ -384,8 +384,8 @@ def write_report(summary: dict, settings: dict, out: str, wall: float) -> str:
         + ", ".join(f"{w / 60:.1f}" for w in summary["seed_wall_s"])
         + " min).",
         "",
-        f"Accuracies are fractions of {test_set(settings)}. PGD-Linf is 100 steps against the "
-        "network "
+        f"Accuracies are fractions of {networks_test_images(settings)}. PGD-Linf is 100 steps "
+        "against the network "
         f"(and {settings['attack_steps']} steps against kernel predictors). AutoAttack: robust "
         "to all of APGD-CE, APGD-T, FAB-T and Square (5000 queries; in turn, each on the images "
         "still robust, as the reference runs them), L-inf at the same eps, on the first "
