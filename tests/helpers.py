@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+from collections.abc import Callable, Sequence
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import analyze_kernels
 import calculate_kernel
@@ -17,6 +21,7 @@ import robustify_dataset
 import run_exp
 import visualize_ntk_features
 from ntk_evolution.models import get_model, init_model
+from ntk_evolution.utils import run_main
 
 # the nine NTK/CKA entry scripts' main(argv), by module name
 SCRIPTS = {
@@ -30,6 +35,20 @@ SCRIPTS = {
     "cka": cka.main,
     "robustify_dataset": robustify_dataset.main,
 }
+
+
+def one_line_error(main: Callable, argv: str | Sequence[str], capsys) -> str:
+    """Run an entry script's main(argv) through run_main (what its __main__ does) on bad input:
+    it must end with exit code 2 and one line on stderr, `error: ...`, with no traceback.
+    Returns that line."""
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(main, shlex.split(argv) if isinstance(argv, str) else list(argv))
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in captured.out + captured.err
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
 
 
 def small_model(name: str = "cnn_small", n_classes: int = 10, image_shape=(8, 8, 1), seed=0):

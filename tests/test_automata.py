@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from helpers import one_line_error
 
 from ntk_evolution.automata.extraction import (
     THRESHOLD_GRID,
@@ -407,17 +408,6 @@ def test_train_and_extract_scripts_give_the_true_dfa(tomita4_run, tmp_path):
             assert dfa.n_states == report["prefix_tree_nodes"] == report["states"]
         if "--minimize" in flags:
             assert dfa.n_states == report["states_minimized"] == 3
-
-
-def one_line_error(main, argv, capsys) -> str:
-    from ntk_evolution.utils import run_main
-
-    with pytest.raises(SystemExit) as exit_info:
-        run_main(main, argv)
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err.strip()
-    assert "\n" not in message and message.startswith("error:")
-    return message
 
 
 def test_extract_refuses_bad_input_in_one_line_writing_nothing(tmp_path, capsys):

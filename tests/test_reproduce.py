@@ -18,11 +18,12 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import ROOT
+from helpers import one_line_error
 from scipy import stats
 
 from ntk_evolution.study import intervals
 from ntk_evolution.study.reproduction import aggregate, claim_effects, draw, flatten, write_report
-from ntk_evolution.utils import UserError, run_main
+from ntk_evolution.utils import UserError
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce.py")
 TINY = (
@@ -272,30 +273,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys)
     assert "--seeds" in done.stderr and not (tmp_path / "runs").exists()
     monkeypatch.chdir(tmp_path)
     reproduce = load_script()
-
-    def run_here(args: str) -> subprocess.CompletedProcess:
-        with pytest.raises(SystemExit) as ended:
-            run_main(reproduce.main, args.split())
-        captured = capsys.readouterr()
-        return subprocess.CompletedProcess(args, ended.value.code, captured.out, captured.err)
-
     # a folder holding seeds of other settings: refused, nothing touched
     runs = tmp_path / "other"
     runs.mkdir()
     (runs / "settings.json").write_text(json.dumps({**SETTINGS, "epochs": 5}))
     before = {p.name: p.stat().st_mtime_ns for p in runs.iterdir()}
-    done = run_here(f"--out {runs} {TINY}")
-    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
-    assert "other settings" in done.stderr and "--epochs 5 there, 2 here" in done.stderr
+    message = one_line_error(reproduce.main, f"--out {runs} {TINY}", capsys)
+    assert "other settings" in message and "--epochs 5 there, 2 here" in message
     assert {p.name: p.stat().st_mtime_ns for p in runs.iterdir()} == before
     # a folder this script did not write
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
-    done = run_here(f"--out {tmp_path / 'mine'}")
-    assert done.returncode == 2 and "not written by reproduce.py" in done.stderr
+    message = one_line_error(reproduce.main, f"--out {tmp_path / 'mine'}", capsys)
+    assert "not written by reproduce.py" in message
     assert sorted(os.listdir(tmp_path / "mine")) == ["notes.txt"]
-    done = run_here("--kernel_epochs 0,x --out x")
-    assert done.returncode == 2 and "--kernel_epochs" in done.stderr
+    assert "--kernel_epochs" in one_line_error(
+        reproduce.main, "--kernel_epochs 0,x --out x", capsys
+    )
 
 
 def check_study(out, n_seeds: int) -> dict:
