@@ -22,7 +22,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 from conftest import write_cifar10_fixture
-from helpers import SCRIPTS
+from helpers import SCRIPTS, one_line_error
 
 from ntk_evolution.data import Dataset, load_dataset
 from ntk_evolution.io.checkpoints import load_examples, load_kernel, load_model
@@ -171,6 +171,23 @@ def test_the_chain_runs_on_the_datasets_own_images(chain):
     h, w, c = chain.ds.image_shape
     expected = (32, 32, 3) if chain.ds.name == "cifar10" else (8, 8, 1)
     assert (h, w, c) == expected
+
+
+def test_n_train_keeps_the_first_training_images(chain, capsys):
+    """run_exp.py --n_train N trains on the first N images of the dataset's training split, or
+    of --train_path's set: fewer than a batch is refused, naming N, before anything is written."""
+    data = f"--dataset {chain.ds.name}" + (
+        " --data_root data" if chain.ds.name == "cifar10" else ""
+    )
+    out = path(chain, "n_train")
+    for source, n in (("", 20), ("--train_path robust/robust_colour.pkl", 5)):
+        message = one_line_error(
+            SCRIPTS["run_exp"],
+            f"{data} --model cnn_small {source} --n_train {n} --batch_size 30 --save_path {out}",
+            capsys,
+        )
+        assert f"--batch_size 30 exceeds the {n} training images" in message
+    assert not os.path.exists(out)
 
 
 # every kind of file the chain writes: each must be present, and each is read back below
