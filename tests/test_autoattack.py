@@ -18,11 +18,14 @@ from ntk_evolution.attacks.autoattack import (
     AUTOATTACK,
     AUTOATTACK_FNS,
     _l2_candidate,
+    _pseudo_gaussian,
+    _pseudo_gaussians,
     apgd,
     apgd_checkpoints,
     dlr_targeted,
     fab,
     min_norm_to_hyperplane,
+    square_sides,
 )
 from ntk_evolution.attacks.evaluation import (
     Tally,
@@ -282,22 +285,47 @@ def test_apgd_raises_its_loss_above_pgd_start(linear_classifier):
     )
 
 
+def test_square_windows_follow_the_papers_schedule():
+    """Query i's window side is sqrt(p_i H W) rounded, p_i = 0.8 halved after queries 10, 50,
+    200, 500, 1000, 2000, 4000, 6000 and 8000 (the paper's schedule for 10k queries, as
+    AutoAttack runs it); L2 windows odd and at least 3, none wider than the image."""
+    linf = square_sides(5000, 32, 32, "linf")
+    assert linf.dtype == np.int32 and len(linf) == 5000
+    # sqrt(0.8 * 1024) = 28.6; then 20.2, 14.3, 10.1, 7.2, 5.1, 3.6 (p halved at each bound)
+    segments = [(0, 10, 29), (11, 50, 20), (51, 200, 14), (201, 500, 10), (501, 1000, 7),
+                (1001, 2000, 5), (2001, 4000, 4), (4001, 4999, 3)]  # fmt: skip
+    for first, last, side in segments:
+        assert set(linf[first : last + 1]) == {side}, (first, last)
+    l2 = square_sides(5000, 32, 32, "l2")
+    assert set(l2[:11]) == {29} and set(l2[11:51]) == {21} and set(l2[2001:]) == {5, 3}
+    assert np.all(l2 % 2 == 1) and l2.min() == 3
+    assert square_sides(20, 6, 6, "linf").max() == 5 and square_sides(20, 4, 4, "l2").max() == 4
+    assert square_sides(20, 2, 2, "l2").max() == 2  # an image narrower than 3: its own side
+
+
 def test_l2_square_candidate_takes_window_norms_per_channel():
     """One L2 Square proposal against the reference's rule on 3-channel images whose channels
     carry very different perturbation mass: window 2 emptied, the rest of the perturbation
     only rescaled, and channel k's new square in window 1 of norm sqrt(W_k^2 + (eps^2 -
     |delta|^2) / C) before the common rescaling to norm eps (W_k: channel k's norm over both
-    windows). A norm over all channels at once gives every channel the same square norm."""
+    windows). A norm over all channels at once gives every channel the same square norm. The
+    side s is traced, as in the attack's loop, and the pattern table is wider than s (5)."""
     rng = np.random.default_rng(5)
     n, side, c, s, eps = 3, 8, 3, 3, 0.5
+    table = _pseudo_gaussians(np.array([5, s, 5]))
+    assert table.shape == (6, 5, 5)
+    np.testing.assert_allclose(table[s, :s, :s], _pseudo_gaussian(s), rtol=1e-6)
+    assert not np.any(table[s, s:]) and not np.any(table[s, :, s:])
     x = np.full((n, side, side, c), 0.5, np.float32)
     delta = rng.normal(size=x.shape).astype(np.float32) * np.array([1.0, 0.1, 0.4], np.float32)
     delta *= 0.6 * eps / np.linalg.norm(delta.reshape(n, -1), axis=1)[:, None, None, None]
     corners1 = (jnp.asarray([0, 1, 2]), jnp.asarray([0, 4, 2]))
     corners2 = (jnp.asarray([5, 4, 3]), jnp.asarray([5, 0, 4]))  # the last overlaps window 1
-    candidate = _l2_candidate(
-        jnp.asarray(x), jnp.asarray(x + delta), jax.random.PRNGKey(0), corners1, corners2, s, eps
-    )
+    propose = jax.jit(functools.partial(_l2_candidate, eps=eps))
+    candidate = propose(
+        jnp.asarray(x), jnp.asarray(x + delta), jax.random.PRNGKey(0), corners1, corners2,
+        jnp.int32(s), table[s],
+    )  # fmt: skip
     new = np.asarray(candidate) - x
     assert 0 < np.asarray(candidate).min() and np.asarray(candidate).max() < 1  # no clipping
     np.testing.assert_allclose(np.linalg.norm(new.reshape(n, -1), axis=1), eps, rtol=1e-5)

@@ -372,20 +372,6 @@ def square_p_schedule(i: int, p_init: float = SQUARE_P_INIT) -> float:
     return p_init / 512
 
 
-def _segments(n_queries: int, side: Callable[[int], int]) -> list[tuple[int, int, int]]:
-    """[(first query, end query, window side)] over the candidate queries 0 .. n_queries - 1
-    (after the start's: n_queries + 1 in all, as the reference counts them), one segment per
-    window side (a static shape inside each)."""
-    segments: list[tuple[int, int, int]] = []
-    for i in range(n_queries):
-        s = side(i)
-        if segments and segments[-1][2] == s:
-            segments[-1] = (segments[-1][0], i + 1, s)
-        else:
-            segments.append((i, i + 1, s))
-    return segments
-
-
 def _pseudo_gaussian(s: int) -> np.ndarray:
     """The L2 Square attack's s x s perturbation: two stacked rectangles of nested squares with
     weights 1/(k+1)^2, opposite signs, unit L2 norm."""
@@ -413,12 +399,24 @@ def _window(shape, corner_h, corner_w, s):
     return (rows >= ch) & (rows < ch + s) & (cols >= cw) & (cols < cw + s)
 
 
+def _square_at(v: jax.Array, corner_h, corner_w, size: int) -> jax.Array:
+    """(N, size, size, C): the size x size block of v (N, H, W, C) at per-example corners, v
+    padded with zeros below and to the right so that no corner is moved to fit."""
+    padded = jnp.pad(v, ((0, 0), (0, size), (0, size), (0, 0)))
+    return jax.vmap(lambda d, a, b: jax.lax.dynamic_slice(d, (a, b, 0), (size, size, v.shape[3])))(
+        padded, corner_h, corner_w
+    )
+
+
 def _place(patch: jax.Array, shape, corner_h, corner_w) -> jax.Array:
-    """(N, H, W, C) zeros with patch (N, s, s, C) at per-example corners."""
-    zeros = jnp.zeros(shape[1:], patch.dtype)
-    return jax.vmap(lambda p, a, b: jax.lax.dynamic_update_slice(zeros, p, (a, b, 0)))(
+    """(N, H, W, C) zeros with patch (N, size, size, C) at per-example corners; what of the
+    patch falls outside the image is dropped (zeros here: the windows lie inside)."""
+    size = patch.shape[1]
+    zeros = jnp.zeros((shape[1] + size, shape[2] + size, shape[3]), patch.dtype)
+    placed = jax.vmap(lambda p, a, b: jax.lax.dynamic_update_slice(zeros, p, (a, b, 0)))(
         patch, corner_h, corner_w
     )
+    return placed[:, : shape[1], : shape[2]]
 
 
 def square(
@@ -432,7 +430,9 @@ def square(
     n_classes: int = 10,
     n_queries: int = SQUARE_QUERIES,
 ) -> jax.Array:
-    """Square Attack (one run of n_queries): random search on the margin loss."""
+    """Square Attack (one run of n_queries): random search on the margin loss. One loop over
+    the queries, the window side of query i read from a table: the model is compiled into the
+    loop once, not once per window side (a quarter of the compile time of AutoAttack)."""
     n, h, w, c = x.shape
 
     def margin_of(z):  # z_y - max_{j != y} z_j: positive while correctly classified
@@ -442,47 +442,67 @@ def square(
     if norm == "linf":
         stripes = jax.random.rademacher(init_key, (n, 1, w, c), dtype=x.dtype)
         x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-        side = lambda i: min(max(int(round(math.sqrt(square_p_schedule(i) * h * w))), 1), h, w)  # noqa: E731
     else:
         x_best = jnp.clip(x + eps * _l2_init(init_key, x.shape), 0.0, 1.0)
+    sides = square_sides(n_queries, h, w, norm)
+    patterns = _pseudo_gaussians(sides) if norm == "l2" else None
+    sides = jnp.asarray(sides)
 
-        def side(i):
-            s = max(int(round(math.sqrt(square_p_schedule(i) * h * w))), 3)
-            return min(s + 1 if s % 2 == 0 else s, h, w)
+    def body(i, x_best, best_margin):
+        s = sides[i]
+        k = jax.random.split(jax.random.fold_in(key, i), 5)
+        corner_h = jax.random.randint(k[0], (n,), 0, h - s + 1)
+        corner_w = jax.random.randint(k[1], (n,), 0, w - s + 1)
+        if norm == "linf":
+            signs = jax.random.rademacher(k[2], (n, 1, 1, c), dtype=x.dtype)
+            inside = _window(x.shape, corner_h, corner_w, s)
+            x_new = _project(x, x_best + jnp.where(inside, 2 * eps * signs, 0.0), eps, norm)
+        else:
+            corners2 = (jax.random.randint(k[3], (n,), 0, h - s + 1),
+                        jax.random.randint(k[4], (n,), 0, w - s + 1))  # fmt: skip
+            x_new = _l2_candidate(
+                x, x_best, k[2], (corner_h, corner_w), corners2, s, patterns[s], eps
+            )
+        new_margin = margin_of(x_new)
+        better = (new_margin < best_margin) & (best_margin > 0)
+        x_best = jnp.where(_expand(better), x_new, x_best)
+        return x_best, jnp.where(better, new_margin, best_margin)
 
-    best_margin = margin_of(x_best)
+    def cond(carry):
+        return (carry[0] < n_queries) & jnp.any(carry[2] > 0)
 
-    for start, end, s in _segments(n_queries, side):
+    def step(carry):
+        i, x_best, best_margin = carry
+        return (i + 1, *body(i, x_best, best_margin))
 
-        def body(i, carry, s=s):
-            x_best, best_margin = carry
-            k = jax.random.split(jax.random.fold_in(key, i), 5)
-            corner_h = jax.random.randint(k[0], (n,), 0, h - s + 1)
-            corner_w = jax.random.randint(k[1], (n,), 0, w - s + 1)
-            if norm == "linf":
-                signs = jax.random.rademacher(k[2], (n, 1, 1, c), dtype=x.dtype)
-                inside = _window(x.shape, corner_h, corner_w, s)
-                x_new = _project(x, x_best + jnp.where(inside, 2 * eps * signs, 0.0), eps, norm)
-            else:
-                corners2 = (jax.random.randint(k[3], (n,), 0, h - s + 1),
-                            jax.random.randint(k[4], (n,), 0, w - s + 1))  # fmt: skip
-                x_new = _l2_candidate(x, x_best, k[2], (corner_h, corner_w), corners2, s, eps)
-            new_margin = margin_of(x_new)
-            better = (new_margin < best_margin) & (best_margin > 0)
-            x_best = jnp.where(_expand(better), x_new, x_best)
-            return x_best, jnp.where(better, new_margin, best_margin)
+    carry = (jnp.int32(0), x_best, margin_of(x_best))
+    return jax.lax.while_loop(cond, step, carry)[1]
 
-        def cond(carry, end=end):
-            return (carry[0] < end) & jnp.any(carry[2] > 0)
 
-        def step(carry, body=body):
-            i, x_best, best_margin = carry
-            return (i + 1, *body(i, (x_best, best_margin)))
+def square_sides(n_queries: int, h: int, w: int, norm: str) -> np.ndarray:
+    """The window side of each candidate query 0 .. n_queries - 1 (int32): sqrt(p_i H W)
+    rounded, p_i the schedule's share; at least 1 (L-inf), or odd and at least 3 (L2), as in
+    the reference; at most the image's side."""
+    sides = []
+    for i in range(n_queries):
+        s = int(round(math.sqrt(square_p_schedule(i) * h * w)))
+        if norm == "linf":
+            s = max(s, 1)
+        else:
+            s = max(s, 3)
+            s = s + 1 if s % 2 == 0 else s
+        sides.append(min(s, h, w))
+    return np.asarray(sides, np.int32)
 
-        _, x_best, best_margin = jax.lax.while_loop(
-            cond, step, (jnp.int32(start), x_best, best_margin)
-        )
-    return x_best
+
+def _pseudo_gaussians(sides: np.ndarray) -> jax.Array:
+    """(max side + 1, S, S), S the largest side: entry s holds _pseudo_gaussian(s) in its top
+    left corner, zeros elsewhere (entries of sides not used: zeros)."""
+    size = int(sides.max())
+    table = np.zeros((size + 1, size, size), np.float32)
+    for s in np.unique(sides):
+        table[s, :s, :s] = _pseudo_gaussian(int(s))
+    return jnp.asarray(table)
 
 
 def _l2_init(key: jax.Array, shape) -> jax.Array:
@@ -492,21 +512,27 @@ def _l2_init(key: jax.Array, shape) -> jax.Array:
     n, h, w, c = shape
     s = max(h // 5, 1)
     start = (h - s * 5) // 2
+    rows, cols = h // s, w // s
     pattern = jnp.asarray(_pseudo_gaussian(s), jnp.float32)[None, :, :, None]
-    delta = jnp.zeros(shape)
-    keys = jax.random.split(key, (h // s) * (w // s))
-    for a in range(h // s):
-        for b in range(w // s):
-            sign_key, flip_key = jax.random.split(keys[a * (w // s) + b])
-            sign = jax.random.rademacher(sign_key, (n, 1, 1, c), dtype=jnp.float32)
-            flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
-            block_pattern = jnp.where(flip, jnp.swapaxes(pattern, 1, 2), pattern)
-            rows = slice(start + a * s, start + (a + 1) * s)
-            cols = slice(start + b * s, start + (b + 1) * s)
-            block = delta[:, rows, cols, :]
-            delta = delta.at[:, rows, cols, :].add(
-                (block_pattern * sign)[:, : block.shape[1], : block.shape[2]]
-            )
+
+    def block(block_key):  # (N, s, s, C): one block of the grid, for every example
+        sign_key, flip_key = jax.random.split(block_key)
+        sign = jax.random.rademacher(sign_key, (n, 1, 1, c), dtype=jnp.float32)
+        flip = jax.random.bernoulli(flip_key, 0.5, (n, 1, 1, 1))
+        return jnp.where(flip, jnp.swapaxes(pattern, 1, 2), pattern) * sign
+
+    blocks = jax.vmap(block)(jax.random.split(key, rows * cols))  # (rows * cols, N, s, s, C)
+    grid = blocks.reshape(rows, cols, n, s, s, c).transpose(2, 0, 3, 1, 4, 5)
+    grid = grid.reshape(n, rows * s, cols * s, c)
+    # the grid's top left corner at (start, start); what falls outside the image is cut
+    (skip_h, top_h, keep_h), (skip_w, top_w, keep_w) = (
+        (max(-start, 0), max(start, 0), min(side - max(start, 0), length - max(-start, 0)))
+        for side, length in ((h, rows * s), (w, cols * s))
+    )
+    grid = grid[:, skip_h : skip_h + keep_h, skip_w : skip_w + keep_w]
+    delta = jnp.pad(
+        grid, ((0, 0), (top_h, h - top_h - keep_h), (top_w, w - top_w - keep_w), (0, 0))
+    )
     return delta / (_norm(delta) + 1e-12)
 
 
@@ -515,28 +541,30 @@ def _channel_norm(v: jax.Array) -> jax.Array:
     return jnp.sqrt(jnp.sum(v * v, axis=(1, 2), keepdims=True))
 
 
-def _l2_candidate(x, x_best, key, corners1, corners2, s, eps):
+def _l2_candidate(x, x_best, key, corners1, corners2, s, pattern, eps):
     """One L2 Square proposal: the perturbation's mass in the second s x s window (corners2:
     (rows, columns) per example) moves into the first (corners1), redrawn there as a
     pseudo-Gaussian square with random signs per channel on top of what the first held; then
     the whole perturbation is rescaled to norm eps. As in the reference, the window norms are
     per channel: channel k's new square gets the norm sqrt(W_k^2 + (eps^2 - |delta|^2) / C),
-    W_k the norm of channel k of the perturbation in both windows, |delta| the whole one's."""
+    W_k the norm of channel k of the perturbation in both windows, |delta| the whole one's.
+    s may be traced: the squares are handled in blocks of pattern's side (S x S, the s x s
+    pattern in its top left corner, zeros elsewhere)."""
     n, h, w, c = x.shape
+    size = pattern.shape[0]
     delta = x_best - x
     (corner_h, corner_w), (corner_h2, corner_w2) = corners1, corners2
     window1 = _window(x.shape, corner_h, corner_w, s)
     window2 = _window(x.shape, corner_h2, corner_w2, s)
-    take = jax.vmap(lambda d, a, b: jax.lax.dynamic_slice(d, (a, b, 0), (s, s, c)))
-    old = take(delta, corner_h, corner_w)  # (N, s, s, C)
+    in_square = (jnp.arange(size)[:, None] < s) & (jnp.arange(size)[None, :] < s)
+    old = jnp.where(in_square[None, :, :, None], _square_at(delta, corner_h, corner_w, size), 0.0)
     old_norm = _channel_norm(old)  # (N, 1, 1, C), as every window norm here
     image_norm = _norm(delta)  # (N, 1, 1, 1): the whole image's, all channels
     windows_norm = _channel_norm(jnp.where(window1 | window2, delta, 0.0))
-    pattern = jnp.asarray(_pseudo_gaussian(s), x.dtype)
     flip = jax.random.bernoulli(key, 0.5, (n,))[:, None, None, None]
     pattern = jnp.where(flip, pattern.T[None, :, :, None], pattern[None, :, :, None])
     signs = jax.random.rademacher(jax.random.fold_in(key, 1), (n, 1, 1, c), dtype=x.dtype)
-    new = pattern * signs + old / (1e-12 + old_norm)
+    new = pattern * signs + old / (1e-12 + old_norm)  # zeros outside the s x s square
     new_norm = _channel_norm(new)
     # each channel's window gets that channel's mass of both windows plus an equal share of
     # what the image lacks to reach eps (the reference's rule; the final rescaling to norm eps
