@@ -432,7 +432,8 @@ def square(
 ) -> jax.Array:
     """Square Attack (one run of n_queries): random search on the margin loss. One loop over
     the queries, the window side of query i read from a table: the model is compiled into the
-    loop once, not once per window side (a quarter of the compile time of AutoAttack)."""
+    loop once, not once per window side (AutoAttack compiles a quarter faster so:
+    benchmarks/RESULTS.md)."""
     n, h, w, c = x.shape
 
     def margin_of(z):  # z_y - max_{j != y} z_j: positive while correctly classified
