@@ -18,6 +18,7 @@ from ntk_evolution.attacks.autoattack import (
     AUTOATTACK,
     AUTOATTACK_FNS,
     _l2_candidate,
+    _l2_init,
     _pseudo_gaussian,
     _pseudo_gaussians,
     apgd,
@@ -301,6 +302,42 @@ def test_square_windows_follow_the_papers_schedule():
     assert np.all(l2 % 2 == 1) and l2.min() == 3
     assert square_sides(20, 6, 6, "linf").max() == 5 and square_sides(20, 4, 4, "l2").max() == 4
     assert square_sides(20, 2, 2, "l2").max() == 2  # an image narrower than 3: its own side
+
+
+def test_l2_square_starts_from_a_grid_of_pseudo_gaussian_blocks():
+    """The L2 Square start on 32x32x3 (the reference's grid): a 5 x 5 grid of blocks of
+    side H // 5 = 6 from row and column (32 - 30) // 2 = 1, each block of each example and
+    channel +-the pseudo-Gaussian pattern or its transpose (the transpose per example and
+    block, the sign per channel too), zeros outside the grid, unit L2 norm per example."""
+    n, h, c, s = 4, 32, 3, 6
+    delta = np.asarray(_l2_init(jax.random.PRNGKey(2), (n, h, h, c)))
+    np.testing.assert_allclose(np.linalg.norm(delta.reshape(n, -1), axis=1), 1.0, rtol=1e-5)
+    grid = np.zeros((h, h), bool)
+    grid[1:31, 1:31] = True
+    assert not np.any(delta[:, ~grid])
+    pattern = _pseudo_gaussian(s)
+    scale = 1 / np.sqrt(25 * c)  # 25 blocks x C channels of unit norm each
+    transposed, signs = set(), set()
+    for i in range(n):
+        for a in range(5):
+            for b in range(5):
+                rows, cols = slice(1 + a * s, 1 + (a + 1) * s), slice(1 + b * s, 1 + (b + 1) * s)
+                block = delta[i, rows, cols] / scale
+                per_channel = [
+                    {
+                        (sign, flip)
+                        for sign in (1, -1)
+                        for flip, p in ((0, pattern), (1, pattern.T))
+                        if np.allclose(block[..., k], sign * p, atol=1e-5)
+                    }
+                    for k in range(c)
+                ]
+                assert all(len(f) == 1 for f in per_channel), (i, a, b)
+                found = set().union(*per_channel)
+                assert len({flip for _, flip in found}) == 1, (i, a, b)  # one per block
+                transposed |= {flip for _, flip in found}
+                signs |= {sign for sign, _ in found}
+    assert transposed == {0, 1} and signs == {-1, 1}
 
 
 def test_l2_square_candidate_takes_window_norms_per_channel():
