@@ -24,6 +24,7 @@ import pytest
 from conftest import write_cifar10_fixture
 from helpers import SCRIPTS, one_line_error
 
+import run_exp
 from ntk_evolution.data import Dataset, load_dataset
 from ntk_evolution.io.checkpoints import load_examples, load_kernel, load_model
 from ntk_evolution.io.schemas import check_results, check_resume_state
@@ -175,7 +176,8 @@ def test_the_chain_runs_on_the_datasets_own_images(chain):
 
 def test_n_train_keeps_the_first_training_images(chain, capsys):
     """run_exp.py --n_train N trains on the first N images of the dataset's training split, or
-    of --train_path's set: fewer than a batch is refused, naming N, before anything is written."""
+    of --train_path's set: fewer than a batch is refused, naming N, before anything is written;
+    otherwise the run's training images are those N."""
     data = f"--dataset {chain.ds.name}" + (
         " --data_root data" if chain.ds.name == "cifar10" else ""
     )
@@ -188,6 +190,14 @@ def test_n_train_keeps_the_first_training_images(chain, capsys):
         )
         assert f"--batch_size 30 exceeds the {n} training images" in message
     assert not os.path.exists(out)
+    # enough for a batch: the run's training images are the source's first N, in order
+    robust = load_examples("robust/robust_colour.pkl", chain.ds.image_shape, chain.ds.n_classes)
+    for source, (x, y) in (("", (chain.ds.x_train, chain.ds.y_train)),
+                           ("--train_path robust/robust_colour.pkl", robust)):  # fmt: skip
+        argv = f"{data} --model cnn_small {source} --n_train 3 --batch_size 2 --save_path {out}"
+        _, run, _ = run_exp.setup(run_exp.parse_args(shlex.split(argv)))
+        np.testing.assert_array_equal(run.ds.x_train, x[:3])
+        np.testing.assert_array_equal(run.ds.y_train, y[:3])
 
 
 # every kind of file the chain writes: each must be present, and each is read back below

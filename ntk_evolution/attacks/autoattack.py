@@ -525,15 +525,12 @@ def _l2_init(key: jax.Array, shape) -> jax.Array:
     blocks = jax.vmap(block)(jax.random.split(key, rows * cols))  # (rows * cols, N, s, s, C)
     grid = blocks.reshape(rows, cols, n, s, s, c).transpose(2, 0, 3, 1, 4, 5)
     grid = grid.reshape(n, rows * s, cols * s, c)
-    # the grid's top left corner at (start, start); what falls outside the image is cut
-    (skip_h, top_h, keep_h), (skip_w, top_w, keep_w) = (
-        (max(-start, 0), max(start, 0), min(side - max(start, 0), length - max(-start, 0)))
-        for side, length in ((h, rows * s), (w, cols * s))
-    )
-    grid = grid[:, skip_h : skip_h + keep_h, skip_w : skip_w + keep_w]
-    delta = jnp.pad(
-        grid, ((0, 0), (top_h, h - top_h - keep_h), (top_w, w - top_w - keep_w), (0, 0))
-    )
+    # the grid's top left corner at (start, start) (negative on images under 5 pixels): the
+    # grid's first -start rows and columns fall before the image, and what passes its end is cut
+    skip, top = max(-start, 0), max(start, 0)
+    keep_h, keep_w = min(h - top, rows * s - skip), min(w - top, cols * s - skip)
+    grid = grid[:, skip : skip + keep_h, skip : skip + keep_w]
+    delta = jnp.pad(grid, ((0, 0), (top, h - top - keep_h), (top, w - top - keep_w), (0, 0)))
     return delta / (_norm(delta) + 1e-12)
 
 

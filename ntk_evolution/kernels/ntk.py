@@ -585,6 +585,9 @@ def _selected_logits(class_index: int, n_logits: int) -> jax.Array:
     return jnp.arange(n_logits) if class_index < 0 else jnp.array([class_index])
 
 
+KEPT_JACOBIAN_BYTES = 2**30  # kernel_features keeps a support set's Jacobians up to this size
+
+
 def kernel_features(
     model: hk.TransformedWithState,
     params: hk.Params,
@@ -611,20 +614,17 @@ def kernel_features(
     chunk = plan_chunks(len(x), 0, bytes_per_image, default_memory_gb()).chunk_size
     keep = kept is not None and chunk >= len(x) and bytes_per_image * len(x) <= KEPT_JACOBIAN_BYTES
     jacobian_fn = make_jacobian_fn(model, class_index)
+    if keep and not kept:  # one chunk: all of x's Jacobians, for this call and the next
+        kept.append(jacobian_fn(params, net_state, jnp.asarray(x)))
     total = None
     for start in range(0, len(x), chunk):
-        if keep and kept:
+        if keep:
             jac = kept[0]
         else:
             jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
-            if keep:
-                kept.append(jac)
         part = _contract_coefficients(jac, jnp.asarray(coefficients[start : start + chunk]))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return total
-
-
-KEPT_JACOBIAN_BYTES = 2**30  # kernel_features keeps a support set's Jacobians up to this size
 
 
 @jax.jit
