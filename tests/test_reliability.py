@@ -298,8 +298,8 @@ def test_a_lock_held_elsewhere_is_named_and_nothing_is_written(tmp_path, capsys)
             f"{DIGITS} --standard_epochs 1 --linear_epochs 0 --save_path {save_path}",
             capsys,
         )
-        holder = f"(pid {os.getpid()} on host {socket.gethostname()}"
-        assert f"is in use by another run_exp.py {holder}" in message
+        who = f"(pid {os.getpid()} on host {socket.gethostname()}"
+        assert f"is in use by another run_exp.py {who}" in message
         assert sorted(os.listdir(save_path)) == [LOCK_FILE]
         holder = json.loads((save_path / LOCK_FILE).read_text())
         assert holder["command"] == "run_exp.py --the other run"  # not overwritten

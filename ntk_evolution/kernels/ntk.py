@@ -614,14 +614,13 @@ def kernel_features(
     chunk = plan_chunks(len(x), 0, bytes_per_image, default_memory_gb()).chunk_size
     keep = kept is not None and chunk >= len(x) and bytes_per_image * len(x) <= KEPT_JACOBIAN_BYTES
     jacobian_fn = make_jacobian_fn(model, class_index)
-    if keep and not kept:  # one chunk: all of x's Jacobians, for this call and the next
-        kept.append(jacobian_fn(params, net_state, jnp.asarray(x)))
+    if keep:  # one chunk: all of x's Jacobians, made by the first call, reused by the next
+        if not kept:
+            kept.append(jacobian_fn(params, net_state, jnp.asarray(x)))
+        return _contract_coefficients(kept[0], jnp.asarray(coefficients))
     total = None
     for start in range(0, len(x), chunk):
-        if keep:
-            jac = kept[0]
-        else:
-            jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
+        jac = jacobian_fn(params, net_state, jnp.asarray(x[start : start + chunk]))
         part = _contract_coefficients(jac, jnp.asarray(coefficients[start : start + chunk]))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return total
