@@ -33,6 +33,7 @@ from ntk_evolution.cli import (
     add_shared_flags,
     check_out_dir,
     expand_paths,
+    initialize_from_args,
     positive_int,
 )
 from ntk_evolution.io.checkpoints import epoch_from_name, load_kernel
@@ -44,7 +45,6 @@ from ntk_evolution.kernels.plots import (
     plot_kernel_spectra,
     plot_polar_dynamics,
 )
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import UserError, check_output, run_main, write_csv, write_json
 
 
@@ -155,7 +155,7 @@ def grid_title(record: dict) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
-    initialize(args)
+    initialize_from_args(args)
     paths = expand_paths(args.kernels, "kernel pickle")
     records = [read_kernel(path, args.trust_pickle) for path in paths]
     runs = group_runs(records)

@@ -33,18 +33,18 @@ from ntk_evolution.cli import (
     check_out_dir,
     expand_paths,
     finite_float,
+    initialize_from_args,
+    load_model_from_args,
 )
 from ntk_evolution.data import class_balanced_subset, load_dataset
 from ntk_evolution.io.checkpoints import (
     checkpoint_epoch,
     format_epoch,
     load_model,
-    load_model_from_args,
     run_name,
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import kernel_title, plot_kernel
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import UserError, run_main, save_pickle
 
 FULL_LAYOUT = "logit-major: row k * N + i is logit k of image i (ntk.empirical_ntk)"
@@ -118,7 +118,7 @@ def same_dir(a: str, b: str) -> bool:
 def main(argv=None) -> dict | list[dict]:
     """The kernel record of one checkpoint, or the list of records of several."""
     args = parse_args(argv)
-    initialize(args)
+    initialize_from_args(args)
     paths = expand_paths(args.model_path, "checkpoint")
     for path in paths:
         check_out_dir(

@@ -40,14 +40,14 @@ from ntk_evolution.cli import (
     add_shared_flags,
     check_out_dir,
     finite_float,
+    initialize_from_args,
     positive_int,
     with_values,
 )
 from ntk_evolution.data import DATASETS, SHAPES, load_dataset
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.io.checkpoints import LoadedModel, load_model
+from ntk_evolution.io.checkpoints import Checkpoint, load_model
 from ntk_evolution.models import MODELS
-from ntk_evolution.parallel import initialize
 from ntk_evolution.similarity.cka import (
     ESTIMATORS,
     MinibatchCKA,
@@ -216,7 +216,7 @@ def select_layers(spec: str, names: list[str], flag: str) -> list[int]:
     return chosen
 
 
-def side_grams(loaded: LoadedModel, adversarial: bool, x, y, args):
+def side_grams(loaded: Checkpoint, adversarial: bool, x, y, args):
     """Layer names and Gram matrices of one side: its checkpoint's network on x, or with
     `adversarial` on L-inf PGD examples of x made against it (attacked_batches' keys)."""
     model, params, net_state = loaded.model, loaded.params, loaded.net_state
@@ -366,7 +366,7 @@ def run_name(path: str) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.savedir, "--savedir")
-    initialize(args)
+    initialize_from_args(args)
     kinds = {is_torch_checkpoint(path) for path in args.model_path} | (
         {True} if args.robustbench else set()
     )
@@ -428,7 +428,7 @@ def main(argv=None) -> dict:
     return finish(args, result, paths, adv, rows, cols)
 
 
-def online_cka(args, loaded0: LoadedModel, loaded1: LoadedModel, adv, x, y):
+def online_cka(args, loaded0: Checkpoint, loaded1: Checkpoint, adv, x, y):
     """Debiased CKA of this project's checkpoints over minibatches (accumulate); each side's
     layer outputs (on its own PGD examples with --adv 1) are computed a batch at a time.
     Returns the result and the (rows, columns) layer indices."""
@@ -498,7 +498,7 @@ def online_result(args, accumulator, layers0, layers1, adv, n_images, batch_size
     }
 
 
-def side_batch_fn(loaded: LoadedModel, adversarial: bool, args):
+def side_batch_fn(loaded: Checkpoint, adversarial: bool, args):
     """fn(x, y, key) -> (layer names, layer outputs as NumPy arrays) of one side on a batch: its
     checkpoint's network on x, or with `adversarial` on L-inf PGD examples of x."""
     layer_fn, names = make_layer_fn(loaded.model)

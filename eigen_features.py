@@ -29,13 +29,14 @@ from ntk_evolution.cli import (
     add_shared_flags,
     autoattack_threat,
     check_out_dir,
+    initialize_from_args,
+    model_and_dataset,
     non_negative_int,
+    support_kernel_from_args,
 )
-from ntk_evolution.io.checkpoints import model_and_dataset
 from ntk_evolution.kernels.plots import plot_component_gradients, plot_eigen_features
-from ntk_evolution.kernels.predictors import evaluate_predictor, support_kernel_from_args
+from ntk_evolution.kernels.predictors import evaluate_predictor
 from ntk_evolution.kernels.regression import component_factors, eigen_decomposition, one_hot
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import (
     UserError,
     check_output,
@@ -113,7 +114,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
-    initialize(args)
+    initialize_from_args(args)
     args, loaded, ds = model_and_dataset(args)
     classes = sorted(set(args.classes)) if args.classes else list(range(ds.n_classes))
     if min(classes) < 0 or max(classes) >= ds.n_classes or len(classes) < 2:

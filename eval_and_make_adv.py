@@ -64,14 +64,16 @@ from ntk_evolution.cli import (
     autoattack_threat,
     check_attack_variant,
     check_out_dir,
+    initialize_from_args,
+    model_and_dataset,
     positive_int,
     with_values,
 )
 from ntk_evolution.data import to_8_bits
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.io.checkpoints import load_examples, load_transfer, model_and_dataset
+from ntk_evolution.io.checkpoints import load_examples, load_transfer
 from ntk_evolution.io.schemas import check_results
-from ntk_evolution.parallel import initialize, replicate, shard_batch
+from ntk_evolution.parallel import replicate, shard_batch
 from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy
 
 SHORT_N_TEST = 1000
@@ -131,7 +133,7 @@ def default_save_name(test_path: str) -> str:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    initialize(args)
+    initialize_from_args(args)
     check_out_dir(
         os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir),
         "--bonus_dir",

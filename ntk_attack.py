@@ -32,16 +32,17 @@ from ntk_evolution.cli import (
     autoattack_threat,
     check_attack_variant,
     check_out_dir,
+    initialize_from_args,
+    model_and_dataset,
+    support_kernel_from_args,
 )
 from ntk_evolution.figures import plot_image_grid
-from ntk_evolution.io.checkpoints import load_transfer, model_and_dataset
+from ntk_evolution.io.checkpoints import load_transfer
 from ntk_evolution.kernels.predictors import (
     evaluate_predictor,
     predicted_labels,
-    support_kernel_from_args,
 )
 from ntk_evolution.kernels.regression import one_hot, regression_coefficients
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
@@ -64,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
-    initialize(args)
+    initialize_from_args(args)
     args, loaded, ds = model_and_dataset(args)
     support = support_kernel_from_args(args, ds, loaded)
     x, y = ds.x_test[: args.n_test], ds.y_test[: args.n_test]

@@ -53,15 +53,16 @@ from ntk_evolution.cli import (
     autoattack_threat,
     check_out_dir,
     finite_float,
+    initialize_from_args,
+    kernel_from_args,
+    model_and_dataset,
     positive_int,
 )
 from ntk_evolution.data import class_balanced_subset
-from ntk_evolution.io.checkpoints import model_and_dataset
 from ntk_evolution.kernels.plots import plot_robustified
-from ntk_evolution.kernels.predictors import evaluate_predictor, kernel_from_args
+from ntk_evolution.kernels.predictors import evaluate_predictor
 from ntk_evolution.kernels.regression import one_hot, regression_coefficients
 from ntk_evolution.kernels.robust_data import INNER_PGD_STEPS, LOSSES, robustify
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import run_main, save_pickle
 
 N_SHOWN = 10
@@ -98,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_out_dir(args.out_dir, "--out_dir")
-    initialize(args)
+    initialize_from_args(args)
     args, loaded, ds = model_and_dataset(args)
     choice = kernel_from_args(args, ds, loaded)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)

@@ -26,6 +26,8 @@ from ntk_evolution.cli import (
     add_seed_flag,
     add_shared_flags,
     check_out_dir,
+    initialize_from_args,
+    model_and_dataset,
     positive_int,
     with_values,
 )
@@ -34,7 +36,6 @@ from ntk_evolution.io.checkpoints import (
     check_kernel_record,
     checkpoint_epoch,
     load_kernel,
-    model_and_dataset,
 )
 from ntk_evolution.kernels.features import (
     FEATURE_STEP_SIZE,
@@ -46,7 +47,6 @@ from ntk_evolution.kernels.features import (
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import plot_eigen_feature_images
-from ntk_evolution.parallel import initialize
 from ntk_evolution.utils import UserError, run_main, save_pickle
 
 
@@ -114,7 +114,7 @@ def load_class_kernel(args, ds, record: dict) -> tuple[np.ndarray, np.ndarray, i
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    initialize(args)
+    initialize_from_args(args)
     check_out_dir(os.path.dirname(os.path.abspath(args.model_path)), "--model_path's folder")
     record = read_class_kernel(args) if args.kernel_path else None
     args, loaded, ds = model_and_dataset(args)

@@ -1,6 +1,8 @@
 """The command line: the parser every entry script uses, each shared flag defined once, and the
 argparse value types. Scripts build their parser here, parse, then call
-`parallel.initialize(args)` themselves (joining several hosts is not a side effect of parsing).
+`initialize_from_args(args)` themselves (joining several hosts is not a side effect of parsing).
+Only this module and the scripts' `main` see an argparse.Namespace: what follows from the flags
+(the checkpoint of --model_path, its dataset) is turned into plain values here.
 
 Flags keep the original's names (`--save_path`, `--bonus_dir`, `--savedir`); flags this project
 added name an output folder `--out_dir`.
@@ -17,17 +19,30 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ntk_evolution.attacks.pgd import ATTACK_VARIANTS, EVAL_PGD_STEPS, L2_EPS, eps_from_255
-from ntk_evolution.data import DATASETS
+from ntk_evolution.attacks.pgd import (
+    ATTACK_VARIANTS,
+    DEFAULT_EPS_255,
+    EVAL_PGD_STEPS,
+    L2_EPS,
+    eps_from_255,
+)
+from ntk_evolution.data import DATASETS, Dataset, load_dataset
+from ntk_evolution.io.checkpoints import (
+    DEFAULT_DATASET,
+    DEFAULT_MODEL,
+    Checkpoint,
+    load_model,
+    resolve_model_flags,
+)
+from ntk_evolution.kernels.predictors import KernelChoice, kernel_choice, support_kernel
+from ntk_evolution.kernels.regression import SupportKernel
 from ntk_evolution.models import MODELS
-from ntk_evolution.utils import UserError, user_cache_dir
+from ntk_evolution.parallel import default_compile_cache, initialize
+from ntk_evolution.utils import UserError
 
 # the kernels of the kernel predictors (kernels/predictors.py): the network's empirical NTK, the
 # closed-form ReLU NTK of an infinite-width MLP, the convolutional NTK
 KERNELS = ("empirical", "relu_ntk", "cntk")
-
-DEFAULT_MODEL = "resnet18"
-DEFAULT_DATASET = "cifar10"
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -155,11 +170,6 @@ def add_shared_flags(p: argparse.ArgumentParser) -> None:
     )
 
 
-def default_compile_cache() -> str:
-    """The folder jax/ in the user cache folder (utils.user_cache_dir: $NTK_CACHE_DIR moves it)."""
-    return os.path.join(user_cache_dir(), "jax")
-
-
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     """--model and --dataset: when not given, what the script's checkpoint records in its meta,
     else resnet18 on cifar10, the original's defaults (checkpoints.resolve_model_flags)."""
@@ -185,7 +195,7 @@ def add_seed_flag(
 
 def add_eps_flag(
     p: argparse.ArgumentParser,
-    default: float | None = 4.0,
+    default: float | None = DEFAULT_EPS_255,
     help: str = "L-inf radius in 1/255 (attacks.eps_from_255).",
 ) -> None:
     p.add_argument("--eps", type=finite_float(0.0), default=default, help=help)
@@ -345,3 +355,78 @@ def add_kernel_flags(p: argparse.ArgumentParser) -> None:
         "--ridge", type=finite_float(0.0), default=1e-4, help="Ridge, times mean(diag K)."
     )
     add_autoattack_flags(p)
+
+
+# ----------------------------------------------------------------------------- from flags to values
+
+
+def initialize_from_args(args: argparse.Namespace) -> None:
+    """parallel.initialize with the shared flags' values (--compile_cache, --no_compile_cache and
+    the several-host flags)."""
+    initialize(
+        compile_cache=None if getattr(args, "no_compile_cache", True) else args.compile_cache,
+        coordinator_address=getattr(args, "coordinator_address", ""),
+        num_processes=getattr(args, "num_processes", None),
+        process_id=getattr(args, "process_id", None),
+    )
+
+
+def load_model_from_args(
+    args: argparse.Namespace, path: str | None = None
+) -> tuple[argparse.Namespace, Checkpoint | None]:
+    """load_model(`path`, default --model_path) with the script's --model, --dataset and
+    --trust_pickle; and a copy of the flags whose --model and --dataset are what the checkpoint
+    is (the parsed flags are left as they are). Without a path: None, and the two flags get
+    their defaults where not given."""
+    path = getattr(args, "model_path", "") if path is None else path
+    if not path:
+        model, dataset = resolve_model_flags(args.model, args.dataset, None, "")
+        return with_values(args, model=model, dataset=dataset), None
+    loaded = load_model(path, args.model, args.dataset, args.trust_pickle)
+    return with_values(args, model=loaded.model_name, dataset=loaded.dataset), loaded
+
+
+def model_and_dataset(
+    args: argparse.Namespace,
+) -> tuple[argparse.Namespace, Checkpoint | None, Dataset]:
+    """The flags with --model and --dataset filled in, the --model_path checkpoint
+    (load_model_from_args) and the dataset it was trained on."""
+    args, loaded = load_model_from_args(args)
+    return args, loaded, load_dataset(args.dataset, args.data_root)
+
+
+def kernel_from_args(
+    args: argparse.Namespace, ds: Dataset, loaded: Checkpoint | None = None
+) -> KernelChoice:
+    """predictors.kernel_choice with --kernel, --class_index, --use_linear_params, --relu_depth,
+    --model and --random_seed; `loaded` the --model_path checkpoint (load_model_from_args)."""
+    return kernel_choice(
+        ds,
+        args.kernel,
+        checkpoint=loaded,
+        model=args.model,
+        class_index=args.class_index,
+        use_linear_params=args.use_linear_params,
+        relu_depth=args.relu_depth,
+        seed=args.random_seed,
+    )
+
+
+def support_kernel_from_args(
+    args: argparse.Namespace, ds: Dataset, loaded: Checkpoint | None = None
+) -> SupportKernel:
+    """predictors.support_kernel of kernel_from_args' kernel, with --dataset_size,
+    --random_seed, --kernel_path (its dataset, and for the empirical NTK its model and
+    --class_index, checked), --support_path, --classes and --trust_pickle."""
+    checked = ["dataset"] + (["model", "class_index"] if args.kernel == "empirical" else [])
+    return support_kernel(
+        kernel_from_args(args, ds, loaded),
+        ds,
+        dataset_size=args.dataset_size,
+        seed=args.random_seed,
+        kernel_path=args.kernel_path,
+        support_path=args.support_path,
+        classes=getattr(args, "classes", None),
+        trust=args.trust_pickle,
+        expect={key: getattr(args, key) for key in checked},
+    )

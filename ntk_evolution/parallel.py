@@ -22,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ntk_evolution.utils import UserError, to_host
+from ntk_evolution.utils import UserError, to_host, user_cache_dir
 
 AXIS = "batch"
 
@@ -99,23 +99,44 @@ def shard_batch(*arrays: np.ndarray, pad: bool = False) -> tuple[jax.Array, ...]
     )
 
 
-def initialize(args) -> None:
-    """Set JAX up for a script's run: the persistent compilation cache (enable_compile_cache),
-    then jax.distributed.initialize from the flags when --coordinator_address is given (and on
-    a cluster JAX detects, such as SLURM, when the other two are left out)."""
-    if not getattr(args, "no_compile_cache", True):
-        enable_compile_cache(args.compile_cache)
-    if not getattr(args, "coordinator_address", ""):
+def initialize(
+    *,
+    compile_cache: str | None = None,
+    coordinator_address: str = "",
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Set JAX up for a script's run: the persistent compilation cache in `compile_cache`
+    (enable_compile_cache; None: off), then jax.distributed.initialize when
+    `coordinator_address` is given (and on a cluster JAX detects, such as SLURM, when the other
+    two are left out)."""
+    if compile_cache is not None:
+        enable_compile_cache(compile_cache)
+    if not coordinator_address:
         return
     try:
         jax.distributed.initialize(
-            coordinator_address=args.coordinator_address,
-            num_processes=args.num_processes,
-            process_id=args.process_id,
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
         )
     except (RuntimeError, ValueError) as err:
         raise UserError(f"jax.distributed.initialize failed: {err}") from None
     mesh.cache_clear()
+
+
+def default_compile_cache() -> str:
+    """The folder jax/ in the user cache folder (utils.user_cache_dir: $NTK_CACHE_DIR moves it)."""
+    return os.path.join(user_cache_dir(), "jax")
+
+
+def use_default_compile_cache() -> None:
+    """For library calls (a notebook): the scripts' persistent compilation cache
+    (default_compile_cache), unless JAX already has a cache folder (set by the user or a
+    script's --compile_cache) or $NTK_NO_COMPILE_CACHE is set."""
+    if jax.config.jax_compilation_cache_dir or os.environ.get("NTK_NO_COMPILE_CACHE"):
+        return
+    enable_compile_cache(default_compile_cache())
 
 
 def enable_compile_cache(folder: str) -> None:

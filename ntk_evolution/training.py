@@ -210,13 +210,14 @@ class TrainingLog:
     """metrics.csv of a run_exp.py run: one row per trained epoch (phase, epoch, whether it was
     adversarial, learning rate, mean training loss and accuracy, the epoch's time and the
     run's cumulative training time) and one row per test (the test figures in test_clean,
-    test_linf, test_l2). Rewritten whole and atomically after each row. A resumed run keeps the
-    rows up to its resume point and appends after them."""
+    test_linf, test_l2). Rewritten whole and atomically after each row (kept in memory only
+    when `path` is None). A resumed run keeps the rows up to its resume point and appends after
+    them."""
 
-    def __init__(self, path: str, resume_at: tuple[int, int] | None = None):
+    def __init__(self, path: str | None, resume_at: tuple[int, int] | None = None):
         self.path = path
         self.rows: list[dict] = []
-        if resume_at is not None and os.path.isfile(path):
+        if resume_at is not None and path is not None and os.path.isfile(path):
             with open(path, newline="") as f:
                 self.rows = [
                     row
@@ -241,7 +242,8 @@ class TrainingLog:
 
     def _add(self, **row) -> None:
         self.rows.append({name: row.get(name, "") for name in METRICS_FIELDS})
-        write_csv(self.rows, self.path, METRICS_FIELDS)
+        if self.path is not None:
+            write_csv(self.rows, self.path, METRICS_FIELDS)
 
     def numeric(self) -> list[dict]:
         """The rows with numbers as floats and blanks as None (for plotting)."""

@@ -98,10 +98,11 @@ def _raise_terminated(signum, frame) -> None:
 def run_main(
     main: Callable[[Sequence[str] | None], Any],
     argv: Sequence[str] | None = None,
-    on_interrupt: Callable[[str], str] | None = None,
+    on_interrupt: Callable[[str, BaseException], str] | None = None,
 ):
     """Run an entry script's main(); a UserError ends in one line on stderr and exit code 2,
-    Ctrl-C in one line (`on_interrupt(cause)`, else INTERRUPTED, with cause "interrupted") and
+    Ctrl-C in one line (`on_interrupt(cause, the KeyboardInterrupt)`, else INTERRUPTED, with
+    cause "interrupted") and
     exit code 130, SIGTERM likewise with cause "terminated (SIGTERM)" and exit code 143
     (128 + 15, as a shell reports a process that SIGTERM ended)."""
     in_main_thread = threading.current_thread() is threading.main_thread()  # signals go there
@@ -114,7 +115,7 @@ def run_main(
     except KeyboardInterrupt as err:
         terminated = isinstance(err, Terminated)
         cause = "terminated (SIGTERM)" if terminated else "interrupted"
-        message = on_interrupt(cause) if on_interrupt else INTERRUPTED.format(cause=cause)
+        message = on_interrupt(cause, err) if on_interrupt else INTERRUPTED.format(cause=cause)
         print(message, file=sys.stderr, flush=True)
         raise SystemExit(143 if terminated else 130) from None
     finally:

@@ -10,8 +10,7 @@ import tempfile
 import numpy as np
 import pytest
 
-from ntk_evolution.cli import default_compile_cache
-from ntk_evolution.parallel import enable_compile_cache
+from ntk_evolution.parallel import default_compile_cache, enable_compile_cache
 from ntk_evolution.utils import cache_home
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -5,7 +5,6 @@ Writes what they produced to the .npz named on the command line."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import jax
@@ -19,12 +18,11 @@ from ntk_evolution.attacks.evaluation import (
     make_logits_fn,
 )
 from ntk_evolution.attacks.pgd import attack_settings
-from ntk_evolution.cli import default_compile_cache
 from ntk_evolution.data import load_dataset
 from ntk_evolution.dynamics import PHASE1
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.models import get_model, init_model
-from ntk_evolution.parallel import initialize, replicate, shard_batch
+from ntk_evolution.parallel import default_compile_cache, initialize, replicate, shard_batch
 from ntk_evolution.training import init_train_state, make_optimizer, make_train_step, run_epoch
 from ntk_evolution.utils import UserError, is_writer, to_host
 
@@ -35,13 +33,10 @@ AUTOATTACK_IMAGES = 48  # 12 per device on 4
 def main(path: str, coordinator: str = "", processes: str = "1", process_id: str = "0") -> None:
     """With a coordinator address: one of `processes` processes (parallel.initialize)."""
     initialize(
-        argparse.Namespace(
-            coordinator_address=coordinator,
-            num_processes=int(processes),
-            process_id=int(process_id),
-            compile_cache=default_compile_cache(),  # the tests' (conftest.tests_cache_dir)
-            no_compile_cache=False,
-        )
+        coordinator_address=coordinator,
+        num_processes=int(processes),
+        process_id=int(process_id),
+        compile_cache=default_compile_cache(),  # the tests' (conftest.tests_cache_dir)
     )
     ds = load_dataset("digits")
     model = get_model("cnn_small", ds.n_classes)

@@ -195,9 +195,9 @@ def test_n_train_keeps_the_first_training_images(chain, capsys):
     for source, (x, y) in (("", (chain.ds.x_train, chain.ds.y_train)),
                            ("--train_path robust/robust_colour.pkl", robust)):  # fmt: skip
         argv = f"{data} --model cnn_small {source} --n_train 3 --batch_size 2 --save_path {out}"
-        _, run, _ = run_exp.setup(run_exp.parse_args(shlex.split(argv)))
-        np.testing.assert_array_equal(run.ds.x_train, x[:3])
-        np.testing.assert_array_equal(run.ds.y_train, y[:3])
+        ds = run_exp.training_data(run_exp.parse_args(shlex.split(argv)))
+        np.testing.assert_array_equal(ds.x_train, x[:3])
+        np.testing.assert_array_equal(ds.y_train, y[:3])
 
 
 # every kind of file the chain writes: each must be present, and each is read back below

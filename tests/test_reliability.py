@@ -23,7 +23,7 @@ import calculate_kernel
 import eval_and_make_adv
 import run_exp
 import visualize_ntk_features
-from ntk_evolution import run_lock
+from ntk_evolution import experiment, run_lock
 from ntk_evolution.run_lock import LOCK_FILE
 from ntk_evolution.utils import UserError, load_pickle, run_main, save_pickle
 
@@ -171,7 +171,7 @@ def test_interrupted_run_resumes_to_identical_results(
     reference_run, tmp_path, monkeypatch, interrupt_at_epoch_call
 ):
     folder, results = reference_run
-    real_run_epoch = run_exp.run_epoch
+    real_run_epoch = experiment.run_epoch
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -180,10 +180,10 @@ def test_interrupted_run_resumes_to_identical_results(
             raise Interrupt()
         return real_run_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(run_exp, "run_epoch", interrupted)
+    monkeypatch.setattr(experiment, "run_epoch", interrupted)
     with pytest.raises(Interrupt):
         run_in(tmp_path / "run")
-    monkeypatch.setattr(run_exp, "run_epoch", real_run_epoch)
+    monkeypatch.setattr(experiment, "run_epoch", real_run_epoch)
     assert not os.path.exists(tmp_path / "run" / "results.pkl")
     assert run_in(tmp_path / "run", "--resume") == results
     for name in ("results.pkl", "parameters_final.pkl"):

@@ -58,6 +58,9 @@ def variant_schedule(variant: str, eps, n_steps: int) -> dict:
     return schedule
 
 
+DEFAULT_EPS_255 = 4.0  # the original's --eps: 4/255
+
+
 def eps_from_255(eps: float) -> float:
     """An L-inf radius given in 1/255 (the --eps flags) in image units, [0, 1] pixels."""
     return eps / 255.0

@@ -10,7 +10,6 @@ with --trust_pickle) still load; the flags, or their defaults, then say what the
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import sys
@@ -21,11 +20,14 @@ import jax
 import numpy as np
 
 from ntk_evolution import __version__
-from ntk_evolution.cli import DEFAULT_DATASET, DEFAULT_MODEL, with_values
-from ntk_evolution.data import SHAPES, Dataset, load_dataset
+from ntk_evolution.data import SHAPES
 from ntk_evolution.io.schemas import check_checkpoint, check_examples, check_kernel
 from ntk_evolution.models import get_model, init_model
 from ntk_evolution.utils import UserError, load_pickle, save_pickle
+
+# the original's defaults, for checkpoints that do not say what they are
+DEFAULT_MODEL = "resnet18"
+DEFAULT_DATASET = "cifar10"
 
 # ----------------------------------------------------------------------------- names
 
@@ -73,30 +75,36 @@ def _interned(value: Any) -> Any:
     return value
 
 
-def checkpoint_meta(
-    args: argparse.Namespace, phase: int, epoch: float, step: int | None = None
-) -> dict:
-    """What a checkpoint of this run is: run (its --save_path folder's name), model, dataset,
-    n_classes, image_shape, phase (1, or 2 for the linearized / --do_standard_second phase),
-    epoch (fractional for the early saves),
-    step (optimizer steps taken in this phase, when known), the run's flags, the version."""
-    image_shape, n_classes = SHAPES[args.dataset]
-    flags = {
+def recorded_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings a checkpoint records, by run_exp.py's flag names: every plain value
+    (None, str, int, float, bool, list) but NOT_RECORDED, sorted by name."""
+    return {
         name: _interned(value)
-        for name, value in sorted(vars(args).items())
+        for name, value in sorted(flags.items())
         if name not in NOT_RECORDED
         and (value is None or isinstance(value, str | int | float | bool | list))
     }
+
+
+def checkpoint_meta(
+    flags: dict[str, Any], run: str, phase: int, epoch: float, step: int | None = None
+) -> dict:
+    """What a checkpoint of the run named `run` (its folder's name) is: model, dataset,
+    n_classes, image_shape (from `flags`, run_exp.py's flags by name), phase (1, or 2 for the
+    linearized / --do_standard_second phase), epoch (fractional for the early saves), step
+    (optimizer steps taken in this phase, when known), the run's flags (recorded_flags), the
+    version."""
+    image_shape, n_classes = SHAPES[flags["dataset"]]
     return {
-        "run": _interned(run_of_folder(args.save_path)),
-        "model": _interned(args.model),
-        "dataset": _interned(args.dataset),
+        "run": _interned(run),
+        "model": _interned(flags["model"]),
+        "dataset": _interned(flags["dataset"]),
         "n_classes": n_classes,
         "image_shape": image_shape,
         "phase": phase,
         "epoch": epoch,
         "step": step,
-        "flags": flags,
+        "flags": recorded_flags(flags),
         "version": __version__,
     }
 
@@ -174,8 +182,11 @@ def resolve_model_flags(
     return resolved[0], resolved[1]
 
 
-class LoadedModel(NamedTuple):
-    """A checkpoint and the network it fits."""
+class Checkpoint(NamedTuple):
+    """A checkpoint and the network it fits: `model` the Haiku network, `model_name` and
+    `dataset` what it is, `params` theta (theta_t in phase 2), `lin_params` w, `net_state`
+    (BatchNorm), `meta` (None for older files) and `path`, the file it was read from or is saved
+    as (None for one kept in memory only)."""
 
     model: hk.TransformedWithState
     model_name: str
@@ -184,11 +195,12 @@ class LoadedModel(NamedTuple):
     lin_params: hk.Params
     net_state: hk.State
     meta: dict | None
+    path: str | None = None
 
 
 def load_model(
     path: str, model: str | None = None, dataset: str | None = None, trust: bool = False
-) -> LoadedModel:
+) -> Checkpoint:
     """The checkpoint at `path` with its network: --model/--dataset from the flags given
     (`model`, `dataset`; None when not given), else from the checkpoint's meta, else the
     defaults. Its shapes are checked before any dataset is loaded, so a checkpoint of another
@@ -202,7 +214,7 @@ def load_model(
     )
     for key, reference in (("params", params), ("lin_params", params), ("net_state", net_state)):
         check_tree_matches(ckpt[key], reference, f"{path} [{key}]")
-    return LoadedModel(
+    return Checkpoint(
         network,
         model_name,
         dataset,
@@ -210,31 +222,8 @@ def load_model(
         ckpt["lin_params"],
         ckpt["net_state"],
         ckpt["meta"],
+        path,
     )
-
-
-def load_model_from_args(
-    args: argparse.Namespace, path: str | None = None
-) -> tuple[argparse.Namespace, LoadedModel | None]:
-    """load_model(`path`, default --model_path) with the script's --model, --dataset and
-    --trust_pickle; and a copy of the flags whose --model and --dataset are what the checkpoint
-    is (the parsed flags are left as they are). Without a path: None, and the two flags get
-    their defaults where not given."""
-    path = getattr(args, "model_path", "") if path is None else path
-    if not path:
-        model, dataset = resolve_model_flags(args.model, args.dataset, None, "")
-        return with_values(args, model=model, dataset=dataset), None
-    loaded = load_model(path, args.model, args.dataset, args.trust_pickle)
-    return with_values(args, model=loaded.model_name, dataset=loaded.dataset), loaded
-
-
-def model_and_dataset(
-    args: argparse.Namespace,
-) -> tuple[argparse.Namespace, LoadedModel | None, Dataset]:
-    """The flags with --model and --dataset filled in, the --model_path checkpoint
-    (load_model_from_args) and the dataset it was trained on."""
-    args, loaded = load_model_from_args(args)
-    return args, loaded, load_dataset(args.dataset, args.data_root)
 
 
 def checkpoint_epoch(meta: dict | None, path: str) -> float | None:

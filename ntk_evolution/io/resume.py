@@ -47,20 +47,24 @@ RESUME_CONFIG = (
 
 
 class Position:
-    """Where training is (phase, epoch being run, step within it) and the last epoch whose
-    resume state is saved: what Ctrl-C reports (interrupt_message)."""
+    """Where one run's training is (phase, epoch being run, step within it) and the last epoch
+    whose resume state is saved: what Ctrl-C reports (interrupt_message). An interrupted run
+    attaches its Position to the KeyboardInterrupt it lets through (`err.position`)."""
 
-    at: tuple[int, int, int] | None = None
-    saved: tuple[int, int] | None = None
+    def __init__(self) -> None:
+        self.at: tuple[int, int, int] | None = None
+        self.saved: tuple[int, int] | None = None
 
 
-def interrupt_message(cause: str = "interrupted") -> str:
-    """The one line Ctrl-C or SIGTERM prints (run_main's on_interrupt; `cause` says which)."""
-    if Position.at is None:
+def interrupt_message(cause: str = "interrupted", err: BaseException | None = None) -> str:
+    """The one line Ctrl-C or SIGTERM prints (run_main's on_interrupt; `cause` says which, and
+    `err`'s position, when it has one, where training was)."""
+    position = getattr(err, "position", None) or Position()
+    if position.at is None:
         where = f"{cause} before training started"
     else:
-        where = f"{cause} at phase {{}} epoch {{}} step {{}}".format(*Position.at)
-    if Position.saved is None:
+        where = f"{cause} at phase {{}} epoch {{}} step {{}}".format(*position.at)
+    if position.saved is None:
         return f"{where}; no epoch is complete yet; run the same command to start again"
     return (
         f"{where}; the last complete epoch is saved; run the same command with --resume to continue"
@@ -84,7 +88,6 @@ def save_resume_state(
         "results": results,
     }
     save_pickle(record, os.path.join(save_path, RESUME_FILE))
-    Position.saved = (phase, epoch)
 
 
 def load_resume_state(
@@ -118,7 +121,6 @@ def load_resume_state(
             f"than the {epochs} epochs asked for"
         )
     check_resume_shapes(record, path, model, image_shape)
-    Position.saved = (record["phase"], record["epoch"])
     print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
     return record
 

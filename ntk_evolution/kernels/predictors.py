@@ -8,7 +8,6 @@ PGD and AutoAttack against z -> K(z, X) B P.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 from collections.abc import Callable
@@ -28,7 +27,7 @@ from ntk_evolution.attacks.evaluation import (
 )
 from ntk_evolution.attacks.pgd import EVAL_PGD_STEPS, pgd_restarts, variant_schedule
 from ntk_evolution.data import Dataset, class_balanced_subset
-from ntk_evolution.io.checkpoints import LoadedModel, load_kernel
+from ntk_evolution.io.checkpoints import DEFAULT_MODEL, Checkpoint, load_kernel
 from ntk_evolution.io.schemas import check_examples
 from ntk_evolution.kernels.regression import (
     SupportKernel,
@@ -44,43 +43,6 @@ from ntk_evolution.parallel import replicate, shard_batch
 from ntk_evolution.utils import UserError, load_pickle, to_host
 
 
-def support_kernel_from_args(
-    args: argparse.Namespace, ds: Dataset, loaded: LoadedModel | None = None
-) -> SupportKernel:
-    """The support set (class-balanced training subset drawn with --random_seed, or the images
-    of --kernel_path) and its kernel, as the flags of add_kernel_flags say; `loaded`: the
-    --model_path checkpoint (checkpoints.load_model_from_args)."""
-    stored = None
-    if args.kernel_path and args.support_path:
-        raise UserError("pass --kernel_path or --support_path, not both")
-    if args.support_path:
-        saved = load_pickle(args.support_path, "--support_path file", args.trust_pickle)
-        images, labels = check_examples(saved, args.support_path, ds.image_shape, ds.n_classes)
-        indices = np.asarray(saved.get("indices", np.arange(len(images))))
-    elif args.kernel_path:
-        checked = ["dataset"] + (["model", "class_index"] if args.kernel == "empirical" else [])
-        expect = {key: getattr(args, key) for key in checked}
-        stored = load_kernel(args.kernel_path, args.trust_pickle, expect)
-        if "indices" not in stored:
-            raise UserError(
-                f"{args.kernel_path} has no 'indices': recompute it with calculate_kernel.py"
-            )
-        indices = np.asarray(stored["indices"])
-    else:
-        indices = class_balanced_subset(
-            ds.y_train, args.dataset_size, ds.n_classes, args.random_seed
-        )
-    if not args.support_path:
-        images, labels = ds.x_train[indices], ds.y_train[indices]
-    stored_kernel = None if stored is None else stored["kernel"]
-    classes = getattr(args, "classes", None)
-    if classes:
-        keep = np.flatnonzero(np.isin(labels, classes))
-        indices, images, labels = indices[keep], images[keep], labels[keep]
-        stored_kernel = None if stored is None else stored_kernel[np.ix_(keep, keep)]
-    return kernel_from_args(args, ds, loaded).support(images, labels, indices, stored_kernel)
-
-
 class KernelChoice(NamedTuple):
     """The kernel the flags name: `kernel_fn(x1, x2)` (jax, differentiable in both image sets)
     and `support(images, labels, indices, kernel=None)` -> SupportKernel on those images."""
@@ -90,47 +52,101 @@ class KernelChoice(NamedTuple):
     description: str
 
 
-def kernel_from_args(
-    args: argparse.Namespace, ds: Dataset, loaded: LoadedModel | None = None
+def support_kernel(
+    choice: KernelChoice,
+    ds: Dataset,
+    *,
+    dataset_size: int = 500,
+    seed: int = 0,
+    kernel_path: str = "",
+    support_path: str = "",
+    classes: list[int] | None = None,
+    trust: bool = False,
+    expect: dict | None = None,
+) -> SupportKernel:
+    """The support set and `choice`'s kernel on it: the class-balanced subset of `dataset_size`
+    training images drawn with `seed`, or the images of calculate_kernel.py's kernel pickle at
+    `kernel_path` (its kernel reused; `expect` = {key: value} its recorded dataset, model and
+    class_index must match), or the examples at `support_path`; only `classes` when given."""
+    stored = None
+    if kernel_path and support_path:
+        raise UserError("pass --kernel_path or --support_path, not both")
+    if support_path:
+        saved = load_pickle(support_path, "--support_path file", trust)
+        images, labels = check_examples(saved, support_path, ds.image_shape, ds.n_classes)
+        indices = np.asarray(saved.get("indices", np.arange(len(images))))
+    elif kernel_path:
+        stored = load_kernel(kernel_path, trust, expect or {})
+        if "indices" not in stored:
+            raise UserError(
+                f"{kernel_path} has no 'indices': recompute it with calculate_kernel.py"
+            )
+        indices = np.asarray(stored["indices"])
+    else:
+        indices = class_balanced_subset(ds.y_train, dataset_size, ds.n_classes, seed)
+    if not support_path:
+        images, labels = ds.x_train[indices], ds.y_train[indices]
+    stored_kernel = None if stored is None else stored["kernel"]
+    if classes:
+        keep = np.flatnonzero(np.isin(labels, classes))
+        indices, images, labels = indices[keep], images[keep], labels[keep]
+        stored_kernel = None if stored is None else stored_kernel[np.ix_(keep, keep)]
+    return choice.support(images, labels, indices, stored_kernel)
+
+
+def kernel_choice(
+    ds: Dataset,
+    kernel: str = "empirical",
+    *,
+    checkpoint: Checkpoint | None = None,
+    model: str = DEFAULT_MODEL,
+    class_index: int = -1,
+    use_linear_params: bool = False,
+    relu_depth: int = 2,
+    seed: int = 0,
 ) -> KernelChoice:
-    """--kernel relu_ntk or cntk (--relu_depth) or empirical (--model at the checkpoint
-    `loaded`, or at initialisation with --random_seed; --class_index; --use_linear_params)."""
-    if args.kernel in ("cntk", "relu_ntk"):
-        cntk_kernel = args.kernel == "cntk"
+    """The kernel `kernel`: relu_ntk or cntk (`relu_depth`), or empirical: the NTK of the network
+    at `checkpoint` (its lin_params with `use_linear_params`), or of `model` at its
+    initialisation drawn with `seed`, for logit `class_index` (-1: averaged over logits)."""
+    if kernel in ("cntk", "relu_ntk"):
+        cntk_kernel = kernel == "cntk"
         make_support = cntk_support_kernel if cntk_kernel else relu_support_kernel
 
         def closed_form_support(images, labels, indices, kernel=None):
-            return make_support(images, labels, indices, args.relu_depth)
+            return make_support(images, labels, indices, relu_depth)
 
-        kernel_fn = functools.partial(
-            cntk_blocked if cntk_kernel else relu_ntk, depth=args.relu_depth
-        )
+        kernel_fn = functools.partial(cntk_blocked if cntk_kernel else relu_ntk, depth=relu_depth)
         network = "convolutional NTK" if cntk_kernel else "ReLU MLP NTK"
-        description = f"infinite-width {network}, depth {args.relu_depth}"
+        description = f"infinite-width {network}, depth {relu_depth}"
         return KernelChoice(kernel_fn, closed_form_support, description)
-    if not -1 <= args.class_index < ds.n_classes:
-        raise UserError(
-            f"--class_index {args.class_index} is out of range for {ds.name}: use -1 or "
-            f"0..{ds.n_classes - 1}"
-        )
-    if loaded is not None:
-        model = loaded.model
-        params = loaded.lin_params if args.use_linear_params else loaded.params
-        net_state, where = loaded.net_state, os.path.basename(args.model_path)
+    check_class_index(class_index, ds)
+    if checkpoint is not None:
+        network, model = checkpoint.model, checkpoint.model_name
+        params = checkpoint.lin_params if use_linear_params else checkpoint.params
+        net_state, where = checkpoint.net_state, os.path.basename(checkpoint.path or "")
     else:
-        model = get_model(args.model, ds.n_classes)
-        params, net_state = init_model(model, jax.random.PRNGKey(args.random_seed), ds.image_shape)
-        where = f"initialisation (seed {args.random_seed})"
-    which = f"logit {args.class_index}" if args.class_index >= 0 else "averaged over logits"
-    description = f"empirical NTK of {args.model} at {where}, {which}"
+        network = get_model(model, ds.n_classes)
+        params, net_state = init_model(network, jax.random.PRNGKey(seed), ds.image_shape)
+        where = f"initialisation (seed {seed})"
+    which = f"logit {class_index}" if class_index >= 0 else "averaged over logits"
+    description = f"empirical NTK of {model} at {where}, {which}"
 
     def empirical_support(images, labels, indices, kernel=None):
         return empirical_support_kernel(
-            model, params, net_state, images, labels, indices, args.class_index, kernel, description
+            network, params, net_state, images, labels, indices, class_index, kernel, description
         )
 
-    kernel_fn = jacobian_kernel_fn(model, params, net_state, args.class_index)
+    kernel_fn = jacobian_kernel_fn(network, params, net_state, class_index)
     return KernelChoice(kernel_fn, empirical_support, description)
+
+
+def check_class_index(class_index: int, ds: Dataset) -> None:
+    """-1 (averaged over logits) or a logit of `ds`, else the scripts' one-line error."""
+    if not -1 <= class_index < ds.n_classes:
+        raise UserError(
+            f"--class_index {class_index} is out of range for {ds.name}: use -1 or "
+            f"0..{ds.n_classes - 1}"
+        )
 
 
 # ----------------------------------------------------------------------------- evaluation
