@@ -45,6 +45,7 @@ from ntk_evolution.io.checkpoints import (
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import kernel_title, plot_kernel
+from ntk_evolution.kernels.predictors import check_class_index
 from ntk_evolution.utils import UserError, run_main, save_pickle
 
 FULL_LAYOUT = "logit-major: row k * N + i is logit k of image i (ntk.empirical_ntk)"
@@ -128,11 +129,7 @@ def main(argv=None) -> dict | list[dict]:
     ds = load_dataset(args.dataset, args.data_root)
     if args.full and args.class_index != -1:
         raise UserError("--full computes every pair of logits: drop --class_index")
-    if not -1 <= args.class_index < ds.n_classes:
-        raise UserError(
-            f"--class_index {args.class_index} is out of range for {args.dataset}: use -1 or "
-            f"0..{ds.n_classes - 1}"
-        )
+    check_class_index(args.class_index, args.dataset, ds.n_classes)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     images, labels = ds.x_train[indices], ds.y_train[indices]
 

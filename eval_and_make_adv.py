@@ -29,28 +29,18 @@ randomised model or probability outputs.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 
-import jax
 import numpy as np
 
 from ntk_evolution.attacks.autoattack import AUTOATTACK
 from ntk_evolution.attacks.evaluation import (
     NAMES,
-    Tally,
     after,
-    attacked_batches,
-    hits,
-    make_attack_fn,
-    make_autoattack_fns,
-    make_components_fn,
-    masking_warnings,
     print_warnings,
-    run_autoattack,
-    sweep_warnings,
 )
-from ntk_evolution.attacks.pgd import VARIANT_NAMES, apply_variant, attack_settings, eps_from_255
+from ntk_evolution.attacks.pgd import VARIANT_NAMES
+from ntk_evolution.attacks.runner import evaluate_network, target_of
 from ntk_evolution.cli import (
     Parser,
     add_attack_variant_flag,
@@ -70,11 +60,9 @@ from ntk_evolution.cli import (
     with_values,
 )
 from ntk_evolution.data import to_8_bits
-from ntk_evolution.dynamics import Dynamics
 from ntk_evolution.io.checkpoints import load_examples, load_transfer
 from ntk_evolution.io.schemas import check_results
-from ntk_evolution.parallel import replicate, shard_batch
-from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_host, to_numpy
+from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_numpy
 
 SHORT_N_TEST = 1000
 
@@ -117,12 +105,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def batch_hits_grey(components_fn, w, theta_t, net_state, image: np.ndarray):
-    """(f, df) of one image (1, H, W, C), padded to the device count."""
-    (xb,) = shard_batch(image, pad=True)
-    return tuple(to_host(v)[:1] for v in components_fn(w, theta_t, net_state, xb))
-
-
 def default_save_name(test_path: str) -> str:
     """test_results, or transfer_<stem> for --test_path .../adv_examples_<stem>.pkl."""
     if not test_path:
@@ -146,12 +128,9 @@ def main(argv=None) -> dict:
     check_attack_variant(args)
     args = with_values(args, save_name=args.save_name or default_save_name(args.test_path))
     args, loaded, ds = model_and_dataset(args)
-    model = loaded.model
     # As in the original: the linearized model is around params (theta_t) with weights
     # lin_params (w); without --linear the network is params, centered on lin_params.
-    params, lin_params = loaded.params, loaded.lin_params
-    w, theta_t = (lin_params, params) if args.linear else (params, lin_params)
-    w, theta_t, net_state = replicate((w, theta_t, loaded.net_state))
+    model, dynamics, w, theta_t, net_state = target_of(loaded, args.linear, args.centering)
 
     if args.test_path:
         x, y = load_examples(args.test_path, ds.image_shape, ds.n_classes, args.trust_pickle)
@@ -169,77 +148,37 @@ def main(argv=None) -> dict:
             args.transfer_path, x, y, ds.image_shape, ds.n_classes, args.trust_pickle
         )
 
-    dynamics = Dynamics(linear=args.linear, centering=args.centering)
-    components_fn = make_components_fn(model, dynamics)
-    key = jax.random.PRNGKey(args.random_seed)
-
-    def logits_of(f, df):
-        return df if args.centering else f + df
-
-    def attack_fns(eps_linf: float) -> dict:
-        """{result name: attack(x, y, key)}: PGD-Linf ('dirty'), with --margin PGD-margin."""
-        settings = attack_settings(eps_linf)
-        kinds = {"dirty": "linf", **({"margin": "margin"} if args.margin else {})}
-        fns = {
-            name: make_attack_fn(
-                model, dynamics, args.restarts, **apply_variant(settings[kind], args.attack_variant)
-            )
-            for name, kind in kinds.items()
-        }
-        return {name: functools.partial(fn, w, theta_t, net_state) for name, fn in fns.items()}
-
-    def batch_hits(x_in, yb, n_real):
-        f, df = (to_host(v) for v in components_fn(w, theta_t, net_state, x_in))
-        return f[:n_real], df[:n_real], hits(logits_of(f, df), yb, n_real)
-
-    def add_autoattack(tally: Tally, eps_linf: float) -> dict:
-        """AutoAttack (run_autoattack) on the images correct when clean; its checks."""
-        eps = eps_linf if args.autoattack_norm == "linf" else args.eps_l2
-        fns = make_autoattack_fns(
-            model, dynamics, eps=eps, norm=args.autoattack_norm, n_classes=ds.n_classes
-        )
-        fns = {name: functools.partial(fn, w, theta_t, net_state) for name, fn in fns.items()}
-        flags, checks = run_autoattack(
-            fns,
-            lambda xs: logits_of(*components_fn(w, theta_t, net_state, xs)),
-            x,
-            y,
-            tally.flags("clean"),
-            key,
-            each=args.autoattack_each,
-        )
-        tally.add(flags)
-        return checks
-
-    fns = {} if args.no_adv else attack_fns(args.eps_linf)
-    outputs = {"clean": [], "dirty": []}
-    adv_images = []
-    tally = Tally()
-    for inputs, yb, n_real in attacked_batches(x, y, key, fns, transfer=transfer):
-        if "dirty" in inputs:
-            adv_images.append(to_host(inputs["dirty"])[:n_real])
-        correct = {}
-        for name, x_in in inputs.items():
-            f, df, correct[name] = batch_hits(x_in, yb, n_real)
-            if name in outputs:
-                outputs[name].append((f, df))
-        tally.add(correct)
-    checks = None
-    if args.autoattack and not args.no_adv:
-        checks = add_autoattack(tally, args.eps_linf)
-
-    accuracies = tally.accuracies()
+    evaluation = evaluate_network(
+        model,
+        dynamics,
+        w,
+        theta_t,
+        net_state,
+        x,
+        y,
+        eps=args.eps_linf,
+        seed=args.random_seed,
+        adversarial=not args.no_adv,
+        margin=args.margin,
+        restarts=args.restarts,
+        attack_variant=args.attack_variant,
+        autoattack_norm=args.autoattack_norm if args.autoattack else None,
+        eps_l2=args.eps_l2,
+        each=args.autoattack_each,
+        eps_sweep=args.eps_sweep,
+        transfer=transfer,
+    )
+    accuracies = evaluation.accuracies
     results = {}
     for name in ("clean", "dirty"):
-        if not outputs[name]:
+        if evaluation.outputs[name] is None:
             results.update({f"acc_{name}": None, f"predictions_{name}": None})
             results[f"components_{name}"] = None
             continue
-        f = np.concatenate([o[0] for o in outputs[name]])
-        df = np.concatenate([o[1] for o in outputs[name]])
+        f, df = evaluation.outputs[name]
         results[f"acc_{name}"] = accuracies[name]
         # predicted labels, as the original stores them (the logits are in the components)
-        results[f"predictions_{name}"] = np.argmax(logits_of(f, df), axis=1)
+        results[f"predictions_{name}"] = np.argmax(df if args.centering else f + df, axis=1)
         results[f"components_{name}"] = {"f": f, "df": df}
     for name in ("margin", "transfer", *AUTOATTACK, *map(after, AUTOATTACK), "autoattack", "worst"):
         results[f"acc_{name}"] = accuracies.get(name)
@@ -249,34 +188,17 @@ def main(argv=None) -> dict:
     results["test_path"] = os.path.abspath(args.test_path) if args.test_path else None
     results["restarts"] = args.restarts
     results["autoattack"] = autoattack_threat(args)  # (norm, eps)
-    results["autoattack_checks"] = checks
-    warnings = masking_warnings(accuracies, checks)
-    results["eps_sweep"] = None
-    if args.eps_sweep and not args.no_adv:
-        sweep = {}
-        for eps in args.eps_sweep:
-            sweep_tally = Tally()
-            for inputs, yb, n_real in attacked_batches(
-                x, y, key, attack_fns(eps_from_255(eps)), description=f"eps {eps:g}/255"
-            ):
-                sweep_tally.add({k: batch_hits(v, yb, n_real)[2] for k, v in inputs.items()})
-            if args.autoattack and args.autoattack_norm == "linf":
-                add_autoattack(sweep_tally, eps_from_255(eps))
-            sweep[eps] = sweep_tally.accuracies()["worst"]
-            print(f"eps {eps:g}/255: worst-case accuracy {sweep[eps]:.4f}")
-        results["eps_sweep"] = sweep
-        grey = np.full((1, *ds.image_shape), 0.5, np.float32)
-        grey_label = int(
-            np.argmax(logits_of(*batch_hits_grey(components_fn, w, theta_t, net_state, grey)))
-        )
-        warnings += sweep_warnings(sweep, float(np.mean(y == grey_label)))
-    results["warnings"] = warnings
+    results["autoattack_checks"] = evaluation.checks
+    results["eps_sweep"] = evaluation.sweep
+    results["warnings"] = warnings = evaluation.warnings
 
     out_dir = os.path.normpath(
         os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
     )
     results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
-    check_output(adv_images, os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
+    adv_images = evaluation.adv_images
+    if adv_images is not None:
+        check_output(adv_images, os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
     save_pickle(check_results(to_numpy(results), results_path), results_path)
     restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
     attack = VARIANT_NAMES[args.attack_variant]
@@ -295,9 +217,9 @@ def main(argv=None) -> dict:
     print(", ".join(shown) + f" on {len(x)} images")
     print_warnings(warnings)
     print(f"wrote {results_path}")
-    if args.save_examples and adv_images:
+    if args.save_examples and adv_images is not None:
         examples_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
-        images = np.concatenate(adv_images).transpose(0, 3, 1, 2)
+        images = adv_images.transpose(0, 3, 1, 2)
         save_pickle({"images": images, "labels": y}, examples_path)
         print(f"wrote {examples_path}")
     return results

@@ -26,6 +26,7 @@ from ntk_evolution.attacks.pgd import (
     L2_EPS,
     eps_from_255,
 )
+from ntk_evolution.attacks.runner import check_restarts
 from ntk_evolution.data import DATASETS, Dataset, load_dataset
 from ntk_evolution.io.checkpoints import (
     DEFAULT_DATASET,
@@ -255,11 +256,7 @@ def add_attack_variant_flag(p: argparse.ArgumentParser) -> None:
 
 def check_attack_variant(args: argparse.Namespace) -> None:
     """--restarts draw new random starts: only --attack_variant pgd has one."""
-    if args.restarts > 1 and args.attack_variant != "pgd":
-        raise UserError(
-            f"--restarts {args.restarts} needs --attack_variant pgd (the others start from the "
-            "image, so every restart would be the same)"
-        )
+    check_restarts(args.restarts, args.attack_variant)
 
 
 def add_autoattack_flags(p: argparse.ArgumentParser) -> None:

@@ -296,7 +296,7 @@ def phase2(
     epochs: int = 100,
     seed: int = 0,
     save_dir: str | None = None,
-    eps: float = eps_from_255(DEFAULT_EPS_255),
+    eps: float | None = None,
     standard: bool = False,
     loose_bn: bool = False,
     loader: str | None = None,
@@ -310,14 +310,19 @@ def phase2(
     """Phase 2 alone from theta_t = `theta` (a checkpoint, or a run's final network): w trained
     for `epochs` epochs at learning rate `lr` under linearized dynamics (`centering`: centered;
     `standard`: standard dynamics instead) with BatchNorm frozen (`loose_bn`: trained), on clean
-    or (`adversarial`, or `loader` C, A, F) PGD data. `test`: theta_t's accuracies first (as
+    or (`adversarial`, or `loader` C, A, F) PGD data of L-inf radius `eps` (image units; default:
+    the radius theta's run was trained and tested at, as its meta records it, else 4/255), the
+    radius of its tests too. `test`: theta_t's accuracies first (as
     results['standard']), then the trained model's. `constant_save`: a checkpoint per epoch.
     run_exp.py --base_model_path <theta's file> --loaders ?<A|C> --save_models."""
     if isinstance(theta, Run):
         theta = theta.final
     letter = loader or ("A" if adversarial else "C")
+    theta_flags = (theta.meta or {}).get("flags") or {}
     # the phase-1 letter only names theta's own data in the record (run_exp.py ignores it here)
-    first = ((theta.meta or {}).get("flags") or {}).get("loaders", "C")[:1] or "C"
+    first = str(theta_flags.get("loaders", "C"))[:1] or "C"
+    if eps is None:
+        eps = eps_from_255(float(theta_flags.get("eps", DEFAULT_EPS_255)))
     return run(
         ds, base=theta, loaders=first + letter, eps=eps, linear_epochs=epochs, seed=seed,
         centering=centering, second_lr=lr, loose_bn_second=loose_bn, do_standard_second=standard,
@@ -483,7 +488,8 @@ class _Experiment:
                 f"lr {lr_for_epoch(epoch):g} loss {metrics['loss']:.4f} "
                 f"train acc {metrics['accuracy']:.4f} ({time.time() - start:.1f}s)"
             )
-        if epochs > start_epoch:  # the phase's curves while the next phase runs
+        if phase == 1 and epochs > start_epoch and self.linear_epochs > 0:
+            # phase 1's curves while phase 2 trains (the run's end draws them all again)
             self.draw_curves()
         return state
 

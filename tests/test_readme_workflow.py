@@ -95,6 +95,10 @@ DOCS = (
 )  # fmt: skip
 
 
+# pages of Python blocks, run by their own test (docs/library.md: tests/test_library.py)
+PYTHON_PAGES = ("library",)
+
+
 def doc_pages() -> list[str]:
     return ["README.md", *(os.path.join("docs", f"{name}.md") for name in DOCS)]
 
@@ -110,10 +114,10 @@ def readme_blocks() -> list[str]:
 
 def test_every_page_of_docs_is_run_and_linked_from_the_readme():
     pages = sorted(n[:-3] for n in os.listdir(os.path.join(ROOT, "docs")) if n.endswith(".md"))
-    assert pages == sorted(DOCS)
+    assert pages == sorted(DOCS + PYTHON_PAGES)
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
-    for name in DOCS:
+    for name in DOCS + PYTHON_PAGES:
         assert f"](docs/{name}.md)" in readme, name
     assert len(readme.splitlines()) <= 250
 

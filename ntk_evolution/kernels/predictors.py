@@ -119,7 +119,7 @@ def kernel_choice(
         network = "convolutional NTK" if cntk_kernel else "ReLU MLP NTK"
         description = f"infinite-width {network}, depth {relu_depth}"
         return KernelChoice(kernel_fn, closed_form_support, description)
-    check_class_index(class_index, ds)
+    check_class_index(class_index, ds.name, ds.n_classes)
     if checkpoint is not None:
         network, model = checkpoint.model, checkpoint.model_name
         params = checkpoint.lin_params if use_linear_params else checkpoint.params
@@ -140,12 +140,13 @@ def kernel_choice(
     return KernelChoice(kernel_fn, empirical_support, description)
 
 
-def check_class_index(class_index: int, ds: Dataset) -> None:
-    """-1 (averaged over logits) or a logit of `ds`, else the scripts' one-line error."""
-    if not -1 <= class_index < ds.n_classes:
+def check_class_index(class_index: int, dataset: str, n_classes: int) -> None:
+    """-1 (averaged over logits) or a logit of `dataset`'s n_classes, else the scripts'
+    one-line error."""
+    if not -1 <= class_index < n_classes:
         raise UserError(
-            f"--class_index {class_index} is out of range for {ds.name}: use -1 or "
-            f"0..{ds.n_classes - 1}"
+            f"--class_index {class_index} is out of range for {dataset}: use -1 or "
+            f"0..{n_classes - 1}"
         )
 
 
