@@ -70,8 +70,8 @@ def test_the_notebook_gives_what_the_four_scripts_give(page, tmp_path):
     assert written == sorted(os.listdir(scripts / "adv"))
     for name in written:
         if name.endswith(".pkl"):
-            mine, theirs = (open(p / name, "rb").read() for p in (folder / "nb/adv", scripts / "adv"))
-            assert mine == theirs, name
+            mine = (folder / "nb" / "adv" / name).read_bytes()
+            assert mine == (scripts / "adv" / name).read_bytes(), name
     # adv.checkpoint(2) is parameters_checkpoint_2.pkl
     assert same_arrays(nb["theta"], load_model(str(scripts / "adv/parameters_checkpoint_2.pkl")))
     assert nb["theta"].meta["epoch"] == 2
