@@ -29,18 +29,8 @@ randomised model or probability outputs.
 from __future__ import annotations
 
 import argparse
-import os
 
-import numpy as np
-
-from ntk_evolution.attacks.autoattack import AUTOATTACK
-from ntk_evolution.attacks.evaluation import (
-    NAMES,
-    after,
-    print_warnings,
-)
-from ntk_evolution.attacks.pgd import VARIANT_NAMES
-from ntk_evolution.attacks.runner import evaluate_network, target_of
+from ntk_evolution.attacks.runner import evaluate_checkpoint_file
 from ntk_evolution.cli import (
     Parser,
     add_attack_variant_flag,
@@ -50,19 +40,10 @@ from ntk_evolution.cli import (
     add_robustness_flags,
     add_seed_flag,
     add_shared_flags,
-    autoattack_eps,
-    autoattack_threat,
-    check_attack_variant,
-    check_out_dir,
     initialize_from_args,
-    model_and_dataset,
     positive_int,
-    with_values,
 )
-from ntk_evolution.data import to_8_bits
-from ntk_evolution.io.checkpoints import load_examples, load_transfer
-from ntk_evolution.io.schemas import check_results
-from ntk_evolution.utils import UserError, check_output, run_main, save_pickle, to_numpy
+from ntk_evolution.utils import run_main
 
 SHORT_N_TEST = 1000
 
@@ -105,124 +86,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def default_save_name(test_path: str) -> str:
-    """test_results, or transfer_<stem> for --test_path .../adv_examples_<stem>.pkl."""
-    if not test_path:
-        return "test_results"
-    stem = os.path.splitext(os.path.basename(test_path))[0]
-    return "transfer_" + (stem.removeprefix("adv_examples_") or stem)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     initialize_from_args(args)
-    check_out_dir(
-        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir),
-        "--bonus_dir",
-    )
-    if args.test_path and args.transfer_path:
-        raise UserError(
-            "--test_path and --transfer_path both give transfer examples; use one (--test_path "
-            "evaluates on its images, --transfer_path adds them as an attack on the test set)"
-        )
-    check_attack_variant(args)
-    args = with_values(args, save_name=args.save_name or default_save_name(args.test_path))
-    args, loaded, ds = model_and_dataset(args)
-    # As in the original: the linearized model is around params (theta_t) with weights
-    # lin_params (w); without --linear the network is params, centered on lin_params.
-    model, dynamics, w, theta_t, net_state = target_of(loaded, args.linear, args.centering)
-
-    if args.test_path:
-        x, y = load_examples(args.test_path, ds.image_shape, ds.n_classes, args.trust_pickle)
-        x = to_8_bits(x)
-    else:
-        x, y = ds.x_test, ds.y_test
-    n_test = args.n_test or (SHORT_N_TEST if args.short else None)
-    x, y = x[:n_test], y[:n_test]
-    if np.any((y < 0) | (y >= ds.n_classes)):
-        raise UserError(f"labels must lie in 0..{ds.n_classes - 1} for {args.dataset}")
-
-    transfer = None
-    if args.transfer_path:
-        transfer = load_transfer(
-            args.transfer_path, x, y, ds.image_shape, ds.n_classes, args.trust_pickle
-        )
-
-    evaluation = evaluate_network(
-        model,
-        dynamics,
-        w,
-        theta_t,
-        net_state,
-        x,
-        y,
-        eps=args.eps_linf,
+    return evaluate_checkpoint_file(
+        args.model_path,
+        model=args.model,
+        dataset=args.dataset,
+        data_root=args.data_root,
+        trust_pickle=args.trust_pickle,
+        save_name=args.save_name,
+        linear=args.linear,
+        centering=args.centering,
+        test_path=args.test_path,
+        bonus_dir=args.bonus_dir,
+        no_adv=args.no_adv,
+        save_examples=args.save_examples,
+        n_test=args.n_test or (SHORT_N_TEST if args.short else None),
         seed=args.random_seed,
-        adversarial=not args.no_adv,
+        eps_255=args.eps,
         margin=args.margin,
         restarts=args.restarts,
+        transfer_path=args.transfer_path,
         attack_variant=args.attack_variant,
-        autoattack_norm=args.autoattack_norm if args.autoattack else None,
+        autoattack=args.autoattack,
+        autoattack_each=args.autoattack_each,
+        autoattack_norm=args.autoattack_norm,
         eps_l2=args.eps_l2,
-        each=args.autoattack_each,
         eps_sweep=args.eps_sweep,
-        transfer=transfer,
     )
-    accuracies = evaluation.accuracies
-    results = {}
-    for name in ("clean", "dirty"):
-        if evaluation.outputs[name] is None:
-            results.update({f"acc_{name}": None, f"predictions_{name}": None})
-            results[f"components_{name}"] = None
-            continue
-        f, df = evaluation.outputs[name]
-        results[f"acc_{name}"] = accuracies[name]
-        # predicted labels, as the original stores them (the logits are in the components)
-        results[f"predictions_{name}"] = np.argmax(df if args.centering else f + df, axis=1)
-        results[f"components_{name}"] = {"f": f, "df": df}
-    for name in ("margin", "transfer", *AUTOATTACK, *map(after, AUTOATTACK), "autoattack", "worst"):
-        results[f"acc_{name}"] = accuracies.get(name)
-    if args.test_path:
-        # the "clean" pass ran on another model's examples: that is a transfer accuracy
-        results["acc_transfer"], results["acc_clean"] = results["acc_clean"], None
-    results["test_path"] = os.path.abspath(args.test_path) if args.test_path else None
-    results["restarts"] = args.restarts
-    results["autoattack"] = autoattack_threat(args)  # (norm, eps)
-    results["autoattack_checks"] = evaluation.checks
-    results["eps_sweep"] = evaluation.sweep
-    results["warnings"] = warnings = evaluation.warnings
-
-    out_dir = os.path.normpath(
-        os.path.join(os.path.dirname(os.path.abspath(args.model_path)), args.bonus_dir)
-    )
-    results_path = os.path.join(out_dir, f"test_results_{args.save_name}.pkl")
-    adv_images = evaluation.adv_images
-    if adv_images is not None:
-        check_output(adv_images, os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl"))
-    save_pickle(check_results(to_numpy(results), results_path), results_path)
-    restarts = f", {args.restarts} restarts" if args.restarts > 1 else ""
-    attack = VARIANT_NAMES[args.attack_variant]
-    labels = {
-        "acc_clean": "clean accuracy",
-        "acc_dirty": f"{attack}-Linf (eps {args.eps:g}/255{restarts}) accuracy",
-        "acc_margin": f"{attack}-margin accuracy",
-        **{f"acc_{name}": f"{NAMES[name]} alone" for name in AUTOATTACK},
-        "acc_autoattack": f"AutoAttack ({args.autoattack_norm}, eps {autoattack_eps(args):.4g})",
-        "acc_transfer": (
-            f"accuracy on {args.test_path}'s examples" if args.test_path else "transfer accuracy"
-        ),
-        "acc_worst": "worst case over all",
-    }
-    shown = [f"{text} {results[k]:.4f}" for k, text in labels.items() if results[k] is not None]
-    print(", ".join(shown) + f" on {len(x)} images")
-    print_warnings(warnings)
-    print(f"wrote {results_path}")
-    if args.save_examples and adv_images is not None:
-        examples_path = os.path.join(out_dir, f"adv_examples_{args.save_name}.pkl")
-        images = adv_images.transpose(0, 3, 1, 2)
-        save_pickle({"images": images, "labels": y}, examples_path)
-        print(f"wrote {examples_path}")
-    return results
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import glob
 import math
-import os
 import sys
 from collections.abc import Callable
 
@@ -39,7 +38,7 @@ from ntk_evolution.kernels.predictors import KernelChoice, kernel_choice, suppor
 from ntk_evolution.kernels.regression import SupportKernel
 from ntk_evolution.models import MODELS
 from ntk_evolution.parallel import default_compile_cache, initialize
-from ntk_evolution.utils import UserError
+from ntk_evolution.utils import UserError, check_out_dir  # noqa: F401 (scripts import it here)
 
 # the kernels of the kernel predictors (kernels/predictors.py): the network's empirical NTK, the
 # closed-form ReLU NTK of an infinite-width MLP, the convolutional NTK
@@ -71,21 +70,6 @@ class Parser(argparse.ArgumentParser):
 
 
 # ----------------------------------------------------------------------------- output folders
-
-
-def check_out_dir(path: str, flag: str) -> str:
-    """Refuse, before any work, an output folder that cannot be one: an existing file, a path
-    under a file, or a folder (or the nearest existing parent) that is not writable."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path} is a file, not a folder (pass a folder)")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder (pass a folder)")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"{flag} {path}: {existing} is not writable (pass a folder you can write)")
-    return path
 
 
 # ----------------------------------------------------------------------------- value types

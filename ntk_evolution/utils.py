@@ -123,6 +123,24 @@ def run_main(
             signal.signal(signal.SIGTERM, previous)
 
 
+# ----------------------------------------------------------------------------- output folders
+
+
+def check_out_dir(path: str, flag: str) -> str:
+    """Refuse, before any work, an output folder that cannot be one: an existing file, a path
+    under a file, or a folder (or the nearest existing parent) that is not writable."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder (pass a folder)")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder (pass a folder)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: {existing} is not writable (pass a folder you can write)")
+    return path
+
+
 # ----------------------------------------------------------------------------- pickles
 
 

@@ -19,14 +19,14 @@ figures to report.
 from __future__ import annotations
 
 import argparse
-import shlex
 import time
 
-import eval_and_make_adv
-import run_exp
+from ntk_evolution import data, experiment
+from ntk_evolution.attacks.runner import evaluate_checkpoint_file
+from ntk_evolution.io.checkpoints import load_model
 
 OUT = "demo_runs"
-COMMON = "--dataset digits --model cnn_small --eps 32 --random_seed 0"
+EPS_255 = 32.0
 PHASE1_EPOCHS = 20
 PHASE2_FROM_EPOCH = 10
 PHASE2_EPOCHS = 20
@@ -49,54 +49,64 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(command: str) -> dict:
-    print(f"\n$ python {command}", flush=True)
-    script = {"run_exp.py": run_exp, "eval_and_make_adv.py": eval_and_make_adv}
-    argv = shlex.split(command)
-    return script[argv[0]].main(argv[1:])
+def step(what: str) -> float:
+    """Say what runs next (the log shows each step and its time); its start time."""
+    print(f"\n== {what}", flush=True)
+    return time.time()
 
 
-def autoattack(model_path: str, flags: str = "", n_test: int = AA_N_TEST) -> dict:
-    """eval_and_make_adv.py --autoattack on a final model's first `n_test` test images (0:
-    all; results beside it)."""
-    images = f" --n_test {n_test}" if n_test else ""
-    return run(
-        f"eval_and_make_adv.py {COMMON} --model_path {model_path} {flags} --autoattack "
-        f"--save_name autoattack{images}"
-    )
+def autoattack(model_path: str, n_test: int = AA_N_TEST, **dynamics) -> dict:
+    """eval_and_make_adv.py --autoattack (as a library call) on a final model's first `n_test`
+    test images (0: all; test_results_autoattack.pkl beside it); `dynamics`: linear, centering."""
+    start = step(f"AutoAttack on {model_path}")
+    results = evaluate_checkpoint_file(
+        model_path, save_name="autoattack", n_test=n_test or None, eps_255=EPS_255, seed=0,
+        autoattack=True, **dynamics,
+    )  # fmt: skip
+    print(f"({time.time() - start:.0f}s)")
+    return results
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    start = time.time()
+    started = time.time()
     phase1_epochs, phase2_epochs = (11, 2) if args.quick else (PHASE1_EPOCHS, PHASE2_EPOCHS)
-    common = COMMON + (" --n_test 100" if args.quick else "")
+    n_test = 100 if args.quick else None
+    ds = data.load_dataset("digits")
+    eps = EPS_255 / 255
     rows = []
     for loader, name in (("A", "adversarial"), ("C", "benign")):
         phase1_dir = f"{OUT}/phase1_{name}"
-        phase1 = run(
-            f"run_exp.py {common} --loaders {loader}C --standard_epochs {phase1_epochs} "
-            f"--linear_epochs 0 --save_models --constant_save --skip_second_test "
-            f"--save_path {phase1_dir}"
+        start = step(f"phase 1, {name}, {phase1_epochs} epochs -> {phase1_dir}")
+        phase1 = experiment.run(
+            ds, model="cnn_small", loaders=f"{loader}C", eps=eps, standard_epochs=phase1_epochs,
+            linear_epochs=0, seed=0, save_models=True, constant_save=True,
+            skip_second_test=True, n_test=n_test, save_dir=phase1_dir,
+        )  # fmt: skip
+        print(f"({time.time() - start:.0f}s)")
+        phase2_dir = f"{OUT}/phase2_centered_from_{name}"
+        start = step(
+            f"phase 2 from epoch {PHASE2_FROM_EPOCH}, {phase2_epochs} epochs -> {phase2_dir}"
         )
-        phase2 = run(
-            f"run_exp.py {common} --loaders {loader}C --linear_epochs {phase2_epochs} "
-            f"--base_model_path {phase1_dir}/parameters_checkpoint_{PHASE2_FROM_EPOCH}.pkl "
-            f"--centering --second_lr 0.01 --save_models --skip_first_test "
-            f"--save_path {OUT}/phase2_centered_from_{name}"
-        )
+        phase2 = experiment.run(
+            ds, base=load_model(f"{phase1_dir}/parameters_checkpoint_{PHASE2_FROM_EPOCH}.pkl"),
+            loaders=f"{loader}C", eps=eps, linear_epochs=phase2_epochs, seed=0, centering=True,
+            second_lr=0.01, save_models=True, skip_first_test=True, n_test=n_test,
+            save_dir=phase2_dir,
+        )  # fmt: skip
+        print(f"({time.time() - start:.0f}s)")
         aa1 = aa2 = {"acc_autoattack": None, "acc_dirty": None, "warnings": []}
         if not args.quick:
-            aa1 = autoattack(f"{phase1_dir}/parameters_final.pkl", n_test=args.aa_n_test)
+            aa1 = autoattack(f"{phase1_dir}/parameters_final.pkl", args.aa_n_test)
             aa2 = autoattack(
-                f"{OUT}/phase2_centered_from_{name}/parameters_final.pkl",
-                "--linear --centering",
-                n_test=args.aa_n_test,
+                f"{phase2_dir}/parameters_final.pkl", args.aa_n_test, linear=True, centering=True
             )
-        rows.append((f"phase 1, {name} training, {phase1_epochs} epochs", phase1["standard"], aa1))
+        rows.append(
+            (f"phase 1, {name} training, {phase1_epochs} epochs", phase1.results["standard"], aa1)
+        )
         label = f"phase 2, benign centered linearized, from {name} epoch {PHASE2_FROM_EPOCH}"
-        rows.append((label, phase2["linear"], aa2))
-    n_test = 100 if args.quick else 360
+        rows.append((label, phase2.results["linear"], aa2))
+    n_test = n_test or len(ds.x_test)
     aa_n = args.aa_n_test or n_test
     print(
         f"\n\ndigits (8x8), cnn_small, L-inf eps 32/255; clean and PGD-Linf (100 steps, "
@@ -118,7 +128,7 @@ def main(argv=None) -> None:
     for label, _, aa in rows:
         for warning in aa["warnings"]:
             print(f"warning: {label}: {warning}")
-    print(f"\noutputs in {OUT}/; wall time {time.time() - start:.0f}s")
+    print(f"\noutputs in {OUT}/; wall time {time.time() - started:.0f}s")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ restarts, another model's examples (transfer), AutoAttack's standard version wit
 reference's checks, and the worst case over all of them at several radii (the eps sweep), with
 warnings that name gradient masking where the figures show its signs.
 
-`evaluate_network` is what eval_and_make_adv.py runs; `robustness` is the same from plain
+`evaluate_network` is the evaluation; `evaluate_checkpoint_file` is eval_and_make_adv.py's run
+(a checkpoint file in, its test_results pickle out); `robustness` is the same from plain
 values (a run of experiment.py, or a checkpoint), for a notebook:
 
     r = attacks.robustness(lin, x, y, eps=32 / 255, attacks=("pgd", "autoattack"))
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from ntk_evolution.attacks.autoattack import AUTOATTACK
 from ntk_evolution.attacks.evaluation import (
+    NAMES,
     Tally,
     after,
     attacked_batches,
@@ -32,14 +35,31 @@ from ntk_evolution.attacks.evaluation import (
     make_autoattack_fns,
     make_components_fn,
     masking_warnings,
+    print_warnings,
     run_autoattack,
     sweep_warnings,
 )
-from ntk_evolution.attacks.pgd import L2_EPS, apply_variant, attack_settings, eps_from_255
+from ntk_evolution.attacks.pgd import (
+    DEFAULT_EPS_255,
+    L2_EPS,
+    VARIANT_NAMES,
+    apply_variant,
+    attack_settings,
+    eps_from_255,
+)
+from ntk_evolution.data import load_dataset, to_8_bits
 from ntk_evolution.dynamics import Dynamics
-from ntk_evolution.io.checkpoints import Checkpoint
+from ntk_evolution.io.checkpoints import Checkpoint, load_examples, load_model, load_transfer
+from ntk_evolution.io.schemas import check_results
 from ntk_evolution.parallel import replicate, shard_batch, use_default_compile_cache
-from ntk_evolution.utils import UserError, to_host
+from ntk_evolution.utils import (
+    UserError,
+    check_out_dir,
+    check_output,
+    save_pickle,
+    to_host,
+    to_numpy,
+)
 
 ATTACKS = ("pgd", "margin", "autoattack")  # what `robustness` can run, beside the clean pass
 
@@ -269,3 +289,151 @@ def robustness(
     result["checks"] = evaluation.checks
     result["warnings"] = evaluation.warnings
     return result
+
+
+def default_save_name(test_path: str) -> str:
+    """test_results, or transfer_<stem> for --test_path .../adv_examples_<stem>.pkl."""
+    if not test_path:
+        return "test_results"
+    stem = os.path.splitext(os.path.basename(test_path))[0]
+    return "transfer_" + (stem.removeprefix("adv_examples_") or stem)
+
+
+def evaluate_checkpoint_file(
+    model_path: str,
+    *,
+    model: str | None = None,
+    dataset: str | None = None,
+    data_root: str = "./data",
+    trust_pickle: bool = False,
+    save_name: str | None = None,
+    linear: bool = False,
+    centering: bool = False,
+    test_path: str = "",
+    bonus_dir: str = ".",
+    no_adv: bool = False,
+    save_examples: bool = False,
+    n_test: int | None = None,
+    seed: int = 0,
+    eps_255: float = DEFAULT_EPS_255,
+    margin: bool = False,
+    restarts: int = 1,
+    transfer_path: str = "",
+    attack_variant: str = "pgd",
+    autoattack: bool = False,
+    autoattack_each: bool = False,
+    autoattack_norm: str = "linf",
+    eps_l2: float = L2_EPS,
+    eps_sweep: Sequence[float] | None = None,
+) -> dict:
+    """eval_and_make_adv.py with these values (its flags of the same names; `eps_255` is --eps
+    in 1/255, `seed` --random_seed): evaluate_network on the checkpoint at `model_path`, on the
+    first `n_test` test images or on `test_path`'s examples (a transfer accuracy), and write
+    test_results_<save_name>.pkl (and with `save_examples` adv_examples_<save_name>.pkl) into
+    dirname(model_path)/<bonus_dir>/. Returns the results dict that file holds."""
+    check_out_dir(
+        os.path.join(os.path.dirname(os.path.abspath(model_path)), bonus_dir),
+        "--bonus_dir",
+    )
+    if test_path and transfer_path:
+        raise UserError(
+            "--test_path and --transfer_path both give transfer examples; use one (--test_path "
+            "evaluates on its images, --transfer_path adds them as an attack on the test set)"
+        )
+    check_restarts(restarts, attack_variant)
+    save_name = save_name or default_save_name(test_path)
+    loaded = load_model(model_path, model, dataset, trust_pickle)
+    ds = load_dataset(loaded.dataset, data_root)
+    # As in the original: the linearized model is around params (theta_t) with weights
+    # lin_params (w); without --linear the network is params, centered on lin_params.
+    model, dynamics, w, theta_t, net_state = target_of(loaded, linear, centering)
+
+    if test_path:
+        x, y = load_examples(test_path, ds.image_shape, ds.n_classes, trust_pickle)
+        x = to_8_bits(x)
+    else:
+        x, y = ds.x_test, ds.y_test
+    x, y = x[:n_test], y[:n_test]
+    if np.any((y < 0) | (y >= ds.n_classes)):
+        raise UserError(f"labels must lie in 0..{ds.n_classes - 1} for {ds.name}")
+
+    transfer = None
+    if transfer_path:
+        transfer = load_transfer(transfer_path, x, y, ds.image_shape, ds.n_classes, trust_pickle)
+
+    evaluation = evaluate_network(
+        model,
+        dynamics,
+        w,
+        theta_t,
+        net_state,
+        x,
+        y,
+        eps=eps_from_255(eps_255),
+        seed=seed,
+        adversarial=not no_adv,
+        margin=margin,
+        restarts=restarts,
+        attack_variant=attack_variant,
+        autoattack_norm=autoattack_norm if autoattack else None,
+        eps_l2=eps_l2,
+        each=autoattack_each,
+        eps_sweep=eps_sweep,
+        transfer=transfer,
+    )
+    accuracies = evaluation.accuracies
+    results = {}
+    for name in ("clean", "dirty"):
+        if evaluation.outputs[name] is None:
+            results.update({f"acc_{name}": None, f"predictions_{name}": None})
+            results[f"components_{name}"] = None
+            continue
+        f, df = evaluation.outputs[name]
+        results[f"acc_{name}"] = accuracies[name]
+        # predicted labels, as the original stores them (the logits are in the components)
+        results[f"predictions_{name}"] = np.argmax(df if centering else f + df, axis=1)
+        results[f"components_{name}"] = {"f": f, "df": df}
+    for name in ("margin", "transfer", *AUTOATTACK, *map(after, AUTOATTACK), "autoattack", "worst"):
+        results[f"acc_{name}"] = accuracies.get(name)
+    if test_path:
+        # the "clean" pass ran on another model's examples: that is a transfer accuracy
+        results["acc_transfer"], results["acc_clean"] = results["acc_clean"], None
+    results["test_path"] = os.path.abspath(test_path) if test_path else None
+    results["restarts"] = restarts
+    radius = eps_from_255(eps_255) if autoattack_norm == "linf" else eps_l2
+    results["autoattack"] = (autoattack_norm, radius) if autoattack else None  # (norm, eps)
+    results["autoattack_checks"] = evaluation.checks
+    results["eps_sweep"] = evaluation.sweep
+    results["warnings"] = warnings = evaluation.warnings
+
+    out_dir = os.path.normpath(
+        os.path.join(os.path.dirname(os.path.abspath(model_path)), bonus_dir)
+    )
+    results_path = os.path.join(out_dir, f"test_results_{save_name}.pkl")
+    adv_images = evaluation.adv_images
+    if adv_images is not None:
+        check_output(adv_images, os.path.join(out_dir, f"adv_examples_{save_name}.pkl"))
+    save_pickle(check_results(to_numpy(results), results_path), results_path)
+    restarts_text = f", {restarts} restarts" if restarts > 1 else ""
+    attack = VARIANT_NAMES[attack_variant]
+    labels = {
+        "acc_clean": "clean accuracy",
+        "acc_dirty": f"{attack}-Linf (eps {eps_255:g}/255{restarts_text}) accuracy",
+        "acc_margin": f"{attack}-margin accuracy",
+        **{f"acc_{name}": f"{NAMES[name]} alone" for name in AUTOATTACK},
+        "acc_autoattack": f"AutoAttack ({autoattack_norm}, eps {radius:.4g})",
+        "acc_transfer": (
+            f"accuracy on {test_path}'s examples" if test_path else "transfer accuracy"
+        ),
+        "acc_worst": "worst case over all",
+    }
+    shown = [f"{text} {results[k]:.4f}" for k, text in labels.items() if results[k] is not None]
+    print(", ".join(shown) + f" on {len(x)} images")
+    print_warnings(warnings)
+    print(f"wrote {results_path}")
+    if save_examples and adv_images is not None:
+        examples_path = os.path.join(out_dir, f"adv_examples_{save_name}.pkl")
+        images = adv_images.transpose(0, 3, 1, 2)
+        save_pickle({"images": images, "labels": y}, examples_path)
+        print(f"wrote {examples_path}")
+    return results
