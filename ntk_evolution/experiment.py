@@ -47,6 +47,7 @@ from ntk_evolution.figures import plot_training_curves
 from ntk_evolution.io.checkpoints import (
     DEFAULT_MODEL,
     Checkpoint,
+    check_tree_matches,
     checkpoint_epoch,
     checkpoint_meta,
     checkpoint_name,
@@ -61,10 +62,9 @@ from ntk_evolution.io.resume import (
     Position,
     fractional_saves,
     load_resume_state,
-    restore_train_state,
     save_resume_state,
 )
-from ntk_evolution.io.schemas import check_results
+from ntk_evolution.io.schemas import RESUME_TODO, check_results
 from ntk_evolution.models import get_model, init_model
 from ntk_evolution.parallel import default_compile_cache, use_default_compile_cache
 from ntk_evolution.run_lock import folder_lock
@@ -86,7 +86,7 @@ RESULTS_FILE = "results.pkl"
 CURVES_FILE = "training_curves.png"
 
 # run_exp.py's flags with their defaults (the original's, plus this project's): what a checkpoint
-# records in meta['flags'], and what --resume compares (io.resume.RESUME_CONFIG)
+# records in meta['flags'], and what --resume compares (resume.RESUME_CONFIG)
 RUN_FLAGS: dict[str, Any] = {
     "data_path": "./X_nothing",
     "standard_epochs": 100,
@@ -388,8 +388,10 @@ class _Experiment:
             config = {name: self.flags[name] for name in RESUME_CONFIG}
             record = load_resume_state(
                 self.save_dir, config, {name: RUN_FLAGS[name] for name in RESUME_CONFIG},
-                {1: self.standard_epochs, 2: self.linear_epochs}, self.network,
-                self.ds.image_shape,
+                {1: self.standard_epochs, 2: self.linear_epochs},
+                lambda record, path: check_resume_shapes(
+                    record, path, self.network, self.ds.image_shape
+                ),
             )  # fmt: skip
             if record is not None:
                 self.position.saved = (record["phase"], record["epoch"])
@@ -639,3 +641,44 @@ class _Experiment:
         params, lin_params, net_state = to_numpy((params, lin_params, net_state))
         return Checkpoint(self.network, meta["model"], meta["dataset"], params, lin_params,
                           net_state, meta, None)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def check_resume_shapes(
+    record: dict, path: str, model: hk.TransformedWithState, image_shape: tuple[int, ...]
+) -> None:
+    """The resume state's trees against the network and its optimizer: the same leaves and
+    shapes (check_resume_state checked their types and values)."""
+    params, net_state = jax.eval_shape(
+        lambda: init_model(model, jax.random.PRNGKey(0), image_shape)
+    )
+    where = f"--resume: {path}"
+    check_tree_matches(record["w"], params, f"{where} [w]", RESUME_TODO)
+    if record["theta_t"] is not None:
+        check_tree_matches(record["theta_t"], params, f"{where} [theta_t]", RESUME_TODO)
+    if record["phase"] == 2 and record["theta_t"] is None:
+        raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
+    check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
+    if record["opt_state_leaves"] is not None:
+        opt_state = jax.eval_shape(make_optimizer(0.0).init, params)
+        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(opt_state)]
+        got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
+        if got != wanted:
+            raise UserError(
+                f"{path}: its optimizer state has {len(got)} arrays that do not fit the network's "
+                f"{len(wanted)} ({RESUME_TODO})"
+            )
+
+
+def restore_train_state(record: dict) -> TrainState:
+    """The TrainState saved by save_resume_state (the optimizer state's tree structure does not
+    depend on the learning rate)."""
+    w = jax.tree.map(jnp.asarray, record["w"])
+    opt_state = make_optimizer(0.0).init(w)
+    if record["opt_state_leaves"] is not None:
+        leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
+        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
+    theta_t = None if record["theta_t"] is None else jax.tree.map(jnp.asarray, record["theta_t"])
+    return TrainState(w, theta_t, jax.tree.map(jnp.asarray, record["net_state"]), opt_state)

@@ -5,16 +5,12 @@ original's fractional-epoch checkpoints."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
-import haiku as hk
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from ntk_evolution.io.checkpoints import check_tree_matches
-from ntk_evolution.io.schemas import RESUME_TODO, check_resume_state
-from ntk_evolution.models import init_model
-from ntk_evolution.training import TrainState, make_optimizer
+from ntk_evolution.io.schemas import check_resume_state
 from ntk_evolution.utils import UserError, load_pickle, save_pickle
 
 FRACTIONAL_EPOCHS = (0.125, 0.25, 0.375, 0.5, 0.75, 1.5, 2.5)
@@ -72,7 +68,7 @@ def interrupt_message(cause: str = "interrupted", err: BaseException | None = No
 
 
 def save_resume_state(
-    save_path: str, config: dict, phase: int, epoch: int, state: TrainState, results: dict
+    save_path: str, config: dict, phase: int, epoch: int, state: Any, results: dict
 ) -> None:
     """Everything needed to continue after `epoch` epochs of `phase`: the run's `config` (the
     RESUME_CONFIG flags), parameters, BatchNorm and optimizer state, results so far. Data order
@@ -95,13 +91,12 @@ def load_resume_state(
     config: dict,
     defaults: dict,
     epochs: dict[int, int],
-    model: hk.TransformedWithState,
-    image_shape: tuple[int, ...],
+    check_shapes: Callable[[dict, str], None],
 ) -> dict | None:
     """The checked resume state in save_path (None, said, when there is none), refused when
     it was written with another `config` (a flag missing from the file: its value in
-    `defaults`), is past the `epochs` of its phase ({phase: epochs}), or does not fit `model`
-    on images of `image_shape`."""
+    `defaults`), is past the `epochs` of its phase ({phase: epochs}), or does not fit the
+    network (`check_shapes(record, path)` raises a UserError)."""
     path = os.path.join(save_path, RESUME_FILE)
     if not os.path.exists(path):
         print(f"--resume: no {RESUME_FILE} in {save_path}; starting from the beginning")
@@ -120,44 +115,6 @@ def load_resume_state(
             f"--resume: {path} is past phase {record['phase']} epoch {record['epoch']}, more "
             f"than the {epochs} epochs asked for"
         )
-    check_resume_shapes(record, path, model, image_shape)
+    check_shapes(record, path)
     print(f"--resume: continuing after phase {record['phase']} epoch {record['epoch']}")
     return record
-
-
-def check_resume_shapes(
-    record: dict, path: str, model: hk.TransformedWithState, image_shape: tuple[int, ...]
-) -> None:
-    """The resume state's trees against the network and its optimizer: the same leaves and
-    shapes (check_resume_state checked their types and values)."""
-    params, net_state = jax.eval_shape(
-        lambda: init_model(model, jax.random.PRNGKey(0), image_shape)
-    )
-    where = f"--resume: {path}"
-    check_tree_matches(record["w"], params, f"{where} [w]", RESUME_TODO)
-    if record["theta_t"] is not None:
-        check_tree_matches(record["theta_t"], params, f"{where} [theta_t]", RESUME_TODO)
-    if record["phase"] == 2 and record["theta_t"] is None:
-        raise UserError(f"{path}: phase 2 without theta_t ({RESUME_TODO})")
-    check_tree_matches(record["net_state"], net_state, f"{where} [net_state]", RESUME_TODO)
-    if record["opt_state_leaves"] is not None:
-        opt_state = jax.eval_shape(make_optimizer(0.0).init, params)
-        wanted = [np.shape(leaf) for leaf in jax.tree.leaves(opt_state)]
-        got = [np.shape(leaf) for leaf in record["opt_state_leaves"]]
-        if got != wanted:
-            raise UserError(
-                f"{path}: its optimizer state has {len(got)} arrays that do not fit the network's "
-                f"{len(wanted)} ({RESUME_TODO})"
-            )
-
-
-def restore_train_state(record: dict) -> TrainState:
-    """The TrainState saved by save_resume_state (the optimizer state's tree structure does not
-    depend on the learning rate)."""
-    w = jax.tree.map(jnp.asarray, record["w"])
-    opt_state = make_optimizer(0.0).init(w)
-    if record["opt_state_leaves"] is not None:
-        leaves = [jnp.asarray(leaf) for leaf in record["opt_state_leaves"]]
-        opt_state = jax.tree.unflatten(jax.tree.structure(opt_state), leaves)
-    theta_t = None if record["theta_t"] is None else jax.tree.map(jnp.asarray, record["theta_t"])
-    return TrainState(w, theta_t, jax.tree.map(jnp.asarray, record["net_state"]), opt_state)
