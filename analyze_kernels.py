@@ -31,7 +31,6 @@ from ntk_evolution.cli import (
     Parser,
     add_out_dir_flag,
     add_shared_flags,
-    check_out_dir,
     expand_paths,
     initialize_from_args,
     positive_int,
@@ -45,7 +44,14 @@ from ntk_evolution.kernels.plots import (
     plot_kernel_spectra,
     plot_polar_dynamics,
 )
-from ntk_evolution.utils import UserError, check_output, run_main, write_csv, write_json
+from ntk_evolution.utils import (
+    UserError,
+    check_out_dir,
+    check_output,
+    run_main,
+    write_csv,
+    write_json,
+)
 
 
 def build_parser() -> Parser:

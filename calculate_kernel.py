@@ -30,7 +30,6 @@ from ntk_evolution.cli import (
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
-    check_out_dir,
     expand_paths,
     finite_float,
     initialize_from_args,
@@ -45,8 +44,8 @@ from ntk_evolution.io.checkpoints import (
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import kernel_title, plot_kernel
-from ntk_evolution.kernels.predictors import check_class_index
-from ntk_evolution.utils import UserError, run_main, save_pickle
+from ntk_evolution.kernels.predictors import check_class_index, check_full_kernel
+from ntk_evolution.utils import UserError, check_out_dir, run_main, save_pickle
 
 FULL_LAYOUT = "logit-major: row k * N + i is logit k of image i (ntk.empirical_ntk)"
 
@@ -127,8 +126,7 @@ def main(argv=None) -> dict | list[dict]:
         )
     args, first = load_model_from_args(args, paths[0])  # --model and --dataset filled in
     ds = load_dataset(args.dataset, args.data_root)
-    if args.full and args.class_index != -1:
-        raise UserError("--full computes every pair of logits: drop --class_index")
+    check_full_kernel(args.full, args.class_index)
     check_class_index(args.class_index, args.dataset, ds.n_classes)
     indices = class_balanced_subset(ds.y_train, args.dataset_size, ds.n_classes, args.random_seed)
     images, labels = ds.x_train[indices], ds.y_train[indices]

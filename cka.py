@@ -38,7 +38,6 @@ from ntk_evolution.cli import (
     add_eps_flag,
     add_seed_flag,
     add_shared_flags,
-    check_out_dir,
     finite_float,
     initialize_from_args,
     positive_int,
@@ -68,7 +67,15 @@ from ntk_evolution.similarity.torch_models import (
     robustbench_files,
 )
 from ntk_evolution.similarity.torch_models import layer_grams as torch_layer_grams
-from ntk_evolution.utils import UserError, atomic_file, progress_bar, run_main, save_pickle, to_host
+from ntk_evolution.utils import (
+    UserError,
+    atomic_file,
+    check_out_dir,
+    progress_bar,
+    run_main,
+    save_pickle,
+    to_host,
+)
 
 
 def build_parser() -> Parser:

@@ -28,7 +28,6 @@ from ntk_evolution.cli import (
     add_out_dir_flag,
     add_shared_flags,
     autoattack_threat,
-    check_out_dir,
     initialize_from_args,
     model_and_dataset,
     non_negative_int,
@@ -39,6 +38,7 @@ from ntk_evolution.kernels.predictors import evaluate_predictor
 from ntk_evolution.kernels.regression import component_factors, eigen_decomposition, one_hot
 from ntk_evolution.utils import (
     UserError,
+    check_out_dir,
     check_output,
     progress_bar,
     run_main,

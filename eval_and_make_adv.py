@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import argparse
 
-from ntk_evolution.attacks.runner import default_save_name, evaluate_checkpoint_file  # noqa: F401
+from ntk_evolution.attacks.runner import evaluate_checkpoint_file
 from ntk_evolution.cli import (
     Parser,
     add_attack_variant_flag,

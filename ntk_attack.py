@@ -31,7 +31,6 @@ from ntk_evolution.cli import (
     add_shared_flags,
     autoattack_threat,
     check_attack_variant,
-    check_out_dir,
     initialize_from_args,
     model_and_dataset,
     support_kernel_from_args,
@@ -43,7 +42,7 @@ from ntk_evolution.kernels.predictors import (
     predicted_labels,
 )
 from ntk_evolution.kernels.regression import one_hot, regression_coefficients
-from ntk_evolution.utils import check_output, run_main, save_pickle, write_json
+from ntk_evolution.utils import check_out_dir, check_output, run_main, save_pickle, write_json
 
 N_SHOWN = 8
 

@@ -51,7 +51,6 @@ from ntk_evolution.cli import (
     add_out_dir_flag,
     add_shared_flags,
     autoattack_threat,
-    check_out_dir,
     finite_float,
     initialize_from_args,
     kernel_from_args,
@@ -63,7 +62,7 @@ from ntk_evolution.kernels.plots import plot_robustified
 from ntk_evolution.kernels.predictors import evaluate_predictor
 from ntk_evolution.kernels.regression import one_hot, regression_coefficients
 from ntk_evolution.kernels.robust_data import INNER_PGD_STEPS, LOSSES, robustify
-from ntk_evolution.utils import run_main, save_pickle
+from ntk_evolution.utils import check_out_dir, run_main, save_pickle
 
 N_SHOWN = 10
 

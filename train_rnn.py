@@ -31,8 +31,8 @@ from ntk_evolution import __version__
 from ntk_evolution.automata.languages import TOMITA, paper_balanced, prefix_labels, tomita_dfa
 from ntk_evolution.automata.plots import plot_rnn_training
 from ntk_evolution.automata.rnn import CELLS, train_with_restarts
-from ntk_evolution.cli import Parser, check_out_dir, finite_float, non_negative_int, positive_int
-from ntk_evolution.utils import run_main, save_pickle
+from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int
+from ntk_evolution.utils import check_out_dir, run_main, save_pickle
 
 
 def parse_args(argv=None):

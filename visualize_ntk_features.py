@@ -25,7 +25,6 @@ from ntk_evolution.cli import (
     add_model_flags,
     add_seed_flag,
     add_shared_flags,
-    check_out_dir,
     initialize_from_args,
     model_and_dataset,
     positive_int,
@@ -47,7 +46,7 @@ from ntk_evolution.kernels.features import (
 )
 from ntk_evolution.kernels.ntk import empirical_ntk
 from ntk_evolution.kernels.plots import plot_eigen_feature_images
-from ntk_evolution.utils import UserError, run_main, save_pickle
+from ntk_evolution.utils import UserError, check_out_dir, run_main, save_pickle
 
 
 def build_parser() -> Parser:

@@ -38,7 +38,7 @@ from ntk_evolution.kernels.predictors import KernelChoice, kernel_choice, suppor
 from ntk_evolution.kernels.regression import SupportKernel
 from ntk_evolution.models import MODELS
 from ntk_evolution.parallel import default_compile_cache, initialize
-from ntk_evolution.utils import UserError, check_out_dir  # noqa: F401 (scripts import it here)
+from ntk_evolution.utils import UserError
 
 # the kernels of the kernel predictors (kernels/predictors.py): the network's empirical NTK, the
 # closed-form ReLU NTK of an infinite-width MLP, the convolutional NTK

@@ -52,7 +52,6 @@ from ntk_evolution.io.checkpoints import (
     checkpoint_meta,
     checkpoint_name,
     load_model,
-    resolve_model_flags,
     run_of_folder,
     save_checkpoint,
 )
@@ -148,10 +147,6 @@ class Run:
         kept = self.saved[name]
         return kept if kept is not None else load_model(os.path.join(self.save_dir, name))
 
-    @property
-    def checkpoint_names(self) -> list[str]:
-        return list(self.saved)
-
 
 def is_phase1_checkpoint(name: str) -> bool:
     return name.startswith("parameters_checkpoint_") and "_linear_" not in name
@@ -204,7 +199,6 @@ def run(
         raise UserError(f"--loaders {loaders!r} must be two letters of C, A, F (e.g. CC, AC, CA)")
     if base is not None:
         model = base.model_name
-        resolve_model_flags(None, ds.name, base.meta, base.path or "the base checkpoint")
         if base.dataset != ds.name:
             raise UserError(
                 f"{base.path or 'the base checkpoint'} is a checkpoint of --dataset "
@@ -243,12 +237,11 @@ def run(
         second_lr=second_lr,
     )  # fmt: skip
     # one run at a time per folder: a second one is refused, naming the first
-    lock = folder_lock(save_dir, "--save_path", command, enabled=is_writer()) if save_dir else None
+    writes = is_writer() and save_dir is not None
+    lock = folder_lock(save_dir, "--save_path", command, enabled=writes)
     try:
-        if lock is not None:
-            with lock:
-                return experiment.train_and_test(base, resume)
-        return experiment.train_and_test(base, resume)
+        with lock:
+            return experiment.train_and_test(base, resume)
     except KeyboardInterrupt as err:
         err.position = experiment.position  # where it stopped, for the line Ctrl-C prints
         raise
@@ -375,6 +368,8 @@ class _Experiment:
         self.saved: dict[str, Checkpoint | None] = {}
         self.run_name = run_of_folder(self.save_dir or ".")
         self.log: TrainingLog | None = None
+        # the flags an interrupted run and its resume must agree on, by name
+        self.resume_config = {name: self.flags[name] for name in RESUME_CONFIG}
 
     def path(self, name: str) -> str | None:
         return None if self.save_dir is None else os.path.join(self.save_dir, name)
@@ -385,9 +380,9 @@ class _Experiment:
         """Phase 1 (or `base`, or the resume point), phase 2, results.pkl."""
         record = None
         if resume and self.save_dir is not None:
-            config = {name: self.flags[name] for name in RESUME_CONFIG}
             record = load_resume_state(
-                self.save_dir, config, {name: RUN_FLAGS[name] for name in RESUME_CONFIG},
+                self.save_dir, self.resume_config,
+                {name: RUN_FLAGS[name] for name in RESUME_CONFIG},
                 {1: self.standard_epochs, 2: self.linear_epochs},
                 lambda record, path: check_resume_shapes(
                     record, path, self.network, self.ds.image_shape
@@ -400,7 +395,11 @@ class _Experiment:
         results = (
             record["results"]
             if record is not None
-            else {"standard": None, "linear": None, "standard_second": self.flags_standard()}
+            else {
+                "standard": None,
+                "linear": None,
+                "standard_second": not self.phase2_dynamics.linear,
+            }  # fmt: skip
         )
         if record is not None and record["phase"] == 2:
             self.announce_phase2_optimizer()
@@ -427,20 +426,21 @@ class _Experiment:
         return Run(final, results, self.log.rows, dynamics.linear, dynamics.centering,
                    self.save_dir, self.saved)  # fmt: skip
 
-    def flags_standard(self) -> bool:
-        return not self.phase2_dynamics.linear
-
     # ------------------------------------------------------------------------- checkpoints
 
-    def save(self, name: str, params, lin_params, net_state, meta: dict) -> Checkpoint:
-        """Checkpoint `name`: written into save_dir, or kept in memory (host copies)."""
+    def save(
+        self, name: str, params, lin_params, net_state, meta: dict, keep: bool = True
+    ) -> Checkpoint:
+        """Checkpoint `name` as host arrays; with `keep`, saved: written into save_dir, or
+        without one kept in memory for Run.checkpoint."""
         params, lin_params, net_state = to_numpy((params, lin_params, net_state))
-        path = self.path(name)
+        path = self.path(name) if keep else None
         if path is not None:
             save_checkpoint(path, params, lin_params, net_state, meta)
         checkpoint = Checkpoint(self.network, meta["model"], meta["dataset"], params,
                                 lin_params, net_state, meta, path)  # fmt: skip
-        self.saved[name] = None if path is not None else checkpoint
+        if keep:
+            self.saved[name] = None if path is not None else checkpoint
         return checkpoint
 
     def meta(self, phase: int, epoch: float, step: int | None) -> dict:
@@ -479,8 +479,7 @@ class _Experiment:
                 description=f"phase {phase} epoch {epoch}/{epochs}", on_step=before_step,
             )  # fmt: skip
             if self.save_dir is not None:
-                config = {name: self.flags[name] for name in RESUME_CONFIG}
-                save_resume_state(self.save_dir, config, phase, epoch, state, results)
+                save_resume_state(self.save_dir, self.resume_config, phase, epoch, state, results)
                 self.position.saved = (phase, epoch)
             self.log.epoch(
                 phase, epoch, adversarial, lr_for_epoch(epoch), metrics, time.time() - start
@@ -576,8 +575,7 @@ class _Experiment:
         if self.continues_phase1_optimizer:
             state = state._replace(opt_state=end.opt_state)
         if self.save_dir is not None:
-            config = {name: self.flags[name] for name in RESUME_CONFIG}
-            save_resume_state(self.save_dir, config, 2, 0, state, results)
+            save_resume_state(self.save_dir, self.resume_config, 2, 0, state, results)
             self.position.saved = (2, 0)
         return state
 
@@ -589,13 +587,16 @@ class _Experiment:
         spe = self.steps_per_epoch
         standard_second = not dynamics.linear
 
-        def save(name: str, state: TrainState, epoch: float, step: int) -> Checkpoint:
+        def save(
+            name: str, state: TrainState, epoch: float, step: int, keep: bool = True
+        ) -> Checkpoint:
             # the original trains `params` under --do_standard_second (lin_params = theta_t,
             # the centering reference) and `lin_params` under linearized dynamics (params =
             # theta_t)
             w, theta_t = state.w, state.theta_t
             params, lin_params = (w, theta_t) if standard_second else (theta_t, w)
-            return self.save(name, params, lin_params, state.net_state, self.meta(2, epoch, step))
+            meta = self.meta(2, epoch, step)
+            return self.save(name, params, lin_params, state.net_state, meta, keep)
 
         def save_phase2(epoch, step, get_state):
             # the original rewrites this file before every step of the epoch: what stays is the
@@ -625,22 +626,12 @@ class _Experiment:
             self.log.test(2, self.linear_epochs, results["linear"])
             print(format_results("phase 2 test accuracy", results["linear"]))
         name = "parameters_final.pkl"
-        keep = self.save if self.save_models else self.keep
         if self.linear_epochs == 0 and self.standard_epochs > 0:
             # no phase 2 ran: the model is phase 1's last, and its meta says so (a kernel of it
             # must not read as epoch 0, the initialisation's)
             meta = self.meta(1, self.standard_epochs, self.standard_epochs * spe)
-            return keep(name, state.w, state.theta_t, state.net_state, meta)
-        w, theta_t = state.w, state.theta_t
-        params, lin_params = (w, theta_t) if standard_second else (theta_t, w)
-        meta = self.meta(2, self.linear_epochs, self.linear_epochs * spe)
-        return keep(name, params, lin_params, state.net_state, meta)
-
-    def keep(self, name: str, params, lin_params, net_state, meta: dict) -> Checkpoint:
-        """The final network in memory only (no save_models)."""
-        params, lin_params, net_state = to_numpy((params, lin_params, net_state))
-        return Checkpoint(self.network, meta["model"], meta["dataset"], params, lin_params,
-                          net_state, meta, None)  # fmt: skip
+            return self.save(name, state.w, state.theta_t, state.net_state, meta, self.save_models)
+        return save(name, state, self.linear_epochs, self.linear_epochs * spe, self.save_models)
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -56,7 +56,7 @@ import eigen_features
 import eval_and_make_adv
 import ntk_attack
 import run_exp
-from ntk_evolution.cli import Parser, check_out_dir, finite_float, non_negative_int, positive_int
+from ntk_evolution.cli import Parser, finite_float, non_negative_int, positive_int
 from ntk_evolution.io.checkpoints import format_epoch, load_kernel
 from ntk_evolution.kernels.analysis import kernel_distance
 from ntk_evolution.study import intervals
@@ -74,7 +74,7 @@ from ntk_evolution.study.reproduction import (
     write_figures_table,
     write_report,
 )
-from ntk_evolution.utils import UserError, atomic_file, run_main
+from ntk_evolution.utils import UserError, atomic_file, check_out_dir, run_main
 
 SETTINGS_FILE = "settings.json"
 # settings added after studies were started, with the value those studies ran with: their

@@ -181,3 +181,16 @@ def test_no_namespace_below_the_scripts_and_io_does_not_import_cli():
             assert "Namespace" not in open(path).read(), relative
         if os.sep + "io" + os.sep in path:
             assert "ntk_evolution.cli" not in imports, relative
+
+
+def test_the_librarys_run_flags_are_run_exps_flags_with_its_defaults():
+    """experiment.RUN_FLAGS (what a library run records in its checkpoints) names every flag
+    of run_exp.py's own with the same default, so a library run and the script record alike."""
+    parser = run_exp.build_parser()
+    defaults = {action.dest: action.default for action in parser._actions}
+    assert {name: defaults[name] for name in experiment.RUN_FLAGS} == experiment.RUN_FLAGS
+    shared = {"data_root", "trust_pickle", "coordinator_address", "num_processes", "process_id"}
+    assert set(defaults) - {"help"} == set(experiment.RUN_FLAGS) | shared | {
+        "compile_cache",
+        "no_compile_cache",
+    }

@@ -13,8 +13,8 @@ import numpy as np
 from conftest import ROOT
 
 import calculate_kernel
-import eval_and_make_adv
 from ntk_evolution import figures, utils
+from ntk_evolution.attacks.runner import default_save_name
 from ntk_evolution.kernels import plots as kernel_plots
 from ntk_evolution.similarity import plots as cka_plots
 from ntk_evolution.training import METRICS_FIELDS, TrainingLog
@@ -38,9 +38,9 @@ def test_several_checkpoints_are_named_by_epoch_or_stem():
 
 
 def test_transfer_results_are_named_after_their_source():
-    assert eval_and_make_adv.default_save_name("") == "test_results"
-    assert eval_and_make_adv.default_save_name("x/adv_examples_ntk.pkl") == "transfer_ntk"
-    assert eval_and_make_adv.default_save_name("x/mine.pkl") == "transfer_mine"
+    assert default_save_name("") == "test_results"
+    assert default_save_name("x/adv_examples_ntk.pkl") == "transfer_ntk"
+    assert default_save_name("x/mine.pkl") == "transfer_mine"
 
 
 def test_progress_prints_lines_in_a_log(monkeypatch, capsys):

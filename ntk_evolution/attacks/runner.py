@@ -110,7 +110,6 @@ def evaluate_network(
     the worst case at each radius. Keys drawn from `seed` as eval_and_make_adv.py draws them.
     The logits are f + df, or df alone for a centered model (dynamics.components)."""
     check_restarts(restarts, attack_variant)
-    n_classes = None
     components_fn = make_components_fn(model, dynamics)
     w, theta_t, net_state = replicate((w, theta_t, net_state))
     key = jax.random.PRNGKey(seed)
@@ -137,6 +136,7 @@ def evaluate_network(
     def add_autoattack(tally: Tally, eps_linf: float) -> dict:
         """AutoAttack (run_autoattack) on the images correct when clean; its checks."""
         radius = eps_linf if autoattack_norm == "linf" else eps_l2
+        n_classes = outputs["clean"][0][0].shape[-1]  # the model's logits
         fns = make_autoattack_fns(
             model, dynamics, eps=radius, norm=autoattack_norm, n_classes=n_classes
         )
@@ -163,8 +163,6 @@ def evaluate_network(
         correct = {}
         for name, x_in in inputs.items():
             f, df, correct[name] = batch_hits(x_in, yb, n_real)
-            if n_classes is None:
-                n_classes = f.shape[-1]
             if name in outputs:
                 outputs[name].append((f, df))
         tally.add(correct)

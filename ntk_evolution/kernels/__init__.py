@@ -12,12 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 from ntk_evolution.data import SHAPES, Dataset
-from ntk_evolution.io.checkpoints import Checkpoint
+from ntk_evolution.io.checkpoints import DEFAULT_MODEL, Checkpoint
 from ntk_evolution.kernels import ntk as _ntk
-from ntk_evolution.kernels.predictors import check_class_index, kernel_choice, support_kernel
+from ntk_evolution.kernels.predictors import (
+    check_class_index,
+    check_full_kernel,
+    kernel_choice,
+    support_kernel,
+)
 from ntk_evolution.kernels.regression import SupportKernel
 from ntk_evolution.parallel import use_default_compile_cache
-from ntk_evolution.utils import UserError
 
 
 def empirical_ntk(
@@ -38,8 +42,7 @@ def empirical_ntk(
     bit for bit, on the same images."""
     use_default_compile_cache()
     check_class_index(class_index, checkpoint.dataset, SHAPES[checkpoint.dataset][1])
-    if full and class_index != -1:
-        raise UserError("--full computes every pair of logits: drop --class_index")
+    check_full_kernel(full, class_index)
     params = checkpoint.lin_params if use_linear_params else checkpoint.params
     return _ntk.empirical_ntk(
         checkpoint.model, params, checkpoint.net_state, np.asarray(images, np.float32),
@@ -53,7 +56,7 @@ def kernel_predictor(
     kernel: str = "empirical",
     *,
     checkpoint: Checkpoint | None = None,
-    model: str = "resnet18",
+    model: str = DEFAULT_MODEL,
     class_index: int = -1,
     use_linear_params: bool = False,
     relu_depth: int = 2,

@@ -140,6 +140,12 @@ def kernel_choice(
     return KernelChoice(kernel_fn, empirical_support, description)
 
 
+def check_full_kernel(full: bool, class_index: int) -> None:
+    """The full kernel takes every logit: only with class index -1."""
+    if full and class_index != -1:
+        raise UserError("--full computes every pair of logits: drop --class_index")
+
+
 def check_class_index(class_index: int, dataset: str, n_classes: int) -> None:
     """-1 (averaged over logits) or a logit of `dataset`'s n_classes, else the scripts'
     one-line error."""
