@@ -11,7 +11,8 @@ import re
 import jax
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, write_cifar10_fixture
+from helpers import explicit_ntk
 
 import calculate_kernel
 import eval_and_make_adv
@@ -194,3 +195,32 @@ def test_the_librarys_run_flags_are_run_exps_flags_with_its_defaults():
         "compile_cache",
         "no_compile_cache",
     }
+
+
+def test_the_library_on_the_cifar_format_fixture(tmp_path, skip_cifar_md5):
+    """The notebook's calls on 3-channel 32x32 images: a phase-1 run written and read back,
+    phase 2 from one of its checkpoints kept in memory, the kernel against the explicit Jacobian
+    product, and the robustness figures against eval_and_make_adv.py's on the same file."""
+    write_cifar10_fixture(str(tmp_path / "data"), n_train=60, n_test=20)
+    ds = data.load_dataset("cifar10", str(tmp_path / "data"))
+    assert ds.image_shape == (32, 32, 3)
+    adv = experiment.phase1(
+        ds, model="mlp_skinny", adversarial=True, eps=8 / 255, epochs=2, batch_size=30,
+        n_test=10, save_dir=str(tmp_path / "adv"),
+    )  # fmt: skip
+    theta = adv.checkpoint(1)
+    assert same_arrays(theta, load_model(str(tmp_path / "adv/parameters_checkpoint_1.pkl")))
+    lin = experiment.phase2(theta, ds, centering=True, lr=0.01, epochs=1, batch_size=30, n_test=10)
+    assert lin.save_dir is None and lin.linear and lin.centering
+    assert lin.results["linear"]["clean"] is not None
+    images = ds.x_train[:4]
+    kernel = kernels.empirical_ntk(theta, images, class_index=2)
+    reference = explicit_ntk(theta.model, theta.params, theta.net_state, images, images, 2)
+    np.testing.assert_allclose(kernel, reference, rtol=1e-4, atol=1e-6)
+    r = attacks.robustness(adv, ds.x_test[:10], ds.y_test[:10], eps=8 / 255, attacks=("pgd",))
+    results = eval_and_make_adv.main(
+        f"--model_path {tmp_path}/adv/parameters_final.pkl --n_test 10 --eps 8 "
+        f"--data_root {tmp_path}/data".split()
+    )
+    assert (r["clean"], r["pgd"]) == (results["acc_clean"], results["acc_dirty"])
+    assert r["pgd"] <= r["clean"]
